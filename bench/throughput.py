@@ -1,0 +1,119 @@
+"""Benchmark: a large POS file through the real router on RabbitMQ, against the raw pika floor.
+
+Prints, from one run on this machine:
+- the raw floor: plain pika publishing persistent messages with confirms and consuming them
+  (messages/s), for single-event messages and for chunk-sized messages;
+- the router: a ROWS-row POS file dropped into the inbox until every event reached a loopback
+  HTTP target taking micro-batches (events/s end to end), and the ratio to the floor;
+- the router process's peak RSS (VmHWM), so a large file can be checked to stream in flat memory.
+
+Usage: .venv/bin/python bench/throughput.py [--rows 100000] [--batch 500] [--amqp URL]
+Absolute figures on shared machines are noise; compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pika
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from router.simulated import SimulatedTarget
+from tests.integration.harness import RouterProcess, wait_until, write_config, write_pos_file
+
+
+def pika_floor(amqp_url: str, messages: int, body_size: int) -> float:
+    """Messages/s for publish-with-confirm then consume-and-ack of ``messages`` persistent messages."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    queue = f"bench.floor.{uuid.uuid4().hex[:8]}"
+    channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    body = json.dumps({"pad": "x" * body_size}).encode()
+    properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+    started = time.perf_counter()
+    for _ in range(messages):
+        channel.basic_publish("", queue, body, properties)
+    channel.basic_qos(prefetch_count=8)
+    for consumed, (method, _props, _body) in enumerate(channel.consume(queue), start=1):
+        channel.basic_ack(method.delivery_tag)
+        if consumed == messages:
+            break
+    elapsed = time.perf_counter() - started
+    channel.cancel()
+    channel.queue_delete(queue)
+    connection.close()
+    return messages / elapsed
+
+
+def vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def router_run(amqp_url: str, rows: int, batch: int) -> tuple[float, int, float]:
+    """(events/s end to end, peak RSS KiB, file size MiB) for one file through `router run`."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder, SimulatedTarget("erp") as erp:
+        root = Path(folder)
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        config = write_config(
+            root,
+            broker_url=amqp_url,
+            prefix=prefix,
+            targets={"erp": erp.url},
+            batch={"erp": batch},
+            chunk_size=batch,
+        )
+        staged = write_pos_file(root / f"pos-{rows}.csv", rows)
+        size_mib = staged.stat().st_size / 2**20
+        with RouterProcess(config) as router:
+            time.sleep(1.0)  # let the process start and declare its topology before the clock starts
+            started = time.perf_counter()
+            staged.rename(root / "inbox" / staged.name)
+            hwm = 0
+            deadline = 600.0
+
+            def done() -> bool:
+                nonlocal hwm
+                hwm = max(hwm, vm_hwm_kib(router.process.pid))
+                return len(erp.events) >= rows
+
+            wait_until(done, deadline, f"{rows} events at the target")
+            elapsed = time.perf_counter() - started
+            router.terminate()
+        return rows / elapsed, hwm, size_mib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    args = parser.parse_args()
+
+    floor_small = pika_floor(args.amqp, 5_000, 300)
+    floor_chunk = pika_floor(args.amqp, 500, 300 * args.batch)
+    events_per_s, hwm_kib, size_mib = router_run(args.amqp, args.rows, args.batch)
+    print(f"raw floor, pika, 1 event/message   : {floor_small:10.0f} messages/s")
+    print(
+        f"raw floor, pika, {args.batch}-event messages : {floor_chunk:10.0f} messages/s "
+        f"({floor_chunk * args.batch:.0f} events/s if each carried {args.batch})"
+    )
+    print(f"router, {args.rows} rows ({size_mib:.1f} MiB) : {events_per_s:10.0f} events/s end to end")
+    print(f"ratio router events/s ÷ floor messages/s (1 event/message): {events_per_s / floor_small:.2f}")
+    print(f"router process peak RSS            : {hwm_kib / 1024:10.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The canonical inventory model: events, identifiers, JSON Schema."""

@@ -1,0 +1,1 @@
+"""Sources (file, sftp, webhook, rest) and targets (http, sftp, file)."""

@@ -1,0 +1,42 @@
+"""The unit every source hands to the router: a chunk of raw records from one upstream message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+from transforms.parsers import RawRecord
+
+
+@dataclass(frozen=True)
+class SourceChunk:
+    """Raw records of one upstream message (a file, a request, a page), split for transport.
+
+    ``origin`` identifies the upstream message (file name and content hash, webhook id); together
+    with each record's identity it is what event ids derive from, so the same input always yields
+    the same events. A record's identity is its number in the message, unless the source knows a
+    better one (a REST record's own id): then ``record_ids`` gives one per record, and ``origin``
+    holds only what stays stable across re-polls.
+    """
+
+    route: str
+    system: str
+    message_id: str
+    origin: dict[str, Any]
+    records: list[RawRecord]
+    chunk: int = 1
+    record_ids: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ChunkSink = Callable[[SourceChunk], None]
+"""Publishes a chunk durably; returns only once the broker confirmed, raises otherwise."""
+
+
+def batched(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
+    """Split a record stream into lists of at most ``size`` records without materialising it."""
+    iterator = iter(records)
+    while batch := list(islice(iterator, size)):
+        yield batch

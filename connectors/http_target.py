@@ -1,0 +1,277 @@
+"""HTTP delivery target: posts rendered events to an ERP / WMS / OMS endpoint and retries in place.
+
+Every request carries ``Idempotency-Key`` so a retry after a lost response is applied once at the
+target. 2xx and 409 (already applied) are success; 400/404/422 and other 4xx are permanent; 408, 429,
+5xx and transport failures are retried with backoff that honours ``Retry-After``, until the attempts
+or ``max_age`` run out or a drain interrupts the wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal, NamedTuple
+
+import httpx
+
+from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "retail-inventory-router/0.1"
+DETAIL_BODY_CHARS = 2000
+# Error bodies beyond this are not read: the rest is dropped with the connection, not buffered.
+MAX_BODY_BYTES = 64 * 1024
+
+AttemptKind = Literal["success", "permanent", "retry"]
+AttemptHook = Callable[[str, float], None]
+InterruptibleSleep = Callable[[float, threading.Event | None], bool]
+
+# Transport failures, most specific first: the label says what went wrong, the flag whether a
+# retry can help. A timeout is retryable because the Idempotency-Key makes a repeat harmless even
+# when the target did apply the request before the answer was lost.
+_TRANSPORT_FAILURES: tuple[tuple[type[Exception], str, bool], ...] = (
+    (httpx.ConnectTimeout, "connect timeout", True),
+    (httpx.ReadTimeout, "read timeout", True),
+    (httpx.WriteTimeout, "write timeout", True),
+    (httpx.PoolTimeout, "connection pool timeout", True),
+    (httpx.ConnectError, "connect error", True),
+    (httpx.RemoteProtocolError, "protocol error", True),
+    (httpx.ProxyError, "proxy error", True),
+    (httpx.NetworkError, "network error", True),
+    (httpx.UnsupportedProtocol, "unsupported URL scheme", False),
+    (httpx.LocalProtocolError, "invalid request", False),
+    (httpx.InvalidURL, "invalid URL", False),
+)
+_CAUGHT = tuple(failure for failure, _, _ in _TRANSPORT_FAILURES)
+
+
+@dataclass(frozen=True)
+class HttpTargetSettings:
+    """One HTTP target: where and how to send, with what auth, timeout, retry policy and batch size."""
+
+    name: str
+    url: str
+    method: str = "POST"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    bearer: str | None = field(default=None, repr=False)
+    basic: tuple[str, str] | None = field(default=None, repr=False)
+    timeout: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    batch_max_events: int | None = None
+
+
+class DeliveryOutcome(StrEnum):
+    """How a delivery ended."""
+
+    delivered = "delivered"
+    permanent = "permanent"
+    retries_exhausted = "retries_exhausted"
+    interrupted = "interrupted"
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """The end of a delivery: ``detail`` is for the dead letter, ``reason`` a bounded metrics label."""
+
+    outcome: DeliveryOutcome
+    attempts: int
+    status: int | None
+    detail: str
+    reason: str
+
+
+class AttemptResult(NamedTuple):
+    """One request's result: its kind, the HTTP status if any, a readable detail and Retry-After."""
+
+    kind: AttemptKind
+    status: int | None
+    detail: str
+    retry_after: float | None
+
+
+def classify(status: int) -> AttemptKind:
+    """Whether an HTTP status means delivered, refused for good, or worth another try."""
+    if 200 <= status < 300 or status == 409:
+        return "success"
+    if status in (408, 429) or 500 <= status < 600:
+        return "retry"
+    return "permanent"
+
+
+def batch_idempotency_key(event_ids: Sequence[str]) -> str:
+    """The Idempotency-Key of a micro-batch: stable for the same events in the same order."""
+    if not event_ids:
+        raise ValueError("a batch idempotency key needs at least one event id")
+    digest = hashlib.sha256("\n".join(event_ids).encode("utf-8")).hexdigest()
+    return f"batch-{digest[:32]}"
+
+
+def interruptible_sleep(seconds: float, stop: threading.Event | None) -> bool:
+    """Wait ``seconds`` or until ``stop`` is set; True when the wait was cut short by ``stop``."""
+    if stop is None:
+        time.sleep(seconds)
+        return False
+    return stop.wait(seconds)
+
+
+class HttpTarget:
+    """Delivers payloads to one HTTP target over a pooled keep-alive connection, retrying in place."""
+
+    def __init__(
+        self,
+        settings: HttpTargetSettings,
+        *,
+        client: httpx.Client | None = None,
+        sleep: InterruptibleSleep = interruptible_sleep,
+        clock: Callable[[], float] = time.monotonic,
+        on_attempt: AttemptHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.Client(timeout=settings.timeout)
+        self._sleep = sleep
+        self._clock = clock
+        self._on_attempt = on_attempt
+        self._auth = httpx.BasicAuth(*settings.basic) if settings.basic else None
+        self._base_headers = {"User-Agent": USER_AGENT, **settings.headers}
+        if settings.bearer:
+            self._base_headers["Authorization"] = f"Bearer {settings.bearer}"
+        self._secrets = [s for s in (settings.bearer, settings.basic[1] if settings.basic else None) if s]
+
+    def send_once(self, payload: bytes, content_type: str, idempotency_key: str) -> AttemptResult:
+        """Make one request and classify its result; never raises for HTTP or transport failures."""
+        name = self.settings.name
+        headers = {**self._base_headers, "Content-Type": content_type, "Idempotency-Key": idempotency_key}
+        started = time.monotonic()
+        try:
+            request = self._client.build_request(
+                self.settings.method.upper(),
+                self.settings.url,
+                content=payload,
+                headers=headers,
+                timeout=self.settings.timeout,
+            )
+            response = self._client.send(request, auth=self._auth, stream=True)
+            try:
+                body = _read_capped(response.iter_bytes())
+            finally:
+                response.close()
+        except _CAUGHT as error:
+            self._record("error", started)
+            label, retryable = _describe_transport_failure(error)
+            if label.endswith("timeout"):
+                label = f"{label} after {self.settings.timeout:g}s"
+            message = str(error)
+            detail = self._redact(f"{label} from {name}" + (f": {message}" if message else ""))
+            return AttemptResult("retry" if retryable else "permanent", None, detail, None)
+        status = response.status_code
+        kind = classify(status)
+        self._record(kind, started)
+        hint = " (check the target's auth)" if status in (401, 403) else ""
+        text = body.decode(response.encoding or "utf-8", errors="replace").strip()[:DETAIL_BODY_CHARS]
+        detail = self._redact(f"HTTP {status} from {name}{hint}" + (f": {text}" if text else ""))
+        retry_after = None
+        if kind == "retry":
+            server_now = parse_http_date(response.headers.get("Date"))
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), server_now)
+        return AttemptResult(kind, status, detail, retry_after)
+
+    def deliver(
+        self, payload: bytes, content_type: str, idempotency_key: str, *, stop: threading.Event | None = None
+    ) -> DeliveryResult:
+        """Send until delivered, refused for good, out of attempts or ``max_age``, or interrupted by ``stop``.
+
+        On ``interrupted`` the caller leaves the message unacknowledged so it returns to its queue.
+        """
+        # A plain loop rather than tenacity: each wait depends on the last response's Retry-After and
+        # on the max_age left, must end early on ``stop`` with its own outcome, and max_age runs on the
+        # injectable clock; tenacity would need exceptions for control flow and its own timing for that.
+        policy = self.settings.retry
+        started = self._clock()
+        attempts = 0
+        last: AttemptResult | None = None
+        while True:
+            if stop is not None and stop.is_set():
+                return self._interrupted(attempts, last)
+            attempts += 1
+            last = self.send_once(payload, content_type, idempotency_key)
+            if last.kind == "success":
+                return DeliveryResult(
+                    DeliveryOutcome.delivered, attempts, last.status, last.detail, "delivered"
+                )
+            if last.kind == "permanent":
+                reason = "transport" if last.status is None else f"http_{last.status // 100}xx"
+                return DeliveryResult(DeliveryOutcome.permanent, attempts, last.status, last.detail, reason)
+            if attempts >= policy.attempts:
+                detail = f"retries exhausted after {attempts} attempts; last: {last.detail}"
+                return DeliveryResult(
+                    DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "retries_exhausted"
+                )
+            elapsed = self._clock() - started
+            remaining = policy.max_age - elapsed
+            if remaining <= 0:
+                detail = (
+                    f"gave up after {elapsed:.1f}s (max_age {policy.max_age:g}s) and {attempts} attempts; "
+                    f"last: {last.detail}"
+                )
+                return DeliveryResult(
+                    DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "max_age"
+                )
+            wait = policy.delay(attempts, last.retry_after, remaining=remaining)
+            log.warning(
+                "delivery to %s failed (attempt %d of %d): %s; retrying in %.2fs",
+                self.settings.name,
+                attempts,
+                policy.attempts,
+                last.detail,
+                wait,
+                extra={"target": self.settings.name},
+            )
+            if self._sleep(wait, stop):
+                return self._interrupted(attempts, last)
+
+    def close(self) -> None:
+        """Close the connection pool, unless the client was handed in by the caller."""
+        if self._owns_client:
+            self._client.close()
+
+    def _interrupted(self, attempts: int, last: AttemptResult | None) -> DeliveryResult:
+        if last is None:
+            detail = "interrupted by shutdown before the first attempt"
+        else:
+            detail = f"interrupted by shutdown after {attempts} attempt(s); last: {last.detail}"
+        status = last.status if last is not None else None
+        return DeliveryResult(DeliveryOutcome.interrupted, attempts, status, detail, "interrupted")
+
+    def _record(self, outcome: str, started: float) -> None:
+        if self._on_attempt is not None:
+            self._on_attempt(outcome, time.monotonic() - started)
+
+    def _redact(self, text: str) -> str:
+        # A target may echo request headers in its error body; the secret must not reach a dead letter.
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _read_capped(chunks: Iterable[bytes]) -> bytes:
+    """The response body up to MAX_BODY_BYTES; reading it whole keeps the connection reusable."""
+    body = bytearray()
+    for chunk in chunks:
+        body += chunk
+        if len(body) >= MAX_BODY_BYTES:
+            break
+    return bytes(body)
+
+
+def _describe_transport_failure(error: Exception) -> tuple[str, bool]:
+    """What a caught transport failure was, and whether a retry can help."""
+    return next(
+        (label, retryable) for failure, label, retryable in _TRANSPORT_FAILURES if isinstance(error, failure)
+    )

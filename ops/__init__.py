@@ -1,0 +1,1 @@
+"""Metrics, health, structured logging, audit and status."""

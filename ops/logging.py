@@ -1,0 +1,155 @@
+"""Structured logging for the router: JSON lines for machines, a short format for people, no secrets.
+
+Every record passes a redaction filter before it is written: URL passwords, bearer tokens, webhook
+secrets (``whsec_...``) and the values of fields named like password/secret/token/authorization are
+masked, in the message, in ``extra=`` fields and in tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from json import dumps
+from typing import Any, TextIO
+
+MASK = "***"
+
+_URL_CREDENTIALS = re.compile(r"\b(?P<prefix>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@")
+_BEARER = re.compile(r"\b(?P<scheme>[Bb]earer)\s+[A-Za-z0-9._~+/=-]+")
+_WEBHOOK_SECRET = re.compile(r"\bwhsec_[A-Za-z0-9+/=_-]+")
+_SECRET_NAME = r"password|passwd|secret|token|authorization|api[_-]?key|credentials?"
+_SECRET_KEY = re.compile(_SECRET_NAME, re.IGNORECASE)
+_SECRET_ASSIGNMENT = re.compile(
+    rf"\b(?P<name>{_SECRET_NAME})(?P<sep>[\"']?\s*[=:]\s*[\"']?)(?!bearer\b|\*\*\*)[^\s&,;\"']+",
+    re.IGNORECASE,
+)
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+_CORE_FIELDS = ("ts", "level", "logger", "msg")
+_TRACEBACK_FORMATTER = logging.Formatter()
+# These libraries log a line per HTTP request at INFO; at thousands of deliveries a second that
+# would bury everything else.
+_CHATTY_LOGGERS = ("httpx", "httpcore")
+
+
+def redact(text: str) -> str:
+    """Mask credentials in free text: URL passwords, bearer tokens, whsec_ secrets, ``token=...``."""
+    text = _URL_CREDENTIALS.sub(rf"\g<prefix>{MASK}@", text)
+    text = _BEARER.sub(rf"\g<scheme> {MASK}", text)
+    text = _WEBHOOK_SECRET.sub(f"whsec_{MASK}", text)
+    return _SECRET_ASSIGNMENT.sub(rf"\g<name>\g<sep>{MASK}", text)
+
+
+def redact_field(name: str, value: Any) -> Any:
+    """Mask a structured field: all of it when its name says secret, else any secrets inside it."""
+    if _SECRET_KEY.search(name) and value not in (None, ""):
+        return MASK
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {key: redact_field(str(key), item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_field(name, item) for item in value]
+    return value
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: value for key, value in record.__dict__.items() if key not in _RECORD_ATTRIBUTES}
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record in place so no handler after it can write a secret."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact message, extra fields and traceback; never drops a record."""
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            # A format string that does not fit its arguments must still be logged, not raise at
+            # the caller; keep both parts so the mistake is visible.
+            message = f"{record.msg} {record.args!r}"
+        record.msg = redact(message)
+        record.args = None
+        for key, value in _extra_fields(record).items():
+            setattr(record, key, redact_field(key, value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACK_FORMATTER.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, the ``extra=`` fields, and exc when failing."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render the record as a single JSON line."""
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in _extra_fields(record).items() if k not in _CORE_FIELDS})
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = record.stack_info
+        return dumps(entry, default=str, ensure_ascii=False)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``12:04:05 WARNING router.workers: message key=value`` for a person at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render the record as one short line, then its traceback if any."""
+        clock = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        fields = " ".join(f"{key}={value}" for key, value in _extra_fields(record).items())
+        line = f"{clock} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if fields:
+            line = f"{line}  {fields}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        if record.stack_info:
+            line = f"{line}\n{record.stack_info}"
+        return line
+
+
+class RouterLogHandler(logging.StreamHandler[TextIO]):
+    """The handler ``configure_logging`` installs; its own class so reconfiguring replaces only it."""
+
+
+def configure_logging(level: str = "INFO", json: bool | None = None, stream: TextIO | None = None) -> None:
+    """Send all logs to stderr (or ``stream``), redacted: JSON lines unless writing to a terminal.
+
+    ``json`` forces the format either way; ``level`` is DEBUG, INFO, WARNING, ERROR or CRITICAL.
+    """
+    threshold = logging.getLevelNamesMapping().get(level.upper())
+    if threshold is None:
+        raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    output = stream if stream is not None else sys.stderr
+    as_json = json if json is not None else not output.isatty()
+    handler = RouterLogHandler(output)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(JsonLineFormatter() if as_json else ConsoleFormatter())
+    root = logging.getLogger()
+    for existing in [h for h in root.handlers if isinstance(h, RouterLogHandler)]:
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(threshold if threshold <= logging.DEBUG else logging.WARNING)

@@ -1,0 +1,1 @@
+"""Routes, broker topology, stage workers, sequencing, retry policy and the `router` CLI."""

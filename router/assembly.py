@@ -1,0 +1,151 @@
+"""Builds the runtime parts (pipelines, sources, targets) from a validated configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from connectors.file_source import FileDropSettings
+from connectors.http_target import HttpTarget, HttpTargetSettings
+from connectors.retry import RetryPolicy
+from connectors.webhook import WebhookSettings
+from deadletter.store import Store
+from router.broker import BrokerSettings
+from router.config import RouteConfig, RouterConfig, TargetConfig, WebhookSourceConfig, read_json_schema
+from router.pipeline import DeliveryRule, RoutePipeline
+from router.workers import DeliverySettings
+from transforms.filters import EventPredicate
+from transforms.lookups import Lookup
+from transforms.mapping import compile_mapping
+from transforms.render import PayloadRenderer
+
+
+def broker_settings(config: RouterConfig) -> BrokerSettings:
+    broker = config.broker
+    return BrokerSettings(
+        url=broker.url,
+        queue_type=broker.queue_type,
+        prefix=broker.prefix,
+        confirm_timeout=broker.confirm_timeout,
+    )
+
+
+def load_lookups(config: RouterConfig) -> dict[str, Lookup]:
+    """Load every lookup table once; routes share them."""
+    return {
+        name: Lookup.from_csv(config.resolve_path(table.file), table.key, table.value, name)
+        for name, table in config.lookups.items()
+    }
+
+
+def build_pipelines(config: RouterConfig, routes: Iterable[RouteConfig]) -> dict[str, RoutePipeline]:
+    """Compile the transform of each route: mapping, filter, sequence key, delivery rules."""
+    lookups = load_lookups(config)
+    pipelines: dict[str, RoutePipeline] = {}
+    for route in routes:
+        rules = [
+            DeliveryRule(
+                target=rule.target,
+                partitions=config.targets[rule.target].partitions,
+                when=EventPredicate(rule.when) if rule.when else None,
+            )
+            for rule in route.deliver_rules()
+        ]
+        pipelines[route.name] = RoutePipeline(
+            route=route.name,
+            mapping=compile_mapping(route.map, route.format, lookups),
+            sequence_fields=list(route.sequence_key),
+            rules=rules,
+            filter=EventPredicate(route.filter) if route.filter else None,
+        )
+    return pipelines
+
+
+def file_drop_settings(config: RouterConfig, route: RouteConfig) -> FileDropSettings:
+    """Resolve a file route's folders against the config file's folder."""
+    source = route.source
+    inbox = config.resolve_path(source.path)
+    return FileDropSettings(
+        route=route.name,
+        inbox=inbox,
+        pattern=source.pattern,
+        archive=config.resolve_path(source.archive) if source.archive else inbox.parent / "archive",
+        errors=config.resolve_path(source.errors) if source.errors else inbox.parent / "errors",
+        stable_for=source.stable_for,
+        poll=source.poll,
+        format=route.format,
+        records=route.records,
+        chunk_size=route.chunk_size,
+    )
+
+
+def http_target(name: str, target: TargetConfig) -> HttpTarget:
+    """An HTTP target client with its auth, timeout and retry policy."""
+    auth = target.auth
+    bearer = auth.bearer if auth is not None and auth.bearer else None
+    basic = (auth.basic.username, auth.basic.password) if auth is not None and auth.basic else None
+    retry = target.retry
+    return HttpTarget(
+        HttpTargetSettings(
+            name=name,
+            url=target.url or "",
+            method=target.method,
+            headers=dict(target.headers),
+            bearer=bearer,
+            basic=basic,
+            timeout=target.timeout,
+            retry=RetryPolicy(
+                attempts=retry.attempts, initial=retry.initial, max_delay=retry.max, max_age=retry.max_age
+            ),
+            batch_max_events=target.batch.max_events if target.batch else None,
+        )
+    )
+
+
+def payload_renderer(target: TargetConfig) -> PayloadRenderer:
+    xml = target.xml
+    return PayloadRenderer(
+        body=target.body,
+        fmt=target.format,
+        xml_root=xml.root if xml else "events",
+        xml_element=xml.element if xml else "event",
+    )
+
+
+def delivery_settings(name: str, target: TargetConfig) -> DeliverySettings:
+    return DeliverySettings(
+        target=name,
+        partitions=target.partitions,
+        batch_max_events=target.batch.max_events if target.batch else None,
+        batch_max_wait=target.batch.max_wait if target.batch else 0.0,
+    )
+
+
+def webhook_settings(config: RouterConfig, route: RouteConfig) -> WebhookSettings:
+    """A webhook route's receiver settings, with its payload contract loaded."""
+    source = route.source
+    assert isinstance(source, WebhookSourceConfig)
+    schema = read_json_schema(config.resolve_path(source.json_schema)) if source.json_schema else None
+    return WebhookSettings(
+        route=route.name,
+        secret=source.secret,
+        schema=schema,
+        max_body=source.max_body,
+        rate_limit=source.rate_limit,
+        tolerance=source.tolerance,
+        records=route.records,
+        signature=source.signature,
+        signature_header=source.signature_header,
+    )
+
+
+class StoreWebhookLedger:
+    """The webhook-id ledger of connectors.webhook, kept in the store so every process shares it."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def seen(self, route: str, webhook_id: str) -> bool:
+        return self._store.webhook_seen(route, webhook_id)
+
+    def remember(self, route: str, webhook_id: str, message_id: str) -> None:
+        self._store.remember_webhook(route, webhook_id, message_id)

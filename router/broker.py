@@ -1,0 +1,206 @@
+"""Broker topology and confirmed publishing over kombu (RabbitMQ in production, memory:// embedded).
+
+Every stage talks to the broker through this module so that queue names, queue arguments and
+publishing guarantees are defined once:
+
+- one durable ingress queue per route: ``<prefix>.ingress.<route>``, single-active-consumer;
+- per-target partition queues ``<prefix>.deliver.<target>.<n>``, each with single-active-consumer on
+  RabbitMQ so that exactly one consumer at a time sees a partition, which keeps order per sequence key;
+- one direct exchange ``<prefix>`` routing by queue name;
+- persistent messages published with publisher confirms: ``publish`` returns only once RabbitMQ has
+  taken responsibility for the message, which is what lets a source acknowledge upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from kombu import Connection, Exchange, Producer, Queue
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/json"
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker could not be reached or did not confirm a publish in time."""
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """What the broker layer needs from the `broker:` section of routes.yaml."""
+
+    url: str = "memory://"
+    queue_type: str = "quorum"
+    prefix: str = "router"
+    confirm_timeout: float = 30.0
+
+    @property
+    def is_memory(self) -> bool:
+        return self.url.startswith("memory://")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        # Decimal travels as its exact string form; a float would round quantities.
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """Serialise a message body as compact UTF-8 JSON, Decimals as exact strings."""
+    return json.dumps(body, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_body(payload: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
+    """Parse a message body that :func:`encode_body` produced."""
+    if isinstance(payload, Mapping):
+        return dict(payload)
+    return json.loads(payload)
+
+
+class Topology:
+    """Names and declarations of the router's exchange and queues for one configuration."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.exchange = Exchange(settings.prefix, type="direct", durable=True, delivery_mode=2)
+
+    def _queue_arguments(self, *, single_active: bool) -> dict[str, Any]:
+        if self.settings.is_memory:
+            return {}
+        args: dict[str, Any] = {"x-queue-type": self.settings.queue_type}
+        if single_active:
+            args["x-single-active-consumer"] = True
+        return args
+
+    def ingress_name(self, route: str) -> str:
+        return f"{self.settings.prefix}.ingress.{route}"
+
+    def delivery_name(self, target: str, partition: int) -> str:
+        return f"{self.settings.prefix}.deliver.{target}.{partition}"
+
+    def ingress_queue(self, route: str) -> Queue:
+        """The durable queue that carries a route's raw record chunks to the transform stage.
+
+        Single-active-consumer here too: chunks of one file must be transformed in file order, or
+        two worker processes could put a later movement of an item ahead of an earlier one.
+        """
+        name = self.ingress_name(route)
+        return Queue(
+            name,
+            self.exchange,
+            routing_key=name,
+            durable=True,
+            queue_arguments=self._queue_arguments(single_active=True),
+        )
+
+    def delivery_queue(self, target: str, partition: int) -> Queue:
+        """One partition queue of a target; single-active-consumer keeps order per sequence key."""
+        name = self.delivery_name(target, partition)
+        return Queue(
+            name,
+            self.exchange,
+            routing_key=name,
+            durable=True,
+            queue_arguments=self._queue_arguments(single_active=True),
+        )
+
+    def delivery_queues(self, target: str, partitions: int) -> list[Queue]:
+        return [self.delivery_queue(target, n) for n in range(partitions)]
+
+    def declare(self, connection: Connection, queues: Iterable[Queue]) -> None:
+        """Declare the exchange and the given queues (idempotent)."""
+        channel = connection.default_channel
+        self.exchange(channel).declare()
+        for queue in queues:
+            queue(channel).declare()
+
+
+def connect(settings: BrokerSettings) -> Connection:
+    """Open a kombu connection with publisher confirms on RabbitMQ and fast polling in memory."""
+    if settings.is_memory:
+        # The embedded transport polls; a short interval keeps the demo and unit tests snappy.
+        options: dict[str, Any] = {"polling_interval": 0.005}
+    else:
+        options = {"confirm_publish": True}
+    return Connection(settings.url, transport_options=options, connect_timeout=5)
+
+
+class Publisher:
+    """Publishes persistent JSON messages to router queues and waits for the broker's confirm."""
+
+    def __init__(self, connection: Connection, topology: Topology) -> None:
+        self._connection = connection
+        self._topology = topology
+        self._producer: Producer | None = None
+
+    def _ensure_producer(self) -> Producer:
+        if self._producer is None:
+            self._connection.ensure_connection(max_retries=1)
+            self._producer = Producer(self._connection.default_channel, exchange=self._topology.exchange)
+        return self._producer
+
+    def publish(
+        self, queue: Queue, body: Mapping[str, Any], *, headers: Mapping[str, Any] | None = None
+    ) -> None:
+        """Publish one message to ``queue``; returns once the broker confirmed it.
+
+        Raises :class:`BrokerUnavailable` when the broker is unreachable, refuses or does not
+        confirm within the configured time, so the caller keeps its upstream unacknowledged.
+        """
+        try:
+            producer = self._ensure_producer()
+            producer.publish(
+                encode_body(body),
+                routing_key=queue.routing_key,
+                content_type=CONTENT_TYPE,
+                content_encoding="utf-8",
+                delivery_mode=2,
+                headers=dict(headers or {}),
+                declare=[queue],
+                retry=False,
+                timeout=self._topology.settings.confirm_timeout,
+            )
+        except Exception as exc:  # kombu surfaces transport errors as many unrelated types
+            self._producer = None
+            self._reset_connection()
+            raise BrokerUnavailable(f"publish to {queue.name} was not confirmed: {exc}") from exc
+
+    def _reset_connection(self) -> None:
+        try:
+            self._connection.collect()
+        except Exception:  # a dead connection may fail to tear down; it is being dropped anyway
+            log.debug("ignoring error while dropping a broken broker connection", exc_info=True)
+
+
+@contextmanager
+def publisher(settings: BrokerSettings, topology: Topology | None = None) -> Iterator[Publisher]:
+    """A connection and publisher for one thread, closed on exit."""
+    connection = connect(settings)
+    try:
+        yield Publisher(connection, topology or Topology(settings))
+    finally:
+        connection.release()
+
+
+def queue_depth(connection: Connection, queue: Queue) -> int | None:
+    """Messages ready in ``queue``, or None when it does not exist yet."""
+    # A passive declare of a missing queue closes the channel on RabbitMQ, so use a throwaway one.
+    channel = connection.channel()
+    try:
+        _, count, _ = queue(channel).queue_declare(passive=True)
+    except connection.channel_errors:
+        return None
+    finally:
+        try:
+            channel.close()
+        except Exception:  # already closed by the broker after a 404
+            log.debug("channel closed by the broker", exc_info=True)
+    return int(count)

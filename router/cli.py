@@ -1,0 +1,116 @@
+"""The `router` command line: validate, run, demo, status, schema.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+from rich.console import Console
+
+from ops.logging import configure_logging
+from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
+from router.config import find_config_path
+
+log = logging.getLogger("router")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+@click.option("--log-json/--no-log-json", default=None, help="JSON log lines (default: when not a terminal).")
+def main(log_level: str, log_json: bool | None) -> None:
+    """The retail inventory router: POS files, supplier SFTP, partner webhooks and REST APIs in;
+    ERP, WMS and OMS kept aligned, in order, without losing or doubling a movement."""
+    configure_logging(log_level, json=log_json)
+
+
+@main.command()
+@config_option
+def validate(config_path: str | None) -> None:
+    """Check routes.yaml; report every problem as FILE:LINE:COL: message (exit 2)."""
+    config = load_or_exit(config_path)
+    click.echo(config.summary())
+
+
+@main.command()
+@config_option
+@click.option(
+    "--only",
+    type=click.Choice(["sources", "transform", "delivery", "http"]),
+    multiple=True,
+    help="Run only these stages (repeatable); default all. Several processes may share one RabbitMQ.",
+)
+@click.option("--route", "route_name", metavar="NAME", help="Run only this route's source and transform.")
+def run(config_path: str | None, only: tuple[str, ...], route_name: str | None) -> None:
+    """Run the router until SIGTERM or Ctrl-C, then drain without losing work in hand."""
+    from router.runtime import STAGES, RouterRuntime
+
+    config = load_or_exit(config_path)
+    try:
+        runtime = RouterRuntime(config, only=only or STAGES, route=route_name)
+    except ValueError as error:
+        click.echo(f"router run: {error}", err=True)
+        sys.exit(EXIT_CONFIG)
+    try:
+        runtime.run_until_signalled()
+    except Exception as error:
+        log.exception("router stopped on an error")
+        click.echo(f"router run: {error}", err=True)
+        sys.exit(EXIT_RUNTIME)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--timeout", default=60.0, show_default=True, help="Seconds to wait for the scenario to finish."
+)
+def demo(config_path: str | None, timeout: float) -> None:
+    """A finite end-to-end scenario: a POS file through the router to simulated ERP, WMS and OMS."""
+    from router.demo import run_demo
+
+    path = find_config_path(config_path)
+    if not path.exists():
+        click.echo(
+            f"router demo: no configuration at {path}; run it from the repository or pass -c", err=True
+        )
+        sys.exit(EXIT_CONFIG)
+    sys.exit(run_demo(path, Console(), timeout=timeout))
+
+
+@main.command()
+@click.argument("event_type", required=False)
+def schema(event_type: str | None) -> None:
+    """Print the JSON Schema of the canonical events (or of one TYPE, e.g. stock.snapshot)."""
+    from canonical.schema import json_schema
+
+    try:
+        document = json_schema(event_type)
+    except (KeyError, ValueError) as error:
+        click.echo(f"router schema: {error.args[0] if error.args else error}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(json.dumps(document, indent=2))
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(config_path: str | None, as_json: bool) -> None:
+    """Routes, targets, queue depths and open dead letters."""
+    from router.status import collect_status, render_status
+
+    config = load_or_exit(config_path)
+    report = collect_status(config)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        render_status(report, Console())
+    if report.get("errors"):
+        sys.exit(EXIT_RUNTIME)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,642 @@
+"""The routes.yaml contract as pydantic models, and `load_config`, which reports every problem at once.
+
+`load_config` reads the file with positions (:mod:`router.config_source`), validates it against the
+models below, then checks what the models alone cannot: that `deliver` names defined targets, that
+lookup tables and payload schemas load, that each route's mapping, record path and conditions compile,
+and that no route sends a target the kind of quantity (delta or absolute) it refuses. Every problem is
+a :class:`ConfigProblem` at a line and column; secrets are never echoed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ops.logging import redact
+from router.config_source import ConfigDocument, ConfigError, ConfigPath, ConfigProblem, read_document
+from router.config_types import Duration, Rate, Size
+from transforms.filters import EventPredicate
+from transforms.lookups import Lookup, LookupTableError
+from transforms.mapping import compile_mapping
+from transforms.parsers import check_records_path
+
+__all__ = [
+    "ConfigError",
+    "ConfigProblem",
+    "RouteConfig",
+    "RouterConfig",
+    "TargetConfig",
+    "find_config_path",
+    "load_config",
+    "read_json_schema",
+    "redact_url",
+]
+
+DEFAULT_CONFIG = "routes.yaml"
+ABSOLUTE_TYPES = ("stock.snapshot", "cycle.count")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_FIELD_IN_MESSAGE = re.compile(r"field '([^']+)'")
+
+
+class _Section(BaseModel):
+    """A block of routes.yaml: unknown keys are refused, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class BrokerConfig(_Section):
+    """``broker:``: RabbitMQ (amqp://) in production, the embedded memory:// broker for the demo."""
+
+    url: str = "memory://"
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    prefix: str = "router"
+    prefetch: int = Field(4, ge=1, le=1000)
+    confirm_timeout: Duration = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("amqp://", "amqps://", "memory://")):
+            raise ValueError("expected amqp://USER:PASSWORD@HOST:PORT/VHOST or memory://")
+        return url
+
+    @field_validator("prefix")
+    @classmethod
+    def _queue_safe(cls, prefix: str) -> str:
+        if not _PREFIX.fullmatch(prefix):
+            raise ValueError(f"prefix {prefix!r} must be letters, digits, '.', '_' or '-' (queue names)")
+        return prefix
+
+
+class StoreConfig(_Section):
+    """``store:``: dead letters, ledgers, cursors and audit; SQLite by default, PostgreSQL in production."""
+
+    url: str = "sqlite:///router-state.db"
+
+    def resolved_url(self, base_dir: Path) -> str:
+        """The URL with a relative SQLite path made relative to the configuration's folder."""
+        prefix = "sqlite:///"
+        if self.url.startswith(prefix) and not self.url.startswith(prefix + "/"):
+            path = self.url.removeprefix(prefix)
+            if path and path != ":memory:":
+                return prefix + str((base_dir / path).resolve())
+        return self.url
+
+
+class HttpConfig(_Section):
+    """``http:``: the one listener for webhooks, /metrics, /healthz and /readyz."""
+
+    listen: str = "127.0.0.1:8080"
+    enabled: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"expected HOST:PORT such as 127.0.0.1:8080, not {listen!r}")
+        return listen
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class JournalConfig(_Section):
+    """``journal:``: how long delivered events are kept for `router replay`."""
+
+    retention: Duration = 7 * 86400.0
+
+
+class LookupConfig(_Section):
+    """A lookup table under ``lookups:``: a CSV file and its key and value columns."""
+
+    file: str
+    key: str
+    value: str
+
+
+class RetryConfig(_Section):
+    """A target's ``retry:``: in-place retries with exponential backoff and jitter."""
+
+    attempts: int = Field(10, ge=1)
+    initial: Duration = 0.5
+    max: Duration = 60.0
+    max_age: Duration = 3600.0
+
+
+class BatchConfig(_Section):
+    """A target's ``batch:``: micro-batches for targets that accept arrays."""
+
+    max_events: int = Field(100, ge=1, le=100_000)
+    max_wait: Duration = 0.2
+
+
+class BasicAuth(_Section):
+    username: str
+    password: str = Field(repr=False)
+
+
+class AuthConfig(_Section):
+    """``auth:``: a bearer token or basic credentials, from the environment; empty means none."""
+
+    bearer: str | None = Field(None, repr=False)
+    basic: BasicAuth | None = None
+
+    @field_validator("bearer")
+    @classmethod
+    def _empty_is_none(cls, token: str | None) -> str | None:
+        return token or None
+
+
+class XmlShape(_Section):
+    root: str = "events"
+    element: str = "event"
+
+
+class CircuitBreakerConfig(_Section):
+    """A target's ``circuit_breaker:``: pause after consecutive failures instead of hammering it."""
+
+    failures: int = Field(5, ge=1)
+    cooldown: Duration = 30.0
+
+
+class TargetConfig(_Section):
+    """A target under ``targets:`` (ERP, WMS, OMS...)."""
+
+    type: Literal["http"]
+    url: str
+    method: Literal["POST", "PUT", "PATCH"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    auth: AuthConfig | None = None
+    partitions: int = Field(8, ge=1, le=256)
+    batch: BatchConfig | None = None
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    timeout: Duration = 10.0
+    accepts: list[Literal["delta", "absolute"]] | None = None
+    body: dict[str, str] | None = None
+    format: Literal["json", "xml", "csv"] = "json"
+    xml: XmlShape | None = None
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"https?://[^/\s]+", url):
+            raise ValueError("expected an http:// or https:// URL")
+        return url
+
+
+class FileSourceConfig(_Section):
+    """``source: {type: file}``: a local drop folder (POS exports)."""
+
+    type: Literal["file"]
+    path: str
+    pattern: str = "*"
+    stable_for: Duration = 1.0
+    archive: str | None = None
+    errors: str | None = None
+    poll: Duration = 1.0
+
+
+class SftpSourceConfig(_Section):
+    """``source: {type: sftp}``: a supplier's SFTP folder, host key pinned in ``known_hosts``."""
+
+    type: Literal["sftp"]
+    host: str
+    port: int = Field(22, ge=1, le=65535)
+    username: str
+    key_file: str | None = None
+    key_passphrase: str | None = Field(None, repr=False)
+    password: str | None = Field(None, repr=False)
+    known_hosts: str
+    remote_dir: str
+    pattern: str = "*"
+    archive: str | None = None
+    delete: bool = False
+    errors: str | None = None
+    poll: Duration = 5.0
+    stable_for: Duration = 2.0
+
+    @model_validator(mode="after")
+    def _one_way_each(self) -> SftpSourceConfig:
+        if not self.key_file and not self.password:
+            raise ValueError("give key_file or password (from the environment) to log in")
+        if bool(self.archive) == bool(self.delete):
+            raise ValueError("give exactly one of archive: REMOTE_FOLDER or delete: true")
+        return self
+
+
+class WebhookSourceConfig(_Section):
+    """``source: {type: webhook}``: served at POST /webhooks/<route name>."""
+
+    type: Literal["webhook"]
+    secret: str | None = Field(None, repr=False)
+    signature: Literal["standard", "hex", "sha256-prefixed"] = "standard"
+    signature_header: str | None = None
+    json_schema: str | None = Field(None, alias="schema")
+    max_body: Size = 1024 * 1024
+    rate_limit: Rate | None = None
+    tolerance: Duration = 300.0
+
+
+class CursorConfig(_Section):
+    param: str
+    next: str
+
+
+class RestSourceConfig(_Section):
+    """``source: {type: rest}``: a polled REST API with cursor pagination."""
+
+    type: Literal["rest"]
+    url: str
+    poll: Duration = 30.0
+    headers: dict[str, str] = Field(default_factory=dict)
+    auth: AuthConfig | None = None
+    cursor: CursorConfig | None = None
+    id: str | None = None
+    timeout: Duration = 30.0
+
+
+SourceConfig = Annotated[
+    FileSourceConfig | SftpSourceConfig | WebhookSourceConfig | RestSourceConfig, Field(discriminator="type")
+]
+
+
+def _deliver_item(item: Any) -> Any:
+    return {"target": item} if isinstance(item, str) else item
+
+
+class DeliverRule(_Section):
+    """An item of ``deliver:``: a target name, or ``{target, when}`` with a JMESPath condition."""
+
+    target: str
+    when: str | None = None
+
+
+class RouteConfig(_Section):
+    """An item of ``routes:``: source, format, mapping into the canonical model, and targets."""
+
+    name: str
+    enabled: bool = True
+    source: SourceConfig
+    format: Literal["csv", "xml", "json", "jsonl"]
+    records: str | None = None
+    map: dict[str, Any]
+    filter: str | None = None
+    sequence_key: list[str] = Field(default_factory=lambda: ["sku", "location"], min_length=1)
+    deliver: list[DeliverRule] = Field(min_length=1)
+    chunk_size: int = Field(500, ge=1, le=100_000)
+
+    @field_validator("name")
+    @classmethod
+    def _url_and_queue_safe(cls, name: str) -> str:
+        if not _NAME.fullmatch(name):
+            raise ValueError(
+                f"route name {name!r} must be lowercase letters, digits, '.', '_' or '-' "
+                "(it is part of queue names and of /webhooks/<route>)"
+            )
+        return name
+
+    @field_validator("deliver", mode="before")
+    @classmethod
+    def _names_are_rules(cls, items: Any) -> Any:
+        return [_deliver_item(item) for item in items] if isinstance(items, list) else items
+
+    def deliver_rules(self) -> list[DeliverRule]:
+        return list(self.deliver)
+
+
+class RouterConfig(_Section):
+    """The whole routes.yaml."""
+
+    version: Literal[1]
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    lookups: dict[str, LookupConfig] = Field(default_factory=dict)
+    targets: dict[str, TargetConfig] = Field(min_length=1)
+    routes: list[RouteConfig] = Field(min_length=1)
+
+    _path: Path = PrivateAttr(default=Path(DEFAULT_CONFIG))
+
+    @property
+    def path(self) -> Path:
+        """The file this configuration was loaded from."""
+        return self._path
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in the configuration are relative to this folder."""
+        return self._path.resolve().parent
+
+    def resolve_path(self, value: str | Path) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def enabled_routes(self) -> list[RouteConfig]:
+        return [route for route in self.routes if route.enabled]
+
+    def route(self, name: str) -> RouteConfig:
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise KeyError(
+            f"no route named {name!r}; the configuration has: {', '.join(r.name for r in self.routes)}"
+        )
+
+    def summary(self) -> str:
+        """One line saying what the configuration wires together (never any secret)."""
+        routes = "; ".join(
+            f"{route.name}: {route.source.type} -> {', '.join(rule.target for rule in route.deliver)}"
+            for route in self.routes
+        )
+        return (
+            f"{self._path}: ok: {len(self.routes)} route(s) ({routes}), {len(self.targets)} target(s), "
+            f"broker {redact_url(self.broker.url)}, store {redact_url(self.store.url)}"
+        )
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to print: its password masked."""
+    return redact(url)
+
+
+def find_config_path(explicit: str | None = None) -> Path:
+    """``-c FILE``, else ``$ROUTER_CONFIG``, else ``./routes.yaml``."""
+    return Path(explicit or os.environ.get("ROUTER_CONFIG") or DEFAULT_CONFIG)
+
+
+def read_json_schema(path: Path) -> dict[str, Any]:
+    """Load a webhook payload contract; raises ValueError saying why it cannot be used."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"JSON Schema file {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"JSON Schema file {path} cannot be read: {error}") from None
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        raise ValueError(f"{path} is not a valid JSON Schema: {error.message}") from None
+    return schema
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> RouterConfig:
+    """Read, interpolate and validate ``path``; raises ConfigError listing every problem found."""
+    document = read_document(path, os.environ if env is None else env)
+    if document.data is None and not document.problems:
+        document.problem((), "the configuration is empty; start from the routes.yaml in the repository")
+    elif document.data is not None and not isinstance(document.data, dict):
+        document.problem((), "the configuration must be a mapping with version, targets and routes")
+    if document.problems:
+        raise ConfigError(document.problems)
+    _check_references(document)
+    try:
+        config = RouterConfig.model_validate(document.data)
+    except ValidationError as error:
+        for item in error.errors(include_url=False):
+            _report_validation_error(document, item)
+        raise ConfigError(document.problems) from None
+    config._path = path
+    _check_semantics(document, config)
+    if document.problems:
+        raise ConfigError(document.problems)
+    return config
+
+
+def _check_references(document: ConfigDocument) -> None:
+    """Cross-references checked on the raw data, so they are reported beside any model error."""
+    data = document.data
+    targets = data.get("targets")
+    target_names = list(targets) if isinstance(targets, dict) else []
+    routes = data.get("routes")
+    seen: dict[str, int] = {}
+    for index, route in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                document.problem(
+                    ("routes", index, "name"),
+                    f"route name {name!r} is used twice (first by routes[{seen[name]}])",
+                )
+            seen.setdefault(name, index)
+        deliver = route.get("deliver")
+        for position, item in enumerate(deliver if isinstance(deliver, list) else []):
+            target = item.get("target") if isinstance(item, dict) else item
+            if isinstance(target, str) and target not in target_names:
+                document.problem(
+                    ("routes", index, "deliver", position), _unknown("target", target, target_names)
+                )
+
+
+def _unknown(what: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"defined: {', '.join(known) or 'none'}"
+    return f"unknown {what} {name!r}; {hint}"
+
+
+def _data_path(data: Any, loc: tuple[str | int, ...]) -> ConfigPath:
+    """The path in the document for a pydantic error location (union tags are not in the document)."""
+    path: list[str | int] = []
+    node = data
+    for index, part in enumerate(loc):
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if in_list or (isinstance(node, dict) and part in node):
+            node = node[part]
+        elif index < len(loc) - 1:
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+def _display(path: ConfigPath) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "the configuration"
+
+
+def _report_validation_error(document: ConfigDocument, item: Mapping[str, Any]) -> None:
+    path = _data_path(document.data, tuple(item["loc"]))
+    kind = item["type"]
+    where = _display(path[:-1])
+    if kind == "extra_forbidden":
+        key = str(path[-1])
+        allowed = _allowed_keys(tuple(item["loc"][:-1]))
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"expected one of: {', '.join(allowed)}"
+        document.problem(path, f"unknown key {key!r} in {where}; {hint}", at_key=True)
+    elif kind == "missing":
+        document.problem(path, f"missing required key {path[-1]!r} in {where}")
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = item.get("ctx", {}).get("expected_tags", "")
+        document.problem(
+            (*path, "type") if kind == "union_tag_invalid" else path,
+            f"{_display(path)}.type must be one of {tags}",
+        )
+    else:
+        message = str(item["msg"]).removeprefix("Value error, ")
+        document.problem(path, f"{_display(path)}: {message}")
+
+
+def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the model at ``loc`` accepts, for a "did you mean" hint."""
+    annotation: Any = RouterConfig
+    for part in loc:
+        annotation = _step(annotation, part)
+        if annotation is None:
+            return []
+    model = _unwrap(annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [field.alias or name for name, field in model.model_fields.items()]
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated and Optional around a type."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation
+
+
+def _step(annotation: Any, part: str | int) -> Any:
+    annotation = _unwrap(annotation)
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        for name, field in annotation.model_fields.items():
+            if part in (name, field.alias):
+                return field.annotation if field.annotation is not None else None
+        return None
+    if origin is list:
+        return typing.get_args(annotation)[0]
+    if origin is dict:
+        return typing.get_args(annotation)[1]
+    if origin in (typing.Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            fields = getattr(member, "model_fields", {})
+            tag = fields.get("type")
+            if tag is not None and part in typing.get_args(tag.annotation):
+                return member
+    return None
+
+
+def _check_semantics(document: ConfigDocument, config: RouterConfig) -> None:
+    """What the models cannot see: files load, expressions compile, targets accept what they get."""
+    lookups: dict[str, Lookup] = {}
+    for name, table in config.lookups.items():
+        try:
+            lookups[name] = Lookup.from_csv(config.resolve_path(table.file), table.key, table.value, name)
+        except LookupTableError as error:
+            document.problem(("lookups", name, "file"), str(error))
+    for index, route in enumerate(config.routes):
+        at: ConfigPath = ("routes", index)
+        _check_route(document, config, route, at, lookups)
+
+
+def _check_route(
+    document: ConfigDocument,
+    config: RouterConfig,
+    route: RouteConfig,
+    at: ConfigPath,
+    lookups: dict[str, Lookup],
+) -> None:
+    try:
+        check_records_path(route.format, route.records)
+    except ValueError as error:
+        document.problem((*at, "records"), str(error))
+    known_lookups = {name: lookups.get(name) or Lookup(name, {}) for name in config.lookups}
+    try:
+        compile_mapping(route.map, route.format, known_lookups)
+    except ValueError as error:
+        field = _FIELD_IN_MESSAGE.search(str(error))
+        where: ConfigPath = (*at, "map", *field.group(1).split(".")) if field else (*at, "map")
+        document.problem(where, str(error))
+    for key, expression in (("filter", route.filter),):
+        if expression is not None:
+            _check_condition(document, (*at, key), expression)
+    for position, rule in enumerate(route.deliver):
+        if rule.when is not None:
+            _check_condition(document, (*at, "deliver", position, "when"), rule.when)
+        target = config.targets.get(rule.target)
+        if target is not None and target.accepts is not None:
+            _check_accepts(document, route, rule.target, target.accepts, (*at, "deliver", position))
+    source = route.source
+    if not route.enabled:
+        return  # a disabled route's files and secrets may not exist on this machine
+    if isinstance(source, WebhookSourceConfig) and not source.secret:
+        document.problem(
+            (*at, "source", "secret"), "a webhook route needs a secret (whsec_<base64>), from the environment"
+        )
+    if isinstance(source, WebhookSourceConfig) and source.json_schema is not None:
+        try:
+            read_json_schema(config.resolve_path(source.json_schema))
+        except ValueError as error:
+            document.problem((*at, "source", "schema"), str(error))
+    if isinstance(source, SftpSourceConfig) and not config.resolve_path(source.known_hosts).is_file():
+        document.problem(
+            (*at, "source", "known_hosts"),
+            f"known_hosts file {config.resolve_path(source.known_hosts)} not found; the SFTP "
+            "server's host key must be pinned",
+        )
+
+
+def _check_condition(document: ConfigDocument, path: ConfigPath, expression: str) -> None:
+    try:
+        EventPredicate(expression)
+    except ValueError as error:
+        document.problem(path, str(error))
+
+
+def _check_accepts(
+    document: ConfigDocument, route: RouteConfig, target: str, accepts: list[str], path: ConfigPath
+) -> None:
+    event_type = route.map.get("type")
+    if not isinstance(event_type, str):
+        return  # the type is mapped per record, so it is not known before records arrive
+    semantics = route.map.get("quantity_semantics")
+    if not isinstance(semantics, str):
+        semantics = "absolute" if event_type in ABSOLUTE_TYPES else "delta"
+    if semantics not in accepts:
+        document.problem(
+            path,
+            f"target {target!r} accepts only {' and '.join(accepts)} quantities, but route {route.name!r} "
+            f"produces {event_type} events ({semantics})",
+        )

@@ -1,0 +1,73 @@
+"""A broker consumer that buffers deliveries for the owning thread, and a reconnecting loop around it.
+
+Deliveries are only appended to a buffer in the kombu callback; the worker thread handles them after
+``drain_events`` returns. That keeps message handling out of kombu's callback stack, so a handler may
+publish (and wait for a confirm) on the same connection without being re-entered by a new delivery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from kombu import Connection, Consumer, Queue
+from kombu.message import Message
+
+log = logging.getLogger(__name__)
+
+
+class BufferedConsumer:
+    """Consumes ``queues`` with a per-consumer prefetch and hands messages out in arrival order."""
+
+    def __init__(self, connection: Connection, queues: Sequence[Queue], prefetch: int) -> None:
+        self._connection = connection
+        self._buffer: deque[Message] = deque()
+        self._channel = connection.channel()
+        self._consumer = Consumer(
+            self._channel,
+            queues=list(queues),
+            on_message=self._buffer.append,
+            prefetch_count=prefetch,
+            auto_declare=True,
+        )
+        self._consumer.consume()
+
+    def fetch(self, timeout: float) -> list[Message]:
+        """Messages that arrived, waiting up to ``timeout`` seconds when none are buffered."""
+        if not self._buffer:
+            with contextlib.suppress(TimeoutError):
+                self._connection.drain_events(timeout=timeout)
+        messages = list(self._buffer)
+        self._buffer.clear()
+        return messages
+
+    def close(self) -> None:
+        """Cancel consuming; unacknowledged messages go back to their queues on RabbitMQ."""
+        try:
+            self._consumer.cancel()
+            self._channel.close()
+        except Exception:  # closing a broken channel may fail; the connection is going away
+            log.debug("ignoring error while closing a consumer", exc_info=True)
+
+
+def run_reconnecting(
+    name: str,
+    session: Callable[[], None],
+    stop: threading.Event,
+    *,
+    initial_delay: float = 0.5,
+    max_delay: float = 15.0,
+) -> None:
+    """Run ``session`` until ``stop``; when it fails (broker gone) log and retry with backoff."""
+    delay = initial_delay
+    while not stop.is_set():
+        try:
+            session()
+            delay = initial_delay
+        except Exception as error:
+            log.warning("%s lost its broker session (%s); reconnecting in %.1fs", name, error, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, max_delay)

@@ -1,0 +1,201 @@
+"""`router run`: starts the sources, transform and delivery workers and the HTTP listener, and drains them.
+
+Each part runs in its own thread with its own broker connection. Stopping (SIGTERM, SIGINT or
+:meth:`RouterRuntime.stop`) sets one event that every loop watches: sources finish the file in hand,
+workers finish or give back the message in hand, retry waits are cut short and their message returns
+to the queue unacknowledged. Nothing is lost or half-applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from starlette.applications import Starlette
+
+from connectors.file_source import FileDropSettings, FileDropSource
+from connectors.webhook import webhook_routes
+from deadletter.store import NewDeadLetter, Store
+from ops import metrics
+from ops.health import ops_routes
+from router import assembly
+from router.broker import Publisher, Topology, connect
+from router.config import RouteConfig, RouterConfig
+from router.http_server import HttpListener
+from router.ingress import IngressPublisher, SharedIngressSink
+from router.workers import DeliveryWorker, TransformWorker
+from transforms.parsers import FileFormatError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sources", "transform", "delivery", "http")
+
+
+@dataclass
+class RouterRuntime:
+    """The running router for one configuration; ``only`` limits it to some stages (several processes)."""
+
+    config: RouterConfig
+    only: Collection[str] = STAGES
+    route: str | None = None
+    store: Store | None = None
+    http_port: int | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _listener: HttpListener | None = None
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.only) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; expected some of {', '.join(STAGES)}")
+        if self.route is not None and self.route not in {r.name for r in self.config.enabled_routes}:
+            names = ", ".join(r.name for r in self.config.enabled_routes)
+            raise ValueError(f"no enabled route named {self.route!r}; the configuration enables: {names}")
+        if self.store is None:
+            self.store = Store(self.config.store.resolved_url(self.config.base_dir))
+            self._closers.append(self.store.close)
+        self.broker = assembly.broker_settings(self.config)
+        self.topology = Topology(self.broker)
+
+    @property
+    def routes(self) -> list[RouteConfig]:
+        """The enabled routes this process serves (one, with ``--route``)."""
+        return [r for r in self.config.enabled_routes if self.route is None or r.name == self.route]
+
+    def start(self) -> None:
+        """Declare the topology, then start every selected stage."""
+        with connect(self.broker) as connection:
+            queues = [self.topology.ingress_queue(r.name) for r in self.config.enabled_routes]
+            for name, target in self.config.targets.items():
+                queues.extend(self.topology.delivery_queues(name, target.partitions))
+            self.topology.declare(connection, queues)
+        if "delivery" in self.only:
+            self._start_delivery()
+        if "transform" in self.only:
+            pipelines = assembly.build_pipelines(self.config, self.routes)
+            prefetch = self.config.broker.prefetch
+            worker = TransformWorker(self.broker, pipelines, self._store, self.stop_event, prefetch=prefetch)
+            self._spawn("transform", worker.run)
+        if "http" in self.only and self.config.http.enabled:
+            self._start_http()
+        if "sources" in self.only:
+            self._start_sources()
+        stages = ",".join(s for s in STAGES if s in self.only)
+        log.info("router running: stages %s, %d route(s)", stages, len(self.routes))
+
+    @property
+    def _store(self) -> Store:
+        assert self.store is not None
+        return self.store
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _start_delivery(self) -> None:
+        targets = {rule.target for route in self.routes for rule in route.deliver_rules()}
+        for name in sorted(targets):
+            target = self.config.targets[name]
+            client = assembly.http_target(name, target)
+            self._closers.append(client.close)
+            worker = DeliveryWorker(
+                self.broker,
+                assembly.delivery_settings(name, target),
+                client,
+                assembly.payload_renderer(target),
+                self._store,
+                self.stop_event,
+            )
+            self._spawn(f"deliver-{name}", worker.run)
+
+    def _start_sources(self) -> None:
+        for route in self.routes:
+            if route.source.type != "file":
+                log.warning("route %s: source type %s is not served yet", route.name, route.source.type)
+                continue
+            settings = assembly.file_drop_settings(self.config, route)
+            self._spawn(f"source-{route.name}", lambda s=settings: self._run_file_source(s))
+
+    def _run_file_source(self, settings: FileDropSettings) -> None:
+        connection = connect(self.broker)
+        try:
+            sink = IngressPublisher(Publisher(connection, self.topology), self.topology)
+            FileDropSource(settings, sink, on_rejected=self._file_rejected).run(self.stop_event)
+        finally:
+            connection.release()
+
+    def _file_rejected(self, settings: FileDropSettings, moved: Path, error: FileFormatError) -> None:
+        self._store.add_dead_letters(
+            [
+                NewDeadLetter(
+                    route=settings.route,
+                    stage="ingress",
+                    reason="parse",
+                    detail=str(error),
+                    payload={"file": str(moved)},
+                    source_ref={"file": moved.name, "line": error.line},
+                )
+            ]
+        )
+        metrics.DEADLETTERS.labels(route=settings.route, stage="ingress", reason="parse").inc()
+        metrics.DEADLETTERS_OPEN.labels(route=settings.route).set(self._store.count_open(settings.route))
+
+    def _start_http(self) -> None:
+        routes = ops_routes({"broker": self._check_broker, "store": self._store.ping})
+        receivers = {
+            route.name: assembly.webhook_settings(self.config, route)
+            for route in self.routes
+            if route.source.type == "webhook"
+        }
+        if receivers:
+            sink = SharedIngressSink(self.broker)
+            self._closers.append(sink.close)
+            routes += webhook_routes(receivers, sink, assembly.StoreWebhookLedger(self._store))
+        app = Starlette(routes=routes)
+        port = self.config.http.port if self.http_port is None else self.http_port
+        self._listener = HttpListener(app, self.config.http.host, port)
+        self._listener.start()
+        log.info("HTTP listener on %s:%d", self.config.http.host, self._listener.port)
+
+    def _check_broker(self) -> None:
+        with connect(self.broker) as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
+    @property
+    def listener(self) -> HttpListener | None:
+        return self._listener
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain: signal every stage, wait for them to finish the work in hand, release resources."""
+        self.stop_event.set()
+        for thread in self._threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("stage %s did not drain within %.0fs", thread.name, timeout)
+        if self._listener is not None:
+            self._listener.stop()
+        for close in reversed(self._closers):
+            close()
+
+    def run_until_signalled(self) -> None:
+        """Start, then block until SIGTERM or SIGINT, then drain."""
+
+        def request_stop(signum: int, _: FrameType | None) -> None:
+            log.info("received %s; draining", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        self.start()
+        while not self.stop_event.wait(0.5):
+            if not any(thread.is_alive() for thread in self._threads) and self._listener is None:
+                log.error("every stage stopped; exiting")
+                break
+        self.stop()

@@ -1,0 +1,118 @@
+"""`router status`: what is configured, how deep the queues are and which dead letters are open."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from deadletter.store import Store
+from router.assembly import broker_settings
+from router.broker import Topology, connect, queue_depth
+from router.config import RouterConfig, redact_url
+
+
+def collect_status(config: RouterConfig) -> dict[str, Any]:
+    """A JSON-ready report; problems reaching the broker or the store go under ``errors``."""
+    broker = broker_settings(config)
+    topology = Topology(broker)
+    report: dict[str, Any] = {
+        "config": str(config.path),
+        "broker": redact_url(broker.url),
+        "store": redact_url(config.store.url),
+        "routes": [],
+        "targets": [],
+        "errors": [],
+    }
+    depths: dict[str, int | None] = {}
+    if broker.is_memory:
+        report["notes"] = ["embedded memory:// broker: queues live inside a running `router run` process"]
+    else:
+        try:
+            with connect(broker) as connection:
+                connection.ensure_connection(max_retries=1, timeout=5)
+                for route in config.routes:
+                    depths[topology.ingress_name(route.name)] = queue_depth(
+                        connection, topology.ingress_queue(route.name)
+                    )
+                for name, target in config.targets.items():
+                    for n in range(target.partitions):
+                        depths[topology.delivery_name(name, n)] = queue_depth(
+                            connection, topology.delivery_queue(name, n)
+                        )
+        except Exception as error:
+            report["errors"].append(f"broker {redact_url(broker.url)} unreachable: {error}")
+    open_letters: dict[str, int] = {}
+    try:
+        store = Store(config.store.resolved_url(config.base_dir))
+        try:
+            for route in config.routes:
+                open_letters[route.name] = store.count_open(route.name)
+        finally:
+            store.close()
+    except Exception as error:
+        report["errors"].append(f"store {redact_url(config.store.url)} unreachable: {error}")
+    for route in config.routes:
+        report["routes"].append(
+            {
+                "name": route.name,
+                "source": route.source.type,
+                "format": route.format,
+                "deliver": [rule.target for rule in route.deliver_rules()],
+                "ingress_depth": depths.get(topology.ingress_name(route.name)),
+                "deadletters_open": open_letters.get(route.name),
+            }
+        )
+    for name, target in config.targets.items():
+        partition_depths = [depths.get(topology.delivery_name(name, n)) for n in range(target.partitions)]
+        known = [d for d in partition_depths if d is not None]
+        report["targets"].append(
+            {
+                "name": name,
+                "type": target.type,
+                "url": redact_url(target.url or ""),
+                "partitions": target.partitions,
+                "queue_depth": sum(known) if known else None,
+            }
+        )
+    return report
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def render_status(report: dict[str, Any], console: Console) -> None:
+    """Print the report as two tables and any errors."""
+    console.print(
+        f"[bold]config[/] {report['config']}   [bold]broker[/] {report['broker']}   "
+        f"[bold]store[/] {report['store']}"
+    )
+    routes = Table(
+        "route", "source", "format", "deliver", "ingress queue", "open dead letters", title="Routes"
+    )
+    for route in report["routes"]:
+        routes.add_row(
+            route["name"],
+            route["source"],
+            route["format"],
+            ", ".join(route["deliver"]),
+            _cell(route["ingress_depth"]),
+            _cell(route["deadletters_open"]),
+        )
+    console.print(routes)
+    targets = Table("target", "type", "url", "partitions", "queued", title="Targets")
+    for target in report["targets"]:
+        targets.add_row(
+            target["name"],
+            target["type"],
+            target["url"],
+            str(target["partitions"]),
+            _cell(target["queue_depth"]),
+        )
+    console.print(targets)
+    for note in report.get("notes", []):
+        console.print(f"[dim]{note}[/]")
+    for error in report["errors"]:
+        console.print(f"[red]error:[/] {error}")

@@ -1,0 +1,80 @@
+"""Shared fixtures: the real RabbitMQ and PostgreSQL services, and unique broker namespaces.
+
+In CI (CI=true) a test that needs RabbitMQ or PostgreSQL fails when the service is absent; on a
+developer machine it is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip locally, fail in CI, when a service the test needs is not listening."""
+    if _reachable(host, port):
+        return
+    message = f"{name} is not reachable on {host}:{port}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI must provide it)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    return RABBITMQ_URL
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def broker_prefix() -> str:
+    """A queue-name prefix no other test or run uses, so tests can share one RabbitMQ vhost."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def rabbitmq_namespace(rabbitmq_url: str, broker_prefix: str) -> Iterator[str]:
+    """A unique queue prefix on the real RabbitMQ; its queues and exchange are deleted afterwards."""
+    yield broker_prefix
+    from kombu import Connection
+
+    listing = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    names = [
+        line.strip() for line in listing.stdout.splitlines() if line.strip().startswith(f"{broker_prefix}.")
+    ]
+    with Connection(rabbitmq_url) as connection:
+        for name in names:
+            channel = connection.channel()
+            channel.queue_delete(name)
+            channel.close()
+        channel = connection.channel()
+        channel.exchange_delete(broker_prefix)
+        channel.close()

@@ -1,0 +1,424 @@
+"""Partner webhooks against a real uvicorn server on loopback: acceptance and every rejection status."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from connectors.chunks import SourceChunk
+from connectors.signatures import sign
+from connectors.webhook import WebhookSettings, webhook_routes
+
+SECRET = "whsec_c3RvY2stZXZlbnRzLXNlY3JldC0xMjM0NQ=="
+STOCK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["events"],
+    "properties": {
+        "events": {
+            "type": "array",
+            "items": {"$ref": "#/$defs/stock_event"},
+        }
+    },
+    "$defs": {
+        "stock_event": {
+            "type": "object",
+            "required": ["sku", "store", "qty"],
+            "properties": {
+                "sku": {"type": "string", "minLength": 1},
+                "store": {"type": "string"},
+                "qty": {"type": "number", "minimum": 0},
+            },
+        }
+    },
+}
+
+
+@dataclass
+class RecordingSink:
+    """Stands in for the broker: keeps confirmed chunks, or raises while ``down``."""
+
+    chunks: list[SourceChunk] = field(default_factory=list)
+    down: bool = False
+
+    def __call__(self, chunk: SourceChunk) -> None:
+        if self.down:
+            raise ConnectionError("broker unreachable")
+        self.chunks.append(chunk)
+
+
+@dataclass
+class MemoryLedger:
+    """In-memory webhook-id ledger."""
+
+    accepted: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def seen(self, route: str, webhook_id: str) -> bool:
+        return (route, webhook_id) in self.accepted
+
+    def remember(self, route: str, webhook_id: str, message_id: str) -> None:
+        self.accepted[(route, webhook_id)] = message_id
+
+
+@dataclass
+class Receiver:
+    url: str
+    sink: RecordingSink
+    ledger: MemoryLedger
+    client: httpx.Client
+
+
+RECEIVERS = {
+    "partner-stock": WebhookSettings(
+        route="partner-stock",
+        secret=SECRET,
+        schema=STOCK_SCHEMA,
+        max_body=1024,
+        rate_limit=None,
+        tolerance=300.0,
+        records="events",
+    ),
+    "partner-orders": WebhookSettings(
+        route="partner-orders",
+        secret=SECRET,
+        schema=None,
+        max_body=1024,
+        rate_limit=None,
+        tolerance=300.0,
+        records=None,
+    ),
+    "partner-throttled": WebhookSettings(
+        route="partner-throttled",
+        secret=SECRET,
+        schema=None,
+        max_body=1024,
+        rate_limit=(2, 60.0),
+        tolerance=300.0,
+        records=None,
+    ),
+    "legacy-hex": WebhookSettings(
+        route="legacy-hex",
+        secret="raw-shared-secret",
+        schema=None,
+        max_body=1024,
+        rate_limit=None,
+        tolerance=300.0,
+        records=None,
+        signature="hex",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, RecordingSink, MemoryLedger]]:
+    sink = RecordingSink()
+    ledger = MemoryLedger()
+    app = Starlette(routes=webhook_routes(RECEIVERS, sink, ledger))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    uvicorn_server = uvicorn.Server(config)
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uvicorn_server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = uvicorn_server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", sink, ledger
+    uvicorn_server.should_exit = True
+    thread.join(5)
+
+
+@pytest.fixture
+def receiver(server: tuple[str, RecordingSink, MemoryLedger]) -> Iterator[Receiver]:
+    url, sink, ledger = server
+    sink.chunks.clear()
+    sink.down = False
+    with httpx.Client(base_url=url, timeout=5) as client:
+        yield Receiver(url, sink, ledger, client)
+
+
+_ids = iter(range(1, 1_000_000))
+
+
+def signed_headers(
+    body: bytes, *, webhook_id: str | None = None, timestamp: int | None = None, secret: str = SECRET
+) -> dict[str, str]:
+    webhook_id = webhook_id or f"msg_{next(_ids)}_{time.time_ns()}"
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    return {
+        "content-type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, webhook_id, timestamp, body),
+    }
+
+
+def stock_body(*events: dict[str, Any]) -> bytes:
+    return json.dumps({"events": list(events)}).encode()
+
+
+def assert_problem(response: httpx.Response, status: int, detail_part: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == status
+    assert problem["type"] and problem["title"]
+    assert detail_part in problem["detail"]
+    return problem
+
+
+def test_signed_delivery_is_accepted_after_the_sink_confirmed(receiver: Receiver) -> None:
+    body = stock_body(
+        {"sku": "SKU-1", "store": "S001", "qty": 2.50}, {"sku": "SKU-2", "store": "S002", "qty": 7}
+    )
+    headers = signed_headers(body, webhook_id="msg_accept_1")
+
+    response = receiver.client.post("/webhooks/partner-stock", content=body, headers=headers)
+
+    assert response.status_code == 202
+    assert response.json() == {"message_id": "webhook:partner-stock:msg_accept_1", "records": 2}
+    [chunk] = receiver.sink.chunks
+    assert chunk.route == "partner-stock"
+    assert chunk.system == "webhook"
+    assert chunk.message_id == "webhook:partner-stock:msg_accept_1"
+    assert chunk.origin == {"webhook_id": "msg_accept_1"}
+    assert [(record.number, record.line) for record in chunk.records] == [(1, None), (2, None)]
+    assert chunk.records[0].data == {"sku": "SKU-1", "store": "S001", "qty": Decimal("2.50")}
+    assert receiver.ledger.seen("partner-stock", "msg_accept_1")
+
+
+def test_repeated_webhook_id_answers_200_and_publishes_nothing(receiver: Receiver) -> None:
+    body = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
+    headers = signed_headers(body, webhook_id="msg_repeat")
+    assert receiver.client.post("/webhooks/partner-stock", content=body, headers=headers).status_code == 202
+
+    again = receiver.client.post(
+        "/webhooks/partner-stock", content=body, headers=signed_headers(body, webhook_id="msg_repeat")
+    )
+
+    assert again.status_code == 200
+    assert again.json()["message_id"] == "webhook:partner-stock:msg_repeat"
+    assert len(receiver.sink.chunks) == 1
+
+
+def test_payload_without_records_path_is_one_record_or_an_array_of_records(receiver: Receiver) -> None:
+    single = json.dumps({"order": "A1"}).encode()
+    several = json.dumps([{"order": "A2"}, {"order": "A3"}]).encode()
+    assert (
+        receiver.client.post(
+            "/webhooks/partner-orders", content=single, headers=signed_headers(single)
+        ).status_code
+        == 202
+    )
+    assert (
+        receiver.client.post(
+            "/webhooks/partner-orders", content=several, headers=signed_headers(several)
+        ).status_code
+        == 202
+    )
+    assert [[record.data for record in chunk.records] for chunk in receiver.sink.chunks] == [
+        [{"order": "A1"}],
+        [{"order": "A2"}, {"order": "A3"}],
+    ]
+
+
+def test_several_signatures_in_the_header_any_match_passes(receiver: Receiver) -> None:
+    body = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
+    headers = signed_headers(body)
+    stale_key = sign("whsec_b2xkLWtleQ==", headers["webhook-id"], headers["webhook-timestamp"], body)
+    headers["webhook-signature"] = f"{stale_key} {headers['webhook-signature']}"
+
+    assert receiver.client.post("/webhooks/partner-stock", content=body, headers=headers).status_code == 202
+
+
+def test_hex_variant_route_accepts_hex_digests(receiver: Receiver) -> None:
+    body = b'{"sku": "SKU-9", "qty": 3}'
+    headers = signed_headers(body, secret="raw-shared-secret")
+    headers["webhook-signature"] = sign(
+        "raw-shared-secret", headers["webhook-id"], headers["webhook-timestamp"], body, "hex"
+    )
+    assert receiver.client.post("/webhooks/legacy-hex", content=body, headers=headers).status_code == 202
+
+    headers["webhook-signature"] = sign(
+        "wrong", headers["webhook-id"], headers["webhook-timestamp"], body, "hex"
+    )
+    assert_problem(
+        receiver.client.post("/webhooks/legacy-hex", content=body, headers=headers), 401, "matches"
+    )
+
+
+def test_bad_signature_is_401_and_publishes_nothing(receiver: Receiver) -> None:
+    body = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
+    headers = signed_headers(body, secret="whsec_d3Jvbmcta2V5")
+
+    response = receiver.client.post("/webhooks/partner-stock", content=body, headers=headers)
+
+    problem = assert_problem(response, 401, "none of the 1 signature in webhook-signature matches")
+    expected = signed_headers(
+        body, webhook_id=headers["webhook-id"], timestamp=int(headers["webhook-timestamp"])
+    )
+    assert expected["webhook-signature"].removeprefix("v1,") not in response.text
+    assert problem["type"].endswith("invalid-signature")
+    assert receiver.sink.chunks == []
+
+
+def test_stale_timestamp_is_401_saying_by_how_much(receiver: Receiver) -> None:
+    body = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
+    headers = signed_headers(body, timestamp=int(time.time()) - 3600)
+
+    response = receiver.client.post("/webhooks/partner-stock", content=body, headers=headers)
+
+    assert_problem(response, 401, "s old, beyond the tolerance of 300 s")
+
+
+def test_missing_signature_is_401(receiver: Receiver) -> None:
+    body = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
+    headers = signed_headers(body)
+    del headers["webhook-signature"]
+    assert_problem(
+        receiver.client.post("/webhooks/partner-stock", content=body, headers=headers), 401, "missing"
+    )
+
+
+def test_unknown_route_is_404_and_wrong_method_is_405(receiver: Receiver) -> None:
+    assert_problem(receiver.client.post("/webhooks/nobody", content=b"{}"), 404, "'nobody'")
+    response = receiver.client.get("/webhooks/partner-stock")
+    assert_problem(response, 405, "GET is not allowed")
+    assert response.headers["allow"] == "POST"
+
+
+def test_body_over_max_body_by_content_length_is_413(receiver: Receiver) -> None:
+    body = stock_body(*[{"sku": f"SKU-{n}", "store": "S001", "qty": 1} for n in range(100)])
+    assert len(body) > 1024
+
+    response = receiver.client.post("/webhooks/partner-stock", content=body, headers=signed_headers(body))
+
+    assert_problem(response, 413, f"Content-Length {len(body)} exceeds the limit of 1024 bytes")
+
+
+def test_streamed_body_without_content_length_over_max_body_is_413(receiver: Receiver) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"events": ['
+        for _ in range(50):
+            yield b'{"sku": "SKU-1", "store": "S001", "qty": 1},'
+
+    request = receiver.client.build_request(
+        "POST", "/webhooks/partner-stock", content=chunks(), headers=signed_headers(b"")
+    )
+    assert "content-length" not in request.headers
+    response = receiver.client.send(request)
+
+    assert_problem(response, 413, "body exceeds the limit of 1024 bytes")
+    assert receiver.sink.chunks == []
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/xml", "application/json; charset=latin-1"]
+)
+def test_wrong_media_type_is_415(receiver: Receiver, content_type: str) -> None:
+    body = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
+    headers = signed_headers(body) | {"content-type": content_type}
+    assert_problem(
+        receiver.client.post("/webhooks/partner-stock", content=body, headers=headers), 415, "not accepted"
+    )
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "application/vnd.partner.stock+json"]
+)
+def test_json_media_type_variants_are_accepted(receiver: Receiver, content_type: str) -> None:
+    body = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
+    headers = signed_headers(body) | {"content-type": content_type}
+    assert receiver.client.post("/webhooks/partner-stock", content=body, headers=headers).status_code == 202
+
+
+def test_malformed_json_is_400_with_the_position(receiver: Receiver) -> None:
+    body = b'{"events": [\n  {"sku": "SKU-1",, "qty": 1}]}'
+    response = receiver.client.post("/webhooks/partner-stock", content=body, headers=signed_headers(body))
+    assert_problem(response, 400, "line 2 column 19")
+
+
+def test_schema_violations_are_422_listing_every_error_with_its_path(receiver: Receiver) -> None:
+    body = stock_body({"sku": "", "store": "S001", "qty": -1}, {"store": "S002", "qty": "two"})
+
+    response = receiver.client.post("/webhooks/partner-stock", content=body, headers=signed_headers(body))
+
+    problem = assert_problem(response, 422, "4 schema violations")
+    assert [(error["path"], error["keyword"]) for error in problem["errors"]] == [
+        ("$.events[0].qty", "minimum"),
+        ("$.events[0].sku", "minLength"),
+        ("$.events[1]", "required"),
+        ("$.events[1].qty", "type"),
+    ]
+    assert problem["errors"][0]["message"] == "-1 is less than the minimum of 0"
+    assert receiver.sink.chunks == []
+
+
+def test_rate_limit_answers_429_with_retry_after(receiver: Receiver) -> None:
+    statuses = []
+    for _ in range(3):
+        body = b'{"order": "R1"}'
+        response = receiver.client.post(
+            "/webhooks/partner-throttled", content=body, headers=signed_headers(body)
+        )
+        statuses.append(response.status_code)
+    assert statuses == [202, 202, 429]
+    assert_problem(response, 429, "2 requests per 60 s")
+    assert 1 <= int(response.headers["retry-after"]) <= 30
+
+
+def test_broker_down_is_503_and_the_retry_with_the_same_id_is_accepted(receiver: Receiver) -> None:
+    body = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
+    receiver.sink.down = True
+
+    refused = receiver.client.post(
+        "/webhooks/partner-stock", content=body, headers=signed_headers(body, webhook_id="msg_503")
+    )
+
+    assert_problem(refused, 503, "nothing was accepted")
+    assert int(refused.headers["retry-after"]) > 0
+    assert not receiver.ledger.seen("partner-stock", "msg_503")
+
+    receiver.sink.down = False
+    retried = receiver.client.post(
+        "/webhooks/partner-stock", content=body, headers=signed_headers(body, webhook_id="msg_503")
+    )
+
+    assert retried.status_code == 202
+    assert [chunk.message_id for chunk in receiver.sink.chunks] == ["webhook:partner-stock:msg_503"]
+
+
+def test_openapi_document_describes_every_route_and_status(receiver: Receiver) -> None:
+    document = receiver.client.get("/openapi.json").json()
+
+    assert document["openapi"].startswith("3.1")
+    assert set(document["paths"]) == {f"/webhooks/{name}" for name in RECEIVERS}
+    stock = document["paths"]["/webhooks/partner-stock"]["post"]
+    assert {parameter["name"] for parameter in stock["parameters"]} == {
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+    payload_schema = stock["requestBody"]["content"]["application/json"]["schema"]
+    assert payload_schema["$defs"] == STOCK_SCHEMA["$defs"] and payload_schema["$id"]
+    assert set(stock["responses"]) == {"200", "202", "400", "401", "413", "415", "422", "503"}
+    assert "429" in document["paths"]["/webhooks/partner-throttled"]["post"]["responses"]
+    for operation in (path["post"] for path in document["paths"].values()):
+        assert operation["operationId"]
+        for status, response in operation["responses"].items():
+            assert response["description"]
+            if int(status) >= 400:
+                assert response["content"]["application/problem+json"]["schema"] == {
+                    "$ref": "#/components/schemas/Problem"
+                }
+    for reference in ("Problem", "Accepted", "Duplicate"):
+        assert reference in document["components"]["schemas"]

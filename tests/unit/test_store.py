@@ -1,0 +1,366 @@
+"""The dead-letter store on SQLite and on the real PostgreSQL: dead letters, audit, cursors, concurrency."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from deadletter.store import (
+    DeadLetterNotFound,
+    NewDeadLetter,
+    Store,
+    StoreUnavailable,
+    normalize_store_url,
+)
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where a test's store lives: a URL and, on PostgreSQL, the throwaway schema."""
+
+    url: str
+    schema: str | None = None
+
+    def open(self) -> Store:
+        return Store(self.url, schema=self.schema)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreLocation]:
+    """A fresh database per test: a SQLite file, or a random PostgreSQL schema dropped afterwards."""
+    if request.param == "sqlite":
+        yield StoreLocation(f"sqlite:///{tmp_path / 'state' / 'router-state.db'}")
+        return
+    url = request.getfixturevalue("postgres_url")
+    schema = f"test_store_{uuid.uuid4().hex[:12]}"
+    yield StoreLocation(url, schema)
+    engine = create_engine(normalize_store_url(url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def store(location: StoreLocation) -> Iterator[Store]:
+    with location.open() as opened:
+        yield opened
+
+
+def _transform_failure(route: str = "pos-sales", line: int = 14, **overrides: object) -> NewDeadLetter:
+    fields: dict[str, object] = {
+        "route": route,
+        "stage": "transform",
+        "reason": "validation",
+        "detail": f"pos-001.csv line {line} (record {line - 1}): field 'quantity': 'abc' is not a decimal",
+        "payload": {"SKU": "A-1", "STORE": "S01", "QTY": "abc"},
+        "source_ref": {"file": "pos-001.csv", "line": line, "record": line - 1, "message_id": "m-1"},
+    }
+    fields.update(overrides)
+    return NewDeadLetter(**fields)  # type: ignore[arg-type]
+
+
+def test_transform_failure_keeps_raw_record_and_position(store: Store) -> None:
+    letter_id = store.add_dead_letter(
+        route="pos-sales",
+        stage="transform",
+        reason="validation",
+        detail="pos-001.csv line 14 (record 13): field 'quantity': 'abc' is not a decimal",
+        payload={"SKU": "A-1", "STORE": "S01", "QTY": "abc"},
+        source_ref={"file": "pos-001.csv", "line": 14, "record": 13, "message_id": "m-1"},
+        event_id="ev-13",
+    )
+
+    letter = store.get_dead_letter(letter_id)
+
+    assert letter is not None
+    assert (letter.route, letter.stage, letter.reason, letter.status) == (
+        "pos-sales",
+        "transform",
+        "validation",
+        "dead",
+    )
+    assert list(letter.payload) == ["SKU", "STORE", "QTY"]  # column order survives for editing
+    assert letter.payload["QTY"] == "abc"
+    assert letter.source_ref == {"file": "pos-001.csv", "line": 14, "record": 13, "message_id": "m-1"}
+    assert letter.event_id == "ev-13"
+    assert letter.created_at.tzinfo is not None and letter.created_at.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - letter.created_at) < timedelta(minutes=1)
+
+
+def test_delivery_failure_stores_the_canonical_event_with_decimals_as_text(store: Store) -> None:
+    occurred = datetime(2024, 5, 1, tzinfo=UTC)
+    event = {"event_id": "ev-1", "quantity": Decimal("2.500"), "occurred_at": occurred}
+    letter_id = store.add_dead_letter(
+        route="pos-sales",
+        stage="delivery",
+        target="erp",
+        reason="http_4xx",
+        detail="erp answered 422: quantity must be positive",
+        payload=event,
+        event_id="ev-1",
+        sequence_key="A-1|S01",
+        attempts=1,
+    )
+
+    letter = store.get_dead_letter(letter_id)
+
+    assert letter is not None
+    assert letter.payload == {"event_id": "ev-1", "quantity": "2.500", "occurred_at": occurred.isoformat()}
+    assert (letter.target, letter.sequence_key, letter.attempts) == ("erp", "A-1|S01", 1)
+
+
+def test_to_dict_gives_the_deadletter_list_json_fields(store: Store) -> None:
+    [letter_id] = store.add_dead_letters([_transform_failure()])
+    letter = store.get_dead_letter(letter_id)
+    assert letter is not None
+
+    document = json.loads(json.dumps(letter.to_dict()))
+
+    listed = {"id", "route", "stage", "target", "reason", "attempts", "status", "sequence_key", "created_at"}
+    assert listed | {"detail", "payload", "source_ref", "event_id"} <= set(document)
+    assert document["id"] == letter_id and document["status"] == "dead" and document["target"] is None
+    assert datetime.fromisoformat(document["created_at"]) == letter.created_at
+
+
+def test_a_chunk_of_bad_records_is_stored_in_order(store: Store) -> None:
+    ids = store.add_dead_letters([_transform_failure(line=n) for n in (3, 7, 9)])
+
+    letters = store.list_dead_letters()
+
+    assert len(set(ids)) == 3
+    assert [letter.id for letter in letters] == ids
+    assert [letter.source_ref["line"] for letter in letters if letter.source_ref] == [3, 7, 9]
+    assert store.add_dead_letters([]) == []
+
+
+def test_list_filters_by_route_target_stage_status_and_limit(store: Store) -> None:
+    pos = store.add_dead_letter(**_fields(_transform_failure("pos-sales")))
+    supplier = store.add_dead_letter(**_fields(_transform_failure("supplier-asn")))
+    erp = store.add_dead_letter(
+        route="pos-sales",
+        stage="delivery",
+        target="erp",
+        reason="retries_exhausted",
+        detail="503",
+        payload={},
+    )
+    wms = store.add_dead_letter(
+        route="pos-sales", stage="delivery", target="wms", reason="http_4xx", detail="400", payload={}
+    )
+    store.set_status(wms, "discarded", actor="ops", reason="duplicate")
+
+    def ids(**filters: object) -> list[int]:
+        return [letter.id for letter in store.list_dead_letters(**filters)]  # type: ignore[arg-type]
+
+    assert ids(route="pos-sales") == [pos, erp, wms]
+    assert ids(route="supplier-asn") == [supplier]
+    assert ids(target="erp") == [erp]
+    assert ids(stage="transform") == [pos, supplier]
+    assert ids(status="discarded") == [wms]
+    assert ids(route="pos-sales", status="dead", stage="delivery") == [erp]
+    assert ids(limit=2) == [pos, supplier]
+
+
+def _fields(letter: NewDeadLetter) -> dict[str, object]:
+    return {name: getattr(letter, name) for name in letter.__dataclass_fields__}
+
+
+def test_list_by_time_window_and_refuses_naive_times(store: Store) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    [letter_id] = store.add_dead_letters([_transform_failure()])
+    after = datetime.now(UTC) + timedelta(seconds=1)
+
+    assert [letter.id for letter in store.list_dead_letters(since=before, until=after)] == [letter_id]
+    assert store.list_dead_letters(since=after) == []
+    assert store.list_dead_letters(until=before) == []
+    with pytest.raises(ValueError, match=r"since .* has no timezone"):
+        store.list_dead_letters(since=datetime(2024, 1, 1))
+
+
+def test_count_open_counts_dead_and_parked_only(store: Store) -> None:
+    ids = store.add_dead_letters([_transform_failure("pos-sales", line=n) for n in range(2, 6)])
+    other = store.add_dead_letter(**_fields(_transform_failure("supplier-asn")))
+    store.set_status(ids[1], "parked", actor="router", reason="key parked behind an earlier dead letter")
+    store.set_status(ids[2], "replayed", actor="ops", reason="fixed quantity")
+    store.set_status(ids[3], "discarded", actor="ops", reason="test data")
+
+    assert store.count_open("pos-sales") == 2
+    assert store.count_open("supplier-asn") == 1
+    assert store.count_open() == 3
+    assert store.count_open("no-such-route") == 0
+    store.set_status(other, "discarded", actor="ops", reason="test data")
+    assert store.count_open() == 2
+
+
+def test_set_status_records_who_did_it_and_why(store: Store) -> None:
+    [letter_id] = store.add_dead_letters([_transform_failure()])
+
+    store.set_status(letter_id, "replayed", actor="alice", reason="quantity corrected to 3")
+
+    letter = store.get_dead_letter(letter_id)
+    assert letter is not None and letter.status == "replayed"
+    assert letter.updated_at >= letter.created_at
+    [entry] = store.list_audit(f"deadletter:{letter_id}")
+    assert entry.actor == "alice"
+    assert entry.subject == f"deadletter:{letter_id}"
+    assert entry.detail == {"from": "dead", "to": "replayed", "reason": "quantity corrected to 3"}
+    assert entry.to_dict()["action"] == entry.action
+
+
+def test_set_status_refuses_unknown_ids_and_statuses(store: Store) -> None:
+    [letter_id] = store.add_dead_letters([_transform_failure()])
+
+    with pytest.raises(DeadLetterNotFound, match="dead letter 999999 does not exist"):
+        store.set_status(999999, "discarded", actor="ops", reason="x")
+    with pytest.raises(ValueError, match="'lost' is not one of dead, parked, replayed, discarded"):
+        store.set_status(letter_id, "lost", actor="ops", reason="x")  # type: ignore[arg-type]
+    assert store.list_audit() == []
+
+
+def test_bad_dead_letter_fields_are_refused_with_route_and_value() -> None:
+    with pytest.raises(ValueError, match="route 'pos-sales': stage 'mapping' is not one of"):
+        _transform_failure(stage="mapping")
+    with pytest.raises(ValueError, match="reason is empty"):
+        _transform_failure(reason="")
+
+
+def test_audit_defaults_the_actor_to_the_login_user(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USER", "night-operator")
+
+    entry_id = store.audit("replay", "target:erp", {"since": "2024-05-01T00:00:00Z", "events": 12})
+    store.audit("discard", "deadletter:4", None, actor="bob")
+
+    first, second = store.list_audit()
+    assert (first.id, first.actor, first.action, first.subject) == (
+        entry_id,
+        "night-operator",
+        "replay",
+        "target:erp",
+    )
+    assert first.detail == {"since": "2024-05-01T00:00:00Z", "events": 12}
+    assert (second.actor, second.detail) == ("bob", None)
+    assert [entry.subject for entry in store.list_audit("deadletter:4")] == ["deadletter:4"]
+
+
+def test_cursor_is_upserted_and_survives_a_restart(location: StoreLocation) -> None:
+    with location.open() as store:
+        assert store.get_cursor("rest-orders") is None
+        store.set_cursor("rest-orders", "page-1")
+        store.set_cursor("rest-orders", "page-2")
+        store.set_cursor("rest-stock", "abc")
+
+    with location.open() as reopened:
+        assert reopened.get_cursor("rest-orders") == "page-2"
+        assert reopened.get_cursor("rest-stock") == "abc"
+
+
+def test_processes_starting_together_and_threads_writing_at_once(location: StoreLocation) -> None:
+    openers = 4
+    start_together = threading.Barrier(openers)
+    stores: list[Store] = []
+    errors: list[BaseException] = []
+    ids: list[int] = []
+    guard = threading.Lock()
+
+    def open_store() -> None:
+        start_together.wait()
+        try:
+            opened = location.open()
+            with guard:
+                stores.append(opened)
+        except BaseException as error:
+            errors.append(error)
+
+    def write(store: Store, worker: int) -> None:
+        try:
+            for chunk in range(5):
+                batch = [_transform_failure(f"route-{worker}", line=chunk * 10 + n + 2) for n in range(5)]
+                new_ids = store.add_dead_letters(batch)
+                with guard:
+                    ids.extend(new_ids)
+        except BaseException as error:
+            errors.append(error)
+
+    _run_threads([threading.Thread(target=open_store) for _ in range(openers)])
+    try:
+        assert errors == []
+        _run_threads([threading.Thread(target=write, args=(stores[n], n)) for n in range(openers)])
+        assert errors == []
+        assert len(set(ids)) == 100
+        assert stores[0].count_open() == 100
+        assert stores[1].count_open("route-3") == 25
+    finally:
+        for opened in stores:
+            opened.close()
+
+
+def _run_threads(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def test_ingress_dead_letter_may_have_no_payload(store: Store) -> None:
+    letter_id = store.add_dead_letter(
+        route="pos-sales", stage="ingress", reason="parse", detail="pos-002.csv: not UTF-8", payload=None
+    )
+
+    letter = store.get_dead_letter(letter_id)
+
+    assert letter is not None and letter.payload is None and letter.source_ref is None
+
+
+def test_in_memory_store_is_one_database_for_every_thread() -> None:
+    with Store("sqlite://") as store:
+        _run_threads(
+            [
+                threading.Thread(target=lambda n=n: store.add_dead_letters([_transform_failure(line=n + 2)]))
+                for n in range(8)
+            ]
+        )
+
+        assert store.count_open() == 8
+        store.ping()
+
+
+def test_ping_answers_on_a_healthy_store(store: Store) -> None:
+    store.ping()
+
+
+def test_plain_postgresql_urls_use_the_psycopg_driver() -> None:
+    assert normalize_store_url("postgresql://postgres@127.0.0.1:5432/test").drivername == "postgresql+psycopg"
+    assert normalize_store_url("postgres://db/inventory").drivername == "postgresql+psycopg"
+    assert normalize_store_url("sqlite:///state.db").drivername == "sqlite"
+
+
+def test_unsupported_or_malformed_urls_are_refused_without_the_password() -> None:
+    with pytest.raises(ValueError, match="uses 'mysql'") as unsupported:
+        normalize_store_url("mysql://app:hunter2@db/inventory")
+    with pytest.raises(ValueError, match="is not a database URL") as malformed:
+        normalize_store_url("app:hunter2@db")
+    assert "hunter2" not in str(unsupported.value) + str(malformed.value)
+
+
+def test_unreachable_postgresql_is_reported_without_the_password() -> None:
+    with pytest.raises(StoreUnavailable, match=r"127\.0\.0\.1:1/test unreachable") as raised:
+        Store("postgresql://postgres:hunter2@127.0.0.1:1/test")
+    assert "hunter2" not in str(raised.value)
+
+
+def test_schema_is_refused_for_sqlite_and_must_be_an_identifier(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PostgreSQL only"):
+        Store(f"sqlite:///{tmp_path / 'state.db'}", schema="tenant_a")
+    with pytest.raises(ValueError, match="not a plain SQL identifier"):
+        Store("postgresql://postgres@127.0.0.1:1/test", schema="x; DROP TABLE dead_letters")

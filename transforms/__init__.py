@@ -1,0 +1,1 @@
+"""Parsers, declarative record mapping, lookups, filters and outbound renderers."""

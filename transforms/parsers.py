@@ -1,0 +1,495 @@
+"""Streaming record splitters: turn a CSV, XML, JSON or JSONL file into raw records one at a time.
+
+Memory stays flat whatever the file size: CSV and JSONL are read line by line, XML with lxml's
+iterparse (each record element is cleared once yielded), JSON with ijson for simple record paths.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import ijson
+import jmespath
+from jmespath.exceptions import JMESPathError
+from lxml import etree
+
+RecordFormat = Literal["csv", "xml", "json", "jsonl"]
+FORMATS: tuple[str, ...] = ("csv", "xml", "json", "jsonl")
+
+MAX_LINE_BYTES = 16 * 1024 * 1024
+"""Longest physical line read from CSV/JSONL; beyond it the file is refused rather than buffered."""
+
+_XML_STEP = re.compile(r"\*|[A-Za-z_][\w.\-]*")
+_SIMPLE_JSON_PATH = re.compile(r"(?:@|(?P<dotted>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*))?(?:\[\*\])?")
+_LIBXML_POSITION = re.compile(r", line \d+, column \d+$")
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record split from an upstream message, before mapping.
+
+    ``number`` is 1-based within the file; ``line`` is where the record starts (None for JSON).
+    ``data`` is a column->value dict (CSV), the decoded object (JSON/JSONL) or the record element as
+    an XML string (XML). ``error`` is a record-level problem; such a record still arrives so the
+    caller can dead-letter it and go on, and its ``data`` is then the raw text as found in the file.
+    """
+
+    number: int
+    line: int | None
+    data: Any
+    error: str | None = None
+
+
+class FileFormatError(Exception):
+    """The file as a whole cannot be parsed, so none of it may be ingested."""
+
+    def __init__(self, name: str, line: int | None, column: int | None, reason: str) -> None:
+        self.name = name
+        self.line = line
+        self.column = column
+        self.reason = reason
+        super().__init__(name, line, column, reason)
+
+    def __str__(self) -> str:
+        position = self.name
+        if self.line is not None:
+            position += f":{self.line}"
+            if self.column is not None:
+                position += f":{self.column}"
+        return f"{position}: {self.reason}"
+
+
+def check_records_path(fmt: str, records: str | None) -> None:
+    """Raise ValueError when ``records`` is not a usable record path for ``fmt`` (for config checks)."""
+    _compile_splitter(fmt, records)
+
+
+def iter_records(
+    stream: BinaryIO,
+    fmt: RecordFormat,
+    records: str | None,
+    name: str,
+    *,
+    csv_delimiter: str = ",",
+    encoding: str = "utf-8",
+) -> Iterator[RawRecord]:
+    """Stream the records of one file; ``name`` is used in error messages.
+
+    Raises ValueError at once for an unusable ``fmt``/``records``/``encoding``; raises
+    FileFormatError while iterating when the file itself is broken. ``encoding`` applies to CSV and
+    JSONL (XML declares its own; JSON must be UTF-8). A UTF-8 byte order mark is always skipped.
+    """
+    splitter = _compile_splitter(fmt, records)
+    if fmt in ("csv", "jsonl"):
+        _check_line_encoding(encoding)
+    if fmt == "csv" and (len(csv_delimiter) != 1 or csv_delimiter in '"\r\n'):
+        raise ValueError(
+            f"csv delimiter must be one character other than a quote or newline, not {csv_delimiter!r}"
+        )
+    return splitter(stream, name, csv_delimiter=csv_delimiter, encoding=encoding)
+
+
+def check_file(path: Path, fmt: RecordFormat, records: str | None, **options: Any) -> int:
+    """Read the whole file once and return its record count; raises FileFormatError if it is broken.
+
+    A file source runs this before publishing anything, so a broken file is never half-ingested.
+    Records with record-level errors count: they are dead-lettered later, one by one.
+    """
+    count = 0
+    with path.open("rb") as stream:
+        for _ in iter_records(stream, fmt, records, path.name, **options):
+            count += 1
+    return count
+
+
+Splitter = Callable[..., Iterator[RawRecord]]
+
+
+def _compile_splitter(fmt: str, records: str | None) -> Splitter:
+    if fmt == "csv":
+        if records not in (None, "rows"):
+            raise ValueError(f"records for csv must be 'rows' (or omitted), not {records!r}")
+        return _csv_records
+    if fmt == "jsonl":
+        if records not in (None, "@", "rows"):
+            raise ValueError(
+                f"records does not apply to jsonl (each line is one record); omit it, not {records!r}"
+            )
+        return _jsonl_records
+    if fmt == "xml":
+        if not records:
+            raise ValueError("records is required for xml: an element path such as /ASN/Line or //Line")
+        path_matches = _compile_xml_path(records)
+        return lambda stream, name, **_: _xml_records(stream, name, path_matches)
+    if fmt == "json":
+        return _compile_json_path(records)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _check_line_encoding(encoding: str) -> None:
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r}") from None
+    # Lines are split on b"\n" before decoding, which is only sound for ASCII-compatible encodings.
+    if codec.encode('\n,;"')[0] != b'\n,;"':
+        raise ValueError(f"encoding {encoding!r} is not ASCII-compatible; CSV/JSONL files must be")
+
+
+class _LineReader:
+    """Yields decoded physical lines with their numbers, keeping the lines of the current record."""
+
+    def __init__(self, stream: BinaryIO, name: str, encoding: str) -> None:
+        self._stream = stream
+        self._name = name
+        codec_name = codecs.lookup(encoding).name
+        self._first_encoding = "utf-8-sig" if codec_name in ("utf-8", "utf-8-sig") else codec_name
+        self._encoding = "utf-8" if codec_name == "utf-8-sig" else codec_name
+        self.line = 0
+        self.exhausted = False
+        self.pending: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        while raw := self._stream.readline(MAX_LINE_BYTES + 1):
+            self.line += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise FileFormatError(
+                    self._name, self.line, None, f"line is longer than {MAX_LINE_BYTES} bytes"
+                )
+            encoding = self._first_encoding if self.line == 1 else self._encoding
+            try:
+                text = raw.decode(encoding)
+            except UnicodeDecodeError as error:
+                bad = raw[error.start : error.start + 1].hex()
+                raise FileFormatError(
+                    self._name,
+                    self.line,
+                    None,
+                    f"invalid {self._encoding} byte 0x{bad} at byte {error.start + 1} of the line",
+                ) from None
+            self.pending.append(text)
+            yield text
+        self.exhausted = True
+
+
+def _csv_records(stream: BinaryIO, name: str, *, csv_delimiter: str, encoding: str) -> Iterator[RawRecord]:
+    lines = _LineReader(stream, name, encoding)
+    reader = csv.reader(lines, delimiter=csv_delimiter, strict=True)
+    header: list[str] | None = None
+    number = 0
+    while True:
+        start = lines.line + 1
+        lines.pending.clear()
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            if lines.exhausted:
+                raise FileFormatError(
+                    name, start, None, f"CSV quoted field is never closed ({error})"
+                ) from None
+            if header is None:
+                raise FileFormatError(name, start, None, f"CSV header row is malformed: {error}") from None
+            number += 1
+            yield RawRecord(number, start, "".join(lines.pending), f"row is malformed CSV: {error}")
+            continue
+        values = [value.strip() for value in row]
+        if not any(values):
+            continue
+        if header is None:
+            header = _csv_header(values, name, start)
+            continue
+        number += 1
+        if len(values) != len(header):
+            error_text = f"row has {len(values)} fields; header has {len(header)}"
+            yield RawRecord(number, start, "".join(lines.pending), error_text)
+            continue
+        yield RawRecord(number, start, dict(zip(header, values, strict=True)))
+    if header is None:
+        raise FileFormatError(name, None, None, "CSV file has no header row")
+
+
+def _csv_header(columns: list[str], name: str, line: int) -> list[str]:
+    seen: set[str] = set()
+    for position, column in enumerate(columns, start=1):
+        if not column:
+            raise FileFormatError(name, line, None, f"CSV header column {position} is empty")
+        if column in seen:
+            raise FileFormatError(name, line, None, f"CSV header repeats column {column!r}")
+        seen.add(column)
+    return columns
+
+
+def _reject_json_constant(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a number JSON allows")
+
+
+def _jsonl_records(stream: BinaryIO, name: str, *, encoding: str, **_: Any) -> Iterator[RawRecord]:
+    lines = _LineReader(stream, name, encoding)
+    number = 0
+    for text in lines:
+        lines.pending.clear()
+        stripped = text.strip()
+        if not stripped:
+            continue
+        number += 1
+        try:
+            value = json.loads(stripped, parse_float=Decimal, parse_constant=_reject_json_constant)
+        except json.JSONDecodeError as error:
+            yield RawRecord(
+                number, lines.line, stripped, f"line is not valid JSON: {error.msg} at column {error.colno}"
+            )
+            continue
+        except ValueError as error:
+            yield RawRecord(number, lines.line, stripped, f"line is not valid JSON: {error}")
+            continue
+        if not isinstance(value, dict):
+            yield RawRecord(
+                number,
+                lines.line,
+                stripped,
+                f"line is {_with_article('JSON ' + _json_kind(value))}; expected an object",
+            )
+            continue
+        yield RawRecord(number, lines.line, value)
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def _with_article(kind: str) -> str:
+    return kind if kind == "null" else f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def _ijson_reason(error: Exception) -> str:
+    """The first line of an ijson/yajl message (the rest is a context excerpt with a caret)."""
+    reason = error.args[0] if error.args else ""
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    lines = str(reason).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(error).__name__
+
+
+def _compile_json_path(records: str | None) -> Splitter:
+    expression = (records or "@").strip()
+    try:
+        compiled = jmespath.compile(expression)
+    except JMESPathError as error:
+        raise ValueError(f"records {expression!r} is not a valid JMESPath expression: {error}") from None
+    simple = _SIMPLE_JSON_PATH.fullmatch(expression)
+    if simple is not None:
+        prefix = simple.group("dotted") or ""
+        return lambda stream, name, **_: _json_streamed(stream, name, expression, prefix)
+    return lambda stream, name, **_: _json_loaded(stream, name, expression, compiled)
+
+
+class _SkipBom:
+    """A read() view of a byte stream without its UTF-8 byte order mark."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._head: bytes | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:
+            return b""
+        if self._head is None:
+            head = self._stream.read(3)
+            self._head = head[3:] if head.startswith(codecs.BOM_UTF8) else head
+        if self._head:
+            head, self._head = self._head, b""
+            rest = self._stream.read(-1 if size < 0 else max(size - len(head), 0))
+            return head + rest
+        return self._stream.read(size)
+
+
+_ITEM_END_EVENTS = frozenset({"end_map", "end_array", "string", "number", "boolean", "null"})
+_EVENT_KINDS = {
+    "start_map": "object",
+    "string": "string",
+    "number": "number",
+    "boolean": "boolean",
+    "null": "null",
+}
+
+
+def _json_streamed(stream: BinaryIO, name: str, expression: str, prefix: str) -> Iterator[RawRecord]:
+    """Records of the array at ``prefix`` (an ijson prefix), read with ijson; numbers stay Decimal."""
+    item_prefix = f"{prefix}.item" if prefix else "item"
+    found = in_array = False
+    builder: ijson.ObjectBuilder | None = None
+    number = 0
+    try:
+        for path, event, value in ijson.parse(_SkipBom(stream), use_float=False):
+            if not in_array:
+                if path == prefix and not found:
+                    found = True
+                    if event != "start_array":
+                        kind = _with_article(_EVENT_KINDS.get(event, event))
+                        raise FileFormatError(
+                            name, None, None, f"records {expression!r} is {kind}; expected a list"
+                        )
+                    in_array = True
+                continue
+            if path == prefix and event == "end_array":
+                in_array = False
+                continue
+            if builder is None:
+                builder = ijson.ObjectBuilder()
+            builder.event(event, value)
+            if path == item_prefix and event in _ITEM_END_EVENTS:
+                number += 1
+                yield RawRecord(number, None, builder.value)
+                builder = None
+    except ijson.JSONError as error:
+        raise FileFormatError(name, None, None, f"JSON syntax error: {_ijson_reason(error)}") from None
+    if not found:
+        raise FileFormatError(
+            name, None, None, f"records {expression!r} is not in the document; expected a list"
+        )
+
+
+def _json_loaded(stream: BinaryIO, name: str, expression: str, compiled: Any) -> Iterator[RawRecord]:
+    """Records found by a general JMESPath: the whole document is loaded, so memory grows with it."""
+    content = stream.read()
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = content.count(b"\n", 0, error.start) + 1
+        raise FileFormatError(name, line, None, f"invalid UTF-8 byte 0x{content[error.start]:02x}") from None
+    try:
+        document = json.loads(text, parse_float=Decimal, parse_constant=_reject_json_constant)
+    except json.JSONDecodeError as error:
+        raise FileFormatError(name, error.lineno, error.colno, f"JSON syntax error: {error.msg}") from None
+    except ValueError as error:
+        raise FileFormatError(name, None, None, f"JSON syntax error: {error}") from None
+    found = compiled.search(document)
+    if not isinstance(found, list):
+        kind = "not in the document" if found is None else _with_article(_json_kind(found))
+        raise FileFormatError(name, None, None, f"records {expression!r} is {kind}; expected a list")
+    for number, value in enumerate(found, start=1):
+        yield RawRecord(number, None, value)
+
+
+XmlPathMatcher = Callable[[tuple[str, ...]], bool]
+
+
+def _compile_xml_path(records: str) -> XmlPathMatcher:
+    """Compile the streaming XPath subset: element names joined by / or //, optionally absolute."""
+    text = records.strip()
+    unsupported = (
+        f"records {records!r} is outside the streaming XPath subset: element names joined by '/' or '//', "
+        "optionally starting with '/' or '//' (e.g. /ASN/Line, //Line, Lines/Line); '*' matches any element"
+    )
+    if text.startswith("//"):
+        body, descendant, steps = text[2:], True, []
+    elif text.startswith("/"):
+        body, descendant, steps = text[1:], False, []
+    else:
+        # Like lxml's ElementTree.xpath, a relative path starts at the root element.
+        body, descendant, steps = text, False, [(False, "*")]
+    for part in body.split("/"):
+        if part == "":
+            if descendant:
+                raise ValueError(unsupported)
+            descendant = True
+            continue
+        if not _XML_STEP.fullmatch(part):
+            raise ValueError(unsupported)
+        steps.append((descendant, part))
+        descendant = False
+    if descendant or not body:
+        raise ValueError(unsupported)
+    compiled_steps = tuple(steps)
+
+    @lru_cache(maxsize=1024)
+    def matches(path: tuple[str, ...]) -> bool:
+        return _path_matches(compiled_steps, path, 0, 0)
+
+    return matches
+
+
+def _path_matches(steps: tuple[tuple[bool, str], ...], path: tuple[str, ...], step: int, depth: int) -> bool:
+    if step == len(steps):
+        return depth == len(path)
+    descendant, tag = steps[step]
+    candidates = range(depth, len(path)) if descendant else range(depth, min(depth + 1, len(path)))
+    return any((tag in ("*", path[at])) and _path_matches(steps, path, step + 1, at + 1) for at in candidates)
+
+
+def safe_xml_parser() -> etree.XMLParser:
+    """An lxml parser that expands no entities, loads no DTD and touches no network (XXE-safe)."""
+    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+
+
+def _local_name(tag: str) -> str:
+    return tag.rpartition("}")[2]
+
+
+def _xml_records(stream: BinaryIO, name: str, matches: XmlPathMatcher) -> Iterator[RawRecord]:
+    events = etree.iterparse(
+        stream,
+        events=("start", "end"),
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        huge_tree=False,
+    )
+    path: list[str] = []
+    is_record: list[bool] = []
+    open_records = 0
+    number = 0
+    try:
+        for event, element in events:
+            if event == "start":
+                path.append(_local_name(element.tag))
+                record = matches(tuple(path))
+                is_record.append(record)
+                open_records += record
+                continue
+            path.pop()
+            if is_record.pop():
+                open_records -= 1
+                number += 1
+                yield _xml_record(element, number)
+            if open_records == 0:
+                # Nothing still open needs this subtree: drop it and the siblings before it.
+                element.clear()
+                parent = element.getparent()
+                if parent is not None:
+                    while element.getprevious() is not None:
+                        del parent[0]
+    except etree.XMLSyntaxError as error:
+        line, column = error.position
+        message = _LIBXML_POSITION.sub("", error.msg or str(error))
+        raise FileFormatError(name, line or None, column or None, f"XML syntax error: {message}") from None
+
+
+def _xml_record(element: Any, number: int) -> RawRecord:
+    text = etree.tostring(element, encoding="unicode", with_tail=False)
+    entity = next(element.iter(etree.Entity), None)
+    if entity is not None:
+        reason = f"record uses the entity {entity.text}, which is not expanded (DTD entities are disabled)"
+        return RawRecord(number, element.sourceline, text, reason)
+    return RawRecord(number, element.sourceline, text)

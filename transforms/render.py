@@ -1,0 +1,163 @@
+"""Outbound payloads for targets: canonical events shaped by a target's ``body`` as JSON, XML or CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any, Literal
+
+import jmespath
+from jmespath.exceptions import JMESPathError
+from lxml import etree
+
+PayloadFormat = Literal["json", "xml", "csv"]
+CONTENT_TYPES: dict[str, str] = {
+    "json": "application/json",
+    "xml": "application/xml",
+    "csv": "text/csv; charset=utf-8",
+}
+
+_XML_NAME = re.compile(r"[A-Za-z_][\w.\-]*")
+
+
+class PayloadRenderer:
+    """Renders events for one target; ``body`` (field -> JMESPath on the event) is compiled once."""
+
+    def __init__(
+        self,
+        *,
+        body: Mapping[str, str] | None = None,
+        fmt: PayloadFormat = "json",
+        xml_root: str = "events",
+        xml_element: str = "event",
+    ) -> None:
+        if fmt not in CONTENT_TYPES:
+            raise ValueError(f"unknown payload format {fmt!r}; expected one of {', '.join(CONTENT_TYPES)}")
+        self.format = fmt
+        self.content_type = CONTENT_TYPES[fmt]
+        self._body = _compile_body(body) if body else None
+        if fmt == "xml":
+            for what, name in (
+                ("root", xml_root),
+                ("element", xml_element),
+                *(("body field", f) for f in body or {}),
+            ):
+                if not _XML_NAME.fullmatch(name):
+                    raise ValueError(f"xml {what} {name!r} is not a usable XML element name")
+        self._xml_root = xml_root
+        self._xml_element = xml_element
+
+    def shape(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        """The outbound object for one event: the event itself, or the target's ``body`` fields."""
+        if self._body is None:
+            return dict(event)
+        return {field: expression.search(event) for field, expression in self._body}
+
+    def render(self, events: Sequence[Mapping[str, Any]], as_batch: bool) -> tuple[bytes, str]:
+        """The request payload and its content type; without ``as_batch`` exactly one event is sent.
+
+        JSON gives one object, or an array for a batch; XML a root element with one element per
+        event; CSV a header and one row per event.
+        """
+        if not as_batch and len(events) != 1:
+            raise ValueError(f"a single-event payload needs exactly one event, got {len(events)}")
+        shaped = [self.shape(event) for event in events]
+        if self.format == "json":
+            document: Any = shaped if as_batch else shaped[0]
+            payload = json.dumps(document, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+            return payload.encode("utf-8"), self.content_type
+        if self.format == "xml":
+            return self._xml(shaped), self.content_type
+        return _csv(shaped, [field for field, _ in self._body] if self._body else None), self.content_type
+
+    def _xml(self, shaped: Sequence[Mapping[str, Any]]) -> bytes:
+        root = etree.Element(self._xml_root)
+        for fields in shaped:
+            element = etree.SubElement(root, self._xml_element)
+            for name, value in fields.items():
+                _append_xml(element, name, value)
+        return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+
+
+def render_events(
+    events: Sequence[Mapping[str, Any]],
+    *,
+    body: Mapping[str, str] | None,
+    fmt: PayloadFormat,
+    as_batch: bool,
+    xml_root: str = "events",
+    xml_element: str = "event",
+) -> tuple[bytes, str]:
+    """One-off rendering; a target that sends repeatedly should build a PayloadRenderer once."""
+    renderer = PayloadRenderer(body=body, fmt=fmt, xml_root=xml_root, xml_element=xml_element)
+    return renderer.render(events, as_batch)
+
+
+def _compile_body(body: Mapping[str, str]) -> tuple[tuple[str, Any], ...]:
+    compiled = []
+    for field, expression in body.items():
+        if not isinstance(expression, str):
+            raise ValueError(f"body field {field!r} must be a JMESPath string, not {expression!r}")
+        try:
+            compiled.append((field, jmespath.compile(expression)))
+        except JMESPathError as error:
+            raise ValueError(f"body field {field!r}: {expression!r} is not valid JMESPath: {error}") from None
+    return tuple(compiled)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} cannot be sent as JSON")
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if hasattr(value, "isoformat"):
+        return str(value.isoformat())
+    return str(value)
+
+
+def _append_xml(parent: Any, name: str, value: Any) -> None:
+    """Nested objects become nested elements, lists repeated elements; null fields are left out."""
+    if value is None:
+        return
+    if isinstance(value, list):
+        for item in value:
+            _append_xml(parent, name, item)
+        return
+    if not _XML_NAME.fullmatch(name):
+        raise ValueError(f"field {name!r} cannot be an XML element name")
+    element = etree.SubElement(parent, name)
+    if isinstance(value, Mapping):
+        for child, child_value in value.items():
+            _append_xml(element, str(child), child_value)
+    else:
+        element.text = _scalar_text(value)
+
+
+def _csv(shaped: Sequence[Mapping[str, Any]], columns: list[str] | None) -> bytes:
+    if columns is None:
+        # Without a body the columns are the events' own fields, in order of first appearance.
+        columns = list(dict.fromkeys(name for fields in shaped for name in fields))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for fields in shaped:
+        writer.writerow([_csv_cell(fields.get(column)) for column in columns])
+    return buffer.getvalue().encode("utf-8")
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Mapping | list):
+        return json.dumps(value, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+    return _scalar_text(value)
