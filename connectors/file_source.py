@@ -228,3 +228,6 @@ class FileDropSource:
             except Exception:
                 log.exception("file source of route %s failed a poll", self.settings.route)
             stop.wait(self.settings.poll)
+
+    def close(self) -> None:
+        """Nothing to release: every file is closed as soon as it is ingested."""

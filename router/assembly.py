@@ -6,11 +6,20 @@ from collections.abc import Iterable
 
 from connectors.file_source import FileDropSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
+from connectors.rest_source import RestPollSettings
 from connectors.retry import RetryPolicy
 from connectors.webhook import WebhookSettings
 from deadletter.store import Store
 from router.broker import BrokerSettings
-from router.config import RouteConfig, RouterConfig, TargetConfig, WebhookSourceConfig, read_json_schema
+from router.config import (
+    AuthConfig,
+    RestSourceConfig,
+    RouteConfig,
+    RouterConfig,
+    TargetConfig,
+    WebhookSourceConfig,
+    read_json_schema,
+)
 from router.pipeline import DeliveryRule, RoutePipeline
 from router.workers import DeliverySettings
 from transforms.filters import EventPredicate
@@ -78,11 +87,17 @@ def file_drop_settings(config: RouterConfig, route: RouteConfig) -> FileDropSett
     )
 
 
+def credentials(auth: AuthConfig | None) -> tuple[str | None, tuple[str, str] | None]:
+    """(bearer token, (user, password)) from an ``auth:`` block; either may be None."""
+    if auth is None:
+        return None, None
+    basic = (auth.basic.username, auth.basic.password) if auth.basic else None
+    return auth.bearer, basic
+
+
 def http_target(name: str, target: TargetConfig) -> HttpTarget:
     """An HTTP target client with its auth, timeout and retry policy."""
-    auth = target.auth
-    bearer = auth.bearer if auth is not None and auth.bearer else None
-    basic = (auth.basic.username, auth.basic.password) if auth is not None and auth.basic else None
+    bearer, basic = credentials(target.auth)
     retry = target.retry
     return HttpTarget(
         HttpTargetSettings(
@@ -149,3 +164,24 @@ class StoreWebhookLedger:
 
     def remember(self, route: str, webhook_id: str, message_id: str) -> None:
         self._store.remember_webhook(route, webhook_id, message_id)
+
+
+def rest_poll_settings(route: RouteConfig) -> RestPollSettings:
+    """A REST route's polling settings."""
+    source = route.source
+    assert isinstance(source, RestSourceConfig)
+    bearer, basic = credentials(source.auth)
+    return RestPollSettings(
+        route=route.name,
+        url=source.url,
+        records=route.records,
+        chunk_size=route.chunk_size,
+        poll=source.poll,
+        headers=dict(source.headers),
+        bearer=bearer,
+        basic=basic,
+        cursor_param=source.cursor.param if source.cursor else None,
+        cursor_next=source.cursor.next if source.cursor else None,
+        record_id=source.id,
+        timeout=source.timeout,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -68,9 +69,14 @@ def run(config_path: str | None, only: tuple[str, ...], route_name: str | None) 
 @click.option(
     "--timeout", default=60.0, show_default=True, help="Seconds to wait for the scenario to finish."
 )
-def demo(config_path: str | None, timeout: float) -> None:
+@click.pass_context
+def demo(ctx: click.Context, config_path: str | None, timeout: float) -> None:
     """A finite end-to-end scenario: a POS file through the router to simulated ERP, WMS and OMS."""
     from router.demo import run_demo
+
+    if ctx.find_root().params.get("log_level") == "INFO":
+        # The demo prints its own story; routine INFO lines would interleave with it.
+        configure_logging("WARNING", json=ctx.find_root().params.get("log_json"))
 
     path = find_config_path(config_path)
     if not path.exists():
@@ -79,6 +85,40 @@ def demo(config_path: str | None, timeout: float) -> None:
         )
         sys.exit(EXIT_CONFIG)
     sys.exit(run_demo(path, Console(), timeout=timeout))
+
+
+@main.command("test")
+@config_option
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+def test_routes(config_path: str | None, files: tuple[Path, ...]) -> None:
+    """Run route unit tests: input fixtures in, expected canonical events out (tests/routes/*.yaml)."""
+    from router.route_tests import DEFAULT_PATTERN, RouteTestFileError, run_test_file
+
+    config = load_or_exit(config_path)
+    paths = list(files) or sorted(config.base_dir.glob(DEFAULT_PATTERN))
+    if not paths:
+        click.echo(
+            f"router test: no test files given and none match {config.base_dir / DEFAULT_PATTERN}", err=True
+        )
+        sys.exit(EXIT_CONFIG)
+    passed = failed = 0
+    for path in paths:
+        try:
+            results = run_test_file(config, path)
+        except RouteTestFileError as error:
+            click.echo(f"ERROR {error}", err=True)
+            sys.exit(EXIT_CONFIG)
+        for result in results:
+            if result.passed:
+                passed += 1
+                click.echo(f"PASS {path}: {result.case}")
+                continue
+            failed += 1
+            click.echo(f"FAIL {path}: {result.case}")
+            for difference in result.differences:
+                click.echo(f"    {difference}")
+    click.echo(f"{passed} passed, {failed} failed")
+    sys.exit(EXIT_RUNTIME if failed else 0)
 
 
 @main.command()

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import jmespath
+from jmespath.exceptions import JMESPathError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from canonical.events import EVENT_MODELS, EVENT_TYPES
 from ops.logging import redact
 from router.config_source import ConfigDocument, ConfigError, ConfigPath, ConfigProblem, read_document
 from router.config_types import Duration, Rate, Size
@@ -54,6 +57,8 @@ ABSOLUTE_TYPES = ("stock.snapshot", "cycle.count")
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _FIELD_IN_MESSAGE = re.compile(r"field '([^']+)'")
+SET_BY_ROUTER = frozenset({"event_id", "source", "recorded_at", "sequence_key"})
+"""Canonical fields the transform stage fills in itself; a route's map cannot set them."""
 
 
 class _Section(BaseModel):
@@ -582,6 +587,7 @@ def _check_route(
         check_records_path(route.format, route.records)
     except ValueError as error:
         document.problem((*at, "records"), str(error))
+    _check_event_fields(document, route, at)
     known_lookups = {name: lookups.get(name) or Lookup(name, {}) for name in config.lookups}
     try:
         compile_mapping(route.map, route.format, known_lookups)
@@ -610,12 +616,40 @@ def _check_route(
             read_json_schema(config.resolve_path(source.json_schema))
         except ValueError as error:
             document.problem((*at, "source", "schema"), str(error))
+    if isinstance(source, RestSourceConfig):
+        for key, expression in (("id", source.id), ("cursor", source.cursor.next if source.cursor else None)):
+            if expression is not None:
+                try:
+                    jmespath.compile(expression)
+                except JMESPathError as error:
+                    document.problem((*at, "source", key), f"{expression!r} is not valid JMESPath: {error}")
     if isinstance(source, SftpSourceConfig) and not config.resolve_path(source.known_hosts).is_file():
         document.problem(
             (*at, "source", "known_hosts"),
             f"known_hosts file {config.resolve_path(source.known_hosts)} not found; the SFTP "
             "server's host key must be pinned",
         )
+
+
+def _check_event_fields(document: ConfigDocument, route: RouteConfig, at: ConfigPath) -> None:
+    """A mapped field or sequence key the canonical model does not have would dead-letter every record."""
+    event_type = route.map.get("type")
+    if isinstance(event_type, str) and event_type not in EVENT_MODELS:
+        document.problem((*at, "map", "type"), _unknown("event type", event_type, list(EVENT_TYPES)))
+        return
+    models = [EVENT_MODELS[event_type]] if isinstance(event_type, str) else list(EVENT_MODELS.values())
+    fields = sorted({name for model in models for name in model.model_fields} - SET_BY_ROUTER)
+    described = f"{event_type} events" if isinstance(event_type, str) else "canonical events"
+    for name in route.map:
+        if name not in fields:
+            document.problem(
+                (*at, "map", name), f"{_unknown('field', name, fields)} ({described})", at_key=True
+            )
+    for position, name in enumerate(route.sequence_key):
+        if name not in fields:
+            document.problem(
+                (*at, "sequence_key", position), f"sequence_key {_unknown('field', name, fields)}"
+            )
 
 
 def _check_condition(document: ConfigDocument, path: ConfigPath, expression: str) -> None:

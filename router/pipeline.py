@@ -46,12 +46,19 @@ class RecordFailure:
 
 @dataclass
 class TransformResult:
-    """What one chunk produced: events grouped per delivery queue, in record order, and failures."""
+    """What one chunk produced: events grouped per delivery queue, in record order, and failures.
+
+    ``accepted`` holds every event that passed the filter, in record order, whichever targets it goes to.
+    """
 
     batches: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     failures: list[RecordFailure] = field(default_factory=list)
-    events: int = 0
+    accepted: list[dict[str, Any]] = field(default_factory=list)
     filtered: int = 0
+
+    @property
+    def events(self) -> int:
+        return len(self.accepted)
 
 
 def describe_position(source_ref: Mapping[str, Any]) -> str:
@@ -63,7 +70,8 @@ def describe_position(source_ref: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _validation_detail(error: ValidationError) -> str:
+def validation_detail(error: ValidationError) -> str:
+    """A pydantic error as ``field 'x': message; ...`` for dead letters and edit refusals."""
     problems = []
     for item in error.errors(include_url=False):
         where = ".".join(str(part) for part in item["loc"]) or "event"
@@ -87,7 +95,9 @@ class RoutePipeline:
         origin: Mapping[str, Any] = message.get("origin", {})
         result = TransformResult()
         for raw in message["records"]:
-            record = RawRecord(number=raw["n"], line=raw.get("line"), data=raw.get("data"), error=raw.get("error"))
+            record = RawRecord(
+                number=raw["n"], line=raw.get("line"), data=raw.get("data"), error=raw.get("error")
+            )
             source_ref = {
                 "route": self.route,
                 "system": message["system"],
@@ -96,14 +106,18 @@ class RoutePipeline:
                 "file": origin.get("file"),
                 "line": record.line,
             }
-            event_id = derive_event_id(self.route, message["system"], *origin.values(), raw.get("id", record.number))
+            identity = raw.get("id", record.number)
+            # A replayed dead letter carries the id its record had, so the target sees the same event.
+            event_id = raw.get("event_id") or derive_event_id(
+                self.route, message["system"], *origin.values(), identity
+            )
             event = self._event(record, source_ref, event_id, recorded_at, result)
             if event is None:
                 continue
             if self.filter is not None and not self.filter.matches(event):
                 result.filtered += 1
                 continue
-            result.events += 1
+            result.accepted.append(event)
             for rule in self.rules:
                 if rule.when is None or rule.when.matches(event):
                     partition = partition_for(event["sequence_key"], rule.partitions)
@@ -119,9 +133,9 @@ class RoutePipeline:
         result: TransformResult,
     ) -> dict[str, Any] | None:
         def fail(reason: str, detail: str) -> None:
-            result.failures.append(
-                RecordFailure(reason, f"{describe_position(source_ref)}: {detail}", record.data, source_ref, event_id)
-            )
+            where = describe_position(source_ref)
+            failure = RecordFailure(reason, f"{where}: {detail}", record.data, source_ref, event_id)
+            result.failures.append(failure)
 
         if record.error is not None:
             fail("parse", record.error)
@@ -142,7 +156,7 @@ class RoutePipeline:
             event = parse_event(candidate).model_dump(mode="json")
             event["sequence_key"] = sequence_key_for(event, self.sequence_fields)
         except ValidationError as error:
-            fail("validation", _validation_detail(error))
+            fail("validation", validation_detail(error))
             return None
         except ValueError as error:
             fail("validation", str(error))

@@ -15,10 +15,13 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from starlette.applications import Starlette
 
+from connectors.chunks import ChunkSink
 from connectors.file_source import FileDropSettings, FileDropSource
+from connectors.rest_source import RestPollSource
 from connectors.webhook import webhook_routes
 from deadletter.store import NewDeadLetter, Store
 from ops import metrics
@@ -34,6 +37,14 @@ from transforms.parsers import FileFormatError
 log = logging.getLogger(__name__)
 
 STAGES = ("sources", "transform", "delivery", "http")
+
+
+class PollingSource(Protocol):
+    """A source that runs in its own thread until stopped (file drop, SFTP, REST)."""
+
+    def run(self, stop: threading.Event) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -117,18 +128,26 @@ class RouterRuntime:
 
     def _start_sources(self) -> None:
         for route in self.routes:
-            if route.source.type != "file":
-                log.warning("route %s: source type %s is not served yet", route.name, route.source.type)
-                continue
-            settings = assembly.file_drop_settings(self.config, route)
-            self._spawn(f"source-{route.name}", lambda s=settings: self._run_file_source(s))
+            if route.source.type == "webhook":
+                continue  # partners push: served by the HTTP listener
+            factory = self._source_factory(route)
+            self._spawn(f"source-{route.name}", lambda f=factory: self._run_source(f))
 
-    def _run_file_source(self, settings: FileDropSettings) -> None:
+    def _source_factory(self, route: RouteConfig) -> Callable[[ChunkSink], PollingSource]:
+        """How to build a route's source around the confirmed-publish sink of its own thread."""
+        if route.source.type == "rest":
+            rest = assembly.rest_poll_settings(route)
+            return lambda sink: RestPollSource(rest, sink, self._store)
+        drop = assembly.file_drop_settings(self.config, route)
+        return lambda sink: FileDropSource(drop, sink, on_rejected=self._file_rejected)
+
+    def _run_source(self, factory: Callable[[ChunkSink], PollingSource]) -> None:
         connection = connect(self.broker)
+        source = factory(IngressPublisher(Publisher(connection, self.topology), self.topology))
         try:
-            sink = IngressPublisher(Publisher(connection, self.topology), self.topology)
-            FileDropSource(settings, sink, on_rejected=self._file_rejected).run(self.stop_event)
+            source.run(self.stop_event)
         finally:
+            source.close()
             connection.release()
 
     def _file_rejected(self, settings: FileDropSettings, moved: Path, error: FileFormatError) -> None:

@@ -1,0 +1,531 @@
+"""REST polling source: pulls inventory records from marketplace and SaaS APIs, page after page.
+
+Cursor semantics. Each route keeps one state in the store (JSON under ``rest:<route>``): the cursor
+of the page to read next (none: the first page, requested without the cursor parameter) and the ids of
+that page's records already published. A poll requests that page, publishes the records not published
+yet (a chunk at a time, saving the state as soon as the broker confirmed each chunk), then evaluates
+``next``: a new cursor moves the state to that page, with nothing of it published yet. When ``next``
+is null (or empty, or the cursor just read) the source stays on that last page: every poll reads it
+again and publishes only records that appeared on it since, so records an API appends to its last
+page are picked up and an unchanged page publishes nothing. A restart resumes from the stored state;
+a change of the route's URL starts again from the first page.
+
+Failures (HTTP, a malformed page, an unconfirmed publish) end the poll and leave the state as it was
+last confirmed; the next poll starts from there. 408, 429, 5xx, timeouts and connection failures are
+retried within the poll with capped backoff that honours Retry-After; other statuses wait for the
+next poll. Records published twice carry the same event ids, so nothing doubles downstream.
+
+Record identity: ``record_id`` (JMESPath) picks a record's own id; without it the id is a hash of the
+record's canonical JSON, so the same content always has the same id. ``origin`` holds only the URL
+without its query, so event ids depend on the route, the system, that URL and the record id alone.
+A chunk's message id names its page and first record (``<url>?<param>=<cursor>#<record number>``):
+a chunk published again after a failure keeps its id, records appended later get new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+import httpx
+import jmespath
+from jmespath.exceptions import JMESPathError
+from jmespath.parser import ParsedResult
+
+from connectors.chunks import ChunkSink, SourceChunk, batched
+from connectors.http_target import USER_AGENT, interruptible_sleep
+from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
+from deadletter.store import Store
+from transforms.parsers import RawRecord
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "rest"
+EXCERPT_CHARS = 300
+# Only this much of an error response is read: enough for the excerpt, the rest is dropped.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# Header names whose values are secrets (API keys, tokens) kept out of logs and errors.
+_SECRET_HEADER = re.compile(r"auth|key|token|secret|signature|cookie|session", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+_RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+def _default_retry() -> RetryPolicy:
+    """In-poll retries of one page: a few, capped; the next poll is the retry after that."""
+    return RetryPolicy(attempts=5, initial=1.0, max_delay=30.0, max_age=120.0)
+
+
+def _compile(route: str, key: str, expression: str | None) -> ParsedResult | None:
+    """The compiled JMESPath of setting ``key``, or None when it is not set."""
+    if expression is None:
+        return None
+    try:
+        return jmespath.compile(expression)
+    except JMESPathError as error:
+        reason = _WHITESPACE.sub(" ", str(error)).strip()
+        raise ValueError(
+            f"rest source of route {route!r}: {key} {expression!r} is not a valid JMESPath expression: "
+            f"{reason}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class RestPollSettings:
+    """One REST route's source: where to poll, how to authenticate, page and identify records.
+
+    ``records`` finds the record list in a page (default: the page itself); ``cursor_param`` and
+    ``cursor_next`` (both or neither) name the query parameter that selects a page and the JMESPath
+    to the next page's cursor; ``record_id`` is the JMESPath to a record's own id. Durations are seconds.
+    """
+
+    route: str
+    url: str
+    records: str | None
+    chunk_size: int
+    poll: float = 30.0
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    bearer: str | None = field(default=None, repr=False)
+    basic: tuple[str, str] | None = field(default=None, repr=False)
+    cursor_param: str | None = None
+    cursor_next: str | None = None
+    record_id: str | None = None
+    timeout: float = 30.0
+    max_pages_per_poll: int = 1000
+    max_page_bytes: int = 32 * 1024 * 1024
+    retry: RetryPolicy = field(default_factory=_default_retry)
+
+    def __post_init__(self) -> None:
+        where = f"rest source of route {self.route!r}"
+        if not self.route:
+            raise ValueError("rest source: route name is empty")
+        try:
+            url = httpx.URL(self.url)
+        except httpx.InvalidURL as error:
+            raise ValueError(f"{where}: url {self.url!r} is not a valid URL: {error}") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(
+                f"{where}: url {url.copy_with(query=None)} must be http:// or https:// with a host"
+            )
+        if url.userinfo:
+            raise ValueError(f"{where}: url must not carry credentials; give them under auth")
+        if (self.cursor_param is None) != (self.cursor_next is None):
+            given, missing = ("param", "next") if self.cursor_next is None else ("next", "param")
+            raise ValueError(
+                f"{where}: cursor has {given} but no {missing}; it needs both param (the query parameter "
+                "that selects a page) and next (a JMESPath to the next page's cursor)"
+            )
+        if self.cursor_param == "":
+            raise ValueError(f"{where}: cursor param is empty; give the query parameter that selects a page")
+        if self.bearer is not None and self.basic is not None:
+            raise ValueError(f"{where}: auth has both bearer and basic; give one")
+        for key in ("records", "cursor_next", "record_id"):
+            _compile(self.route, key, getattr(self, key))
+        for key in ("chunk_size", "max_pages_per_poll", "max_page_bytes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{where}: {key} must be at least 1, got {getattr(self, key)}")
+        for key in ("poll", "timeout"):
+            seconds = getattr(self, key)
+            if not seconds > 0:
+                raise ValueError(f"{where}: {key} must be a positive number of seconds, got {seconds}")
+
+
+@dataclass(frozen=True)
+class PollResult:
+    """What one poll did: pages read, records and chunks published, and why it ended.
+
+    ``caught_up`` is True when the poll reached the last page; False when it stopped early (an error,
+    a shutdown, or ``max_pages_per_poll``). ``error`` says what failed, as logged.
+    """
+
+    pages: int
+    records: int
+    chunks: int
+    caught_up: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _PageState:
+    """Where the route is: the cursor of the page read next, and the ids published from that page."""
+
+    url: str
+    cursor: str | None
+    published: tuple[str, ...] = ()
+
+    def dumps(self) -> str:
+        return json.dumps({"url": self.url, "cursor": self.cursor, "published": list(self.published)})
+
+
+class _Attempt(NamedTuple):
+    """One request's result: the page body on success, else what failed and whether to retry."""
+
+    body: bytes | None
+    detail: str
+    retryable: bool
+    retry_after: float | None
+
+
+class _PollFailed(Exception):
+    """The poll cannot go on; the message says what failed, where and what was expected."""
+
+
+class _Interrupted(Exception):
+    """A shutdown cut a retry wait short."""
+
+
+@dataclass
+class _Progress:
+    """Counters of one poll, kept when it ends early."""
+
+    pages: int = 0
+    records: int = 0
+    chunks: int = 0
+
+
+def _refuse_constant(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a number JSON allows")
+
+
+def _canonical_json(value: Any) -> str:
+    # Decimals keep their exact digits, so the same page always hashes the same.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def content_id(record: Any) -> str:
+    """The identity of a record without an id of its own: a hash of its canonical JSON content."""
+    return hashlib.sha256(_canonical_json(record).encode("utf-8")).hexdigest()[:32]
+
+
+def _short(value: Any) -> str:
+    text = _canonical_json(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+IdentifiedRecord = tuple[RawRecord, str]
+"""A record and its identity (its own id, or its content hash)."""
+
+
+def _unpublished(identified: list[IdentifiedRecord], published: list[str]) -> list[IdentifiedRecord]:
+    """The records whose ids are not published yet, each id once, in page order."""
+    seen = set(published)
+    fresh: list[IdentifiedRecord] = []
+    for record, identity in identified:
+        if identity not in seen:
+            seen.add(identity)
+            fresh.append((record, identity))
+    return fresh
+
+
+def _cursor_text(value: Any) -> str | None:
+    """A ``next`` value as a cursor: None at the end, else its text; raises ValueError for other shapes."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | Decimal) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"gave {_short(value)}; expected a string, a number or null")
+
+
+class RestPollSource:
+    """Polls one route's REST API and publishes new records as chunks, resuming from the stored cursor."""
+
+    def __init__(
+        self, settings: RestPollSettings, sink: ChunkSink, store: Store, *, client: httpx.Client | None = None
+    ) -> None:
+        self.settings = settings
+        self._sink = sink
+        self._store = store
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.Client(timeout=settings.timeout)
+        self._records = _compile(settings.route, "records", settings.records)
+        self._next = _compile(settings.route, "cursor_next", settings.cursor_next)
+        self._record_id = _compile(settings.route, "record_id", settings.record_id)
+        url = httpx.URL(settings.url).copy_with(fragment=None)
+        self._url = url
+        self._origin_url = str(url.copy_with(query=None))
+        self._cursor_name = f"rest:{settings.route}"
+        self._auth = httpx.BasicAuth(*settings.basic) if settings.basic else None
+        self._headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **settings.headers}
+        if settings.bearer:
+            self._headers["Authorization"] = f"Bearer {settings.bearer}"
+        secrets = [settings.bearer, settings.basic[1] if settings.basic else None]
+        secrets += [value for name, value in settings.headers.items() if _SECRET_HEADER.search(name)]
+        self._secrets = [secret for secret in secrets if secret]
+        self._resume_at = 0.0
+
+    def poll_once(self, stop: threading.Event | None = None) -> PollResult:
+        """Read pages from the stored cursor until the last one, publishing records not published yet.
+
+        HTTP, page and broker failures are logged and reported in the result, never raised; only a
+        failing store raises.
+        """
+        progress = _Progress()
+        try:
+            caught_up = self._follow_pages(progress, stop)
+        except _Interrupted:
+            caught_up = False
+        except _PollFailed as failure:
+            detail = self._redact(str(failure))
+            route = self.settings.route
+            log.error("rest source of route %s: %s", route, detail, extra={"route": route})
+            return PollResult(progress.pages, progress.records, progress.chunks, False, detail)
+        return PollResult(progress.pages, progress.records, progress.chunks, caught_up)
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set; after an error the next poll comes at the poll interval."""
+        while not stop.is_set():
+            try:
+                result = self.poll_once(stop)
+                # Stopped at max_pages_per_poll with records still coming: go on at once. An API that
+                # hands out new cursors on empty pages waits for the next poll instead of spinning.
+                behind = result.error is None and not result.caught_up and result.records > 0
+            except Exception:
+                log.exception("rest source of route %s failed a poll", self.settings.route)
+                behind = False
+            # A server's Retry-After holds even when the poll interval is shorter.
+            wait = 0.0 if behind else self.settings.poll
+            stop.wait(max(wait, self._resume_at - time.monotonic()))
+
+    def close(self) -> None:
+        """Close the connection pool, unless the client was handed in by the caller."""
+        if self._owns_client:
+            self._client.close()
+
+    def _follow_pages(self, progress: _Progress, stop: threading.Event | None) -> bool:
+        state = self._load_state()
+        while progress.pages < self.settings.max_pages_per_poll:
+            if stop is not None and stop.is_set():
+                return False
+            label = self._page_label(state.cursor)
+            document = self._decode(self._fetch(state.cursor, label, stop), label)
+            records = self._records_of(document, label)
+            following = self._next_cursor(document, label)
+            progress.pages += 1
+            identified = list(self._identified(records))
+            published = list(state.published)
+            fresh = _unpublished(identified, published)
+            for number, batch in enumerate(batched(fresh, self.settings.chunk_size), start=1):
+                self._publish(label, number, batch)
+                published += [identity for _, identity in batch]
+                state = self._save(state, _PageState(state.url, state.cursor, tuple(published)))
+                progress.records += len(batch)
+                progress.chunks += 1
+            if following is None or following == state.cursor:
+                # Staying on the last page: remember exactly its ids, so the state never outgrows a page.
+                page_ids = tuple(dict.fromkeys(identity for _, identity in identified))
+                self._save(state, _PageState(state.url, state.cursor, page_ids))
+                return True
+            state = self._save(state, _PageState(state.url, following))
+        return False
+
+    def _identified(self, records: list[Any]) -> Iterator[IdentifiedRecord]:
+        """Each record with its identity; a record lacking its configured id is flagged for a dead letter."""
+        for number, data in enumerate(records, start=1):
+            if self._record_id is None:
+                yield RawRecord(number, None, data), content_id(data)
+                continue
+            value = self._record_id.search(data)
+            if value is None or value == "":
+                error = f"record id {self.settings.record_id!r} is missing (null or empty) in record {number}"
+                yield RawRecord(number, None, data, error), content_id(data)
+            elif isinstance(value, str):
+                yield RawRecord(number, None, data), value
+            elif isinstance(value, int | Decimal) and not isinstance(value, bool):
+                yield RawRecord(number, None, data), str(value)
+            else:
+                yield RawRecord(number, None, data), _canonical_json(value)
+
+    def _publish(self, label: str, number: int, batch: list[IdentifiedRecord]) -> None:
+        first = batch[0][0].number
+        chunk = SourceChunk(
+            route=self.settings.route,
+            system=SYSTEM,
+            message_id=f"{label}#{first}",
+            origin={"url": self._origin_url},
+            records=[record for record, _ in batch],
+            chunk=number,
+            record_ids=[identity for _, identity in batch],
+        )
+        try:
+            self._sink(chunk)
+        except Exception as error:
+            raise _PollFailed(
+                f"broker did not confirm chunk {chunk.message_id} ({len(batch)} records): {error}; "
+                "the cursor stays, the next poll publishes the page again"
+            ) from error
+
+    def _load_state(self) -> _PageState:
+        stored = self._store.get_cursor(self._cursor_name)
+        if stored is None:
+            return _PageState(self._origin_url, None)
+        try:
+            document = json.loads(stored)
+            state = _PageState(document["url"], document["cursor"], tuple(document["published"]))
+            if not isinstance(state.url, str) or not isinstance(state.cursor, str | None):
+                raise TypeError("url or cursor is not a string")
+            if not all(isinstance(identity, str) for identity in state.published):
+                raise TypeError("published holds a non-string id")
+        except (ValueError, KeyError, TypeError) as error:
+            raise _PollFailed(
+                f"stored cursor {self._cursor_name!r} is not a REST source state ({error}): {stored[:80]!r}; "
+                'expected JSON {"url": ..., "cursor": ..., "published": [...]}'
+            ) from None
+        if state.url != self._origin_url:
+            log.warning(
+                "rest source of route %s: url changed from %s to %s; starting from the first page",
+                self.settings.route,
+                state.url,
+                self._origin_url,
+                extra={"route": self.settings.route},
+            )
+            return _PageState(self._origin_url, None)
+        return state
+
+    def _save(self, saved: _PageState, state: _PageState) -> _PageState:
+        if state != saved:
+            self._store.set_cursor(self._cursor_name, state.dumps())
+        return state
+
+    def _page_label(self, cursor: str | None) -> str:
+        """The page as logs and message ids name it: the URL without its query, plus the cursor."""
+        if cursor is None:
+            return self._origin_url
+        return f"{self._origin_url}?{self.settings.cursor_param}={cursor}"
+
+    def _fetch(self, cursor: str | None, label: str, stop: threading.Event | None) -> bytes:
+        """The page's body, retrying 408/429/5xx and transport failures with backoff within the poll."""
+        policy = self.settings.retry
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            outcome = self._attempt(cursor, label)
+            if outcome.body is not None:
+                return outcome.body
+            if not outcome.retryable:
+                raise _PollFailed(f"{outcome.detail}; trying again at the next poll")
+            remaining = policy.max_age - (time.monotonic() - started)
+            retry_after = outcome.retry_after or 0.0
+            if attempt >= policy.attempts or remaining <= 0 or retry_after > remaining:
+                # The server's Retry-After outlives this poll: the next one must not come before it.
+                self._resume_at = time.monotonic() + retry_after
+                raise _PollFailed(
+                    f"{outcome.detail}; gave up after {attempt} attempt(s), trying again at the next poll"
+                    + (f" (not before {retry_after:g}s, as Retry-After asks)" if retry_after else "")
+                )
+            wait = policy.delay(attempt, outcome.retry_after, remaining=remaining)
+            log.warning(
+                "rest source of route %s: %s; retrying in %.2fs (attempt %d of %d)",
+                self.settings.route,
+                self._redact(outcome.detail),
+                wait,
+                attempt,
+                policy.attempts,
+                extra={"route": self.settings.route},
+            )
+            if interruptible_sleep(wait, stop):
+                raise _Interrupted
+
+    def _attempt(self, cursor: str | None, label: str) -> _Attempt:
+        url = self._url
+        if cursor is not None and self.settings.cursor_param is not None:
+            url = url.copy_set_param(self.settings.cursor_param, cursor)
+        timeout = self.settings.timeout
+        try:
+            request = self._client.build_request("GET", url, headers=self._headers, timeout=timeout)
+            response = self._client.send(request, auth=self._auth, stream=True)
+            try:
+                if response.is_success:
+                    return _Attempt(self._read_page(response, label), "", False, None)
+                excerpt = self._read_excerpt(response)
+            finally:
+                response.close()
+        except httpx.TimeoutException:
+            return _Attempt(None, f"GET {label} timed out after {timeout:g}s", True, None)
+        except _RETRYABLE_TRANSPORT as error:
+            return _Attempt(None, f"GET {label} failed: {type(error).__name__}: {error}", True, None)
+        except httpx.HTTPError as error:
+            return _Attempt(None, f"GET {label} failed: {type(error).__name__}: {error}", False, None)
+        status = response.status_code
+        detail = f"GET {label} answered HTTP {status}{self._hint(response)}"
+        if excerpt:
+            detail += f": {excerpt}"
+        if status in (408, 429) or 500 <= status < 600:
+            server_now = parse_http_date(response.headers.get("Date"))
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), server_now)
+            return _Attempt(None, detail, True, retry_after)
+        return _Attempt(None, detail, False, None)
+
+    def _hint(self, response: httpx.Response) -> str:
+        if response.status_code in (401, 403):
+            return " (check the route's auth)"
+        if response.is_redirect:
+            return f" (redirect to {response.headers.get('Location', '?')}; set the url to the new address)"
+        return ""
+
+    def _read_page(self, response: httpx.Response, label: str) -> bytes:
+        limit = self.settings.max_page_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _PollFailed(f"page {label} is {declared} bytes, more than max_page_bytes ({limit})")
+        body = bytearray()
+        for part in response.iter_bytes():
+            body += part
+            if len(body) > limit:
+                raise _PollFailed(f"page {label} is larger than max_page_bytes ({limit})")
+        return bytes(body)
+
+    def _read_excerpt(self, response: httpx.Response) -> str:
+        body = bytearray()
+        for part in response.iter_bytes():
+            body += part
+            if len(body) >= MAX_ERROR_BODY_BYTES:
+                break
+        text = _WHITESPACE.sub(" ", body.decode(response.encoding or "utf-8", errors="replace")).strip()
+        return text if len(text) <= EXCERPT_CHARS else f"{text[:EXCERPT_CHARS]}..."
+
+    def _decode(self, body: bytes, label: str) -> Any:
+        """The page as JSON with exact numbers: non-integers become Decimal, never float."""
+        try:
+            text = body.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise _PollFailed(f"page {label} is not UTF-8: invalid byte at offset {error.start}") from None
+        try:
+            return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+        except json.JSONDecodeError as error:
+            raise _PollFailed(
+                f"page {label} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+            ) from None
+        except ValueError as error:
+            raise _PollFailed(f"page {label} is not valid JSON: {error}") from None
+
+    def _records_of(self, document: Any, label: str) -> list[Any]:
+        found = document if self._records is None else self._records.search(document)
+        if isinstance(found, list):
+            return found
+        where = "the page" if self.settings.records is None else f"records {self.settings.records!r}"
+        shape = "nothing" if found is None else _short(found)
+        raise _PollFailed(f"page {label}: {where} gave {shape}; expected a list of records")
+
+    def _next_cursor(self, document: Any, label: str) -> str | None:
+        if self._next is None:
+            return None
+        try:
+            return _cursor_text(self._next.search(document))
+        except ValueError as error:
+            raise _PollFailed(f"page {label}: cursor next {self.settings.cursor_next!r} {error}") from None
+
+    def _redact(self, text: str) -> str:
+        # An API may echo request headers in its error body; secrets must not reach the logs.
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text

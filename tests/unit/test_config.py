@@ -1,0 +1,246 @@
+"""routes.yaml loading: interpolation, the models, and problems reported all at once at their position."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from router.config import ConfigError, load_config
+from router.config_source import interpolate
+from router.config_types import parse_duration, parse_rate, parse_size
+
+REPO = Path(__file__).resolve().parents[2]
+
+VALID = """\
+version: 1
+broker: {url: "${BROKER:-memory://}"}
+lookups:
+  stores: {file: stores.csv, key: code, value: gln}
+targets:
+  erp:
+    type: http
+    url: http://127.0.0.1:9/movements
+    auth: {bearer: "${ERP_TOKEN:-}"}
+    accepts: [delta]
+    batch: {max_events: 50, max_wait: 250ms}
+    retry: {attempts: 3, initial: 100ms, max: 2s, max_age: 1h}
+routes:
+  - name: pos
+    source: {type: file, path: inbox, pattern: "*.csv", stable_for: 2s}
+    format: csv
+    map:
+      type: sale
+      sku: {column: SKU}
+      location: {column: STORE, lookup: stores}
+      quantity: {column: QTY, as: decimal}
+      occurred_at: {column: AT, as: datetime, tz: Europe/Paris}
+    deliver: [erp]
+"""
+
+
+def _write(folder: Path, text: str) -> Path:
+    (folder / "stores.csv").write_text("code,gln\nS1,0614141000012\n", encoding="utf-8")
+    path = folder / "routes.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def _problems(path: Path, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env or {})
+    return [str(problem) for problem in caught.value.problems]
+
+
+def test_the_shipped_sample_validates_with_no_environment() -> None:
+    config = load_config(REPO / "routes.yaml", {})
+    assert config.broker.url == "memory://"
+    assert [route.name for route in config.enabled_routes] == ["pos-sales"]
+    assert {route.source.type for route in config.routes} == {"file", "sftp", "webhook", "rest"}
+    assert config.targets["erp"].auth is not None and config.targets["erp"].auth.bearer is None
+
+
+def test_values_are_typed_and_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, VALID), {"ERP_TOKEN": "s3cret"})
+    erp = config.targets["erp"]
+    assert erp.batch is not None and erp.batch.max_wait == 0.25
+    assert (erp.retry.initial, erp.retry.max, erp.retry.max_age) == (0.1, 2.0, 3600.0)
+    assert erp.auth is not None and erp.auth.bearer == "s3cret"
+    route = config.routes[0]
+    assert [rule.target for rule in route.deliver_rules()] == ["erp"]
+    assert route.sequence_key == ["sku", "location"]
+    assert config.resolve_path("inbox") == tmp_path / "inbox"
+    assert config.store.resolved_url(config.base_dir) == f"sqlite:///{tmp_path / 'router-state.db'}"
+    assert "s3cret" not in config.summary() and "1 route(s)" in config.summary()
+
+
+def test_every_problem_is_reported_at_once_with_line_and_column(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        version: 1
+        broker: {url: "amqp://guest:guest@127.0.0.1:5672//", queue_tpye: quorum}
+        targets:
+          erp:
+            type: http
+            url: http://127.0.0.1:9/x
+            timeout: soon
+            partitions: 0
+        routes:
+          - name: pos
+            source: {type: file, patern: "*.csv"}
+            format: csv
+            map: {type: sale, sku: {column: SKU}, location: {column: S, lookup: shops}}
+            deliver: [erp, wsm]
+          - name: pos
+            source: {type: ftp, path: x}
+            format: csv
+            map: {type: sale}
+            deliver: [erp]
+        """,
+    )
+    problems = _problems(path)
+    expected = [
+        (2, "unknown key 'queue_tpye' in broker; did you mean 'queue_type'?"),
+        (7, "targets.erp.timeout: expected a duration like 500ms, 2s, 5m or 1h, not 'soon'"),
+        (8, "targets.erp.partitions"),
+        (11, "unknown key 'patern' in routes[0].source; did you mean 'pattern'?"),
+        (11, "missing required key 'path' in routes[0].source"),
+        (14, "unknown target 'wsm'; defined: erp"),
+        (15, "route name 'pos' is used twice"),
+        (16, "routes[1].source.type must be one of 'file', 'sftp', 'webhook', 'rest'"),
+    ]
+    for line, text in expected:
+        assert any(p.startswith(f"{path}:{line}:") and text in p for p in problems), (line, text, problems)
+    assert len(problems) == len(expected), problems
+
+
+def test_checks_that_need_the_whole_config_point_at_the_field(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        VALID.replace("file: stores.csv", "file: missing.csv")
+        .replace("as: decimal", "as: money")
+        .replace("type: sale", "type: stock.snapshot")
+        .replace("deliver: [erp]", "deliver: [{target: erp, when: 'sku =='}]"),
+    )
+    problems = _problems(path)
+    assert any(":4:" in p and "missing.csv" in p and "not found" in p for p in problems), problems
+    assert any(":21:" in p and "as 'money' is not one of" in p for p in problems), problems
+    assert any(":23:" in p and "not a valid JMESPath" in p for p in problems), problems
+    assert any(":23:" in p and "accepts only delta" in p and "stock.snapshot" in p for p in problems), (
+        problems
+    )
+
+
+def test_yaml_syntax_errors_give_their_position(tmp_path: Path) -> None:
+    path = _write(tmp_path, "version: 1\ntargets:\n  erp: {type: http\nroutes: []\n")
+    [problem] = _problems(path)
+    assert problem.startswith(f"{path}:") and "YAML syntax" in problem
+
+
+def test_unset_variable_is_a_problem_and_secrets_are_never_echoed(tmp_path: Path) -> None:
+    problems = _problems(_write(tmp_path, VALID.replace('"${ERP_TOKEN:-}"', '"${ERP_TOKEN}"')))
+    assert len(problems) == 1 and ":9:" in problems[0] and "ERP_TOKEN is not set" in problems[0], problems
+
+    problems = _problems(_write(tmp_path, VALID.replace('"${ERP_TOKEN:-}"', "[hunter2]")))
+    assert any(":9:" in p and "bearer" in p for p in problems) and not any("hunter2" in p for p in problems)
+
+    config = load_config(_write(tmp_path, VALID), {"BROKER": "amqp://router:hunter2@mq:5672//"})
+    assert "hunter2" not in config.summary() and "router:***@mq" in config.summary()
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("${A}", {"A": "1"}, "1"),
+        ("${A:-x}", {}, "x"),
+        ("${A:-x}", {"A": ""}, "x"),
+        ("${A}/b/${B:-c}", {"A": "a"}, "a/b/c"),
+        ("$${A}", {"A": "1"}, "${A}"),
+        ("cost $5", {}, "cost $5"),
+    ],
+)
+def test_interpolation(text: str, env: dict[str, str], expected: str) -> None:
+    missing: list[str] = []
+    assert interpolate(text, env, missing) == expected
+    assert missing == []
+
+
+def test_durations_sizes_and_rates() -> None:
+    assert [parse_duration(v) for v in ("500ms", "2s", "5m", "1h", "7d", 3, "1.5s")] == [
+        0.5,
+        2.0,
+        300.0,
+        3600.0,
+        604800.0,
+        3.0,
+        1.5,
+    ]
+    assert [parse_size(v) for v in ("64KiB", "1MiB", "10MB", 512)] == [65536, 1048576, 10_000_000, 512]
+    assert parse_rate("100/s") == (100, 1.0) and parse_rate("600/m") == (600, 60.0)
+    for bad, parse in (
+        ("soon", parse_duration),
+        ("-1s", parse_duration),
+        ("lots", parse_size),
+        ("0/s", parse_rate),
+    ):
+        with pytest.raises(ValueError):
+            parse(bad)
+
+
+def test_disabled_routes_are_validated_but_their_files_and_secrets_may_be_absent(tmp_path: Path) -> None:
+    webhook = """\
+      - name: partner
+        enabled: ${PARTNER_ON:-false}
+        source: {type: webhook, secret: "${PARTNER_SECRET:-}", schema: contract.json}
+        format: json
+        map: {type: sale, sku: {path: sku}, location: {path: store}, quantity: {path: qty, as: decimal}}
+        deliver: [erp]
+    """
+    path = _write(tmp_path, VALID + textwrap.indent(textwrap.dedent(webhook), "  "))
+    assert [r.name for r in load_config(path, {}).enabled_routes] == ["pos"]
+    problems = _problems(path, {"PARTNER_ON": "true"})
+    assert any("needs a secret" in p for p in problems) and any(
+        "contract.json not found" in p for p in problems
+    )
+
+
+def test_validate_command_exit_codes(tmp_path: Path) -> None:
+    good = subprocess.run(
+        [sys.executable, "-m", "router.cli", "validate", "-c", str(REPO / "routes.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert good.returncode == 0 and "ok: 4 route(s)" in good.stdout, good.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "router.cli", "validate", "-c", str(tmp_path / "nowhere.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_a_mapped_field_or_sequence_key_the_event_type_lacks_is_caught_before_any_record(
+    tmp_path: Path,
+) -> None:
+    text = VALID.replace(
+        "      sku: {column: SKU}", "      sku: {column: SKU}\n      register: {column: REG}"
+    )
+    problems = _problems(
+        _write(tmp_path, text.replace("deliver: [erp]", "sequence_key: [sku, store]\n    deliver: [erp]"))
+    )
+    assert any(
+        ":20:7:" in p and "'register'; did you mean 'register_id'? (sale events)" in p for p in problems
+    )
+    assert any(":25:" in p and "sequence_key unknown field 'store'" in p for p in problems), problems
+    problems = _problems(_write(tmp_path, VALID.replace("type: sale", "type: sales")))
+    assert any(":18:" in p and "unknown event type 'sales'; did you mean 'sale'?" in p for p in problems), (
+        problems
+    )
