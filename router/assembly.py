@@ -8,6 +8,7 @@ from connectors.file_source import FileDropSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.rest_source import RestPollSettings
 from connectors.retry import RetryPolicy
+from connectors.sftp_source import SftpSettings
 from connectors.webhook import WebhookSettings
 from deadletter.store import Store
 from router.broker import BrokerSettings
@@ -16,6 +17,7 @@ from router.config import (
     RestSourceConfig,
     RouteConfig,
     RouterConfig,
+    SftpSourceConfig,
     TargetConfig,
     WebhookSourceConfig,
     read_json_schema,
@@ -184,4 +186,30 @@ def rest_poll_settings(route: RouteConfig) -> RestPollSettings:
         cursor_next=source.cursor.next if source.cursor else None,
         record_id=source.id,
         timeout=source.timeout,
+    )
+
+
+def sftp_settings(config: RouterConfig, route: RouteConfig) -> SftpSettings:
+    """An SFTP route's settings, with its key and known_hosts files resolved against the config folder."""
+    source = route.source
+    assert isinstance(source, SftpSourceConfig)
+    return SftpSettings(
+        route=route.name,
+        host=source.host,
+        port=source.port,
+        username=source.username,
+        known_hosts=config.resolve_path(source.known_hosts),
+        remote_dir=source.remote_dir,
+        pattern=source.pattern,
+        format=route.format,
+        records=route.records,
+        chunk_size=route.chunk_size,
+        password=source.password,
+        key_file=config.resolve_path(source.key_file) if source.key_file else None,
+        key_passphrase=source.key_passphrase,
+        archive=source.archive,
+        delete=source.delete,
+        errors=source.errors,
+        poll=source.poll,
+        stable_for=source.stable_for,
     )

@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG = "routes.yaml"
-ABSOLUTE_TYPES = ("stock.snapshot", "cycle.count")
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _FIELD_IN_MESSAGE = re.compile(r"field '([^']+)'")
@@ -666,8 +665,8 @@ def _check_accepts(
     if not isinstance(event_type, str):
         return  # the type is mapped per record, so it is not known before records arrive
     semantics = route.map.get("quantity_semantics")
-    if not isinstance(semantics, str):
-        semantics = "absolute" if event_type in ABSOLUTE_TYPES else "delta"
+    if not isinstance(semantics, str) and event_type in EVENT_MODELS:
+        semantics = EVENT_MODELS[event_type].model_fields["quantity_semantics"].default
     if semantics not in accepts:
         document.problem(
             path,

@@ -153,7 +153,7 @@ class RoutePipeline:
             "sequence_key": PLACEHOLDER_KEY,
         }
         try:
-            event = parse_event(candidate).model_dump(mode="json")
+            event = parse_event(candidate).model_dump(mode="json", exclude_none=True)
             event["sequence_key"] = sequence_key_for(event, self.sequence_fields)
         except ValidationError as error:
             fail("validation", validation_detail(error))

@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from connectors.chunks import ChunkSink
 from connectors.file_source import FileDropSettings, FileDropSource
 from connectors.rest_source import RestPollSource
+from connectors.sftp_source import SftpSettings, SftpSource
 from connectors.webhook import webhook_routes
 from deadletter.store import NewDeadLetter, Store
 from ops import metrics
@@ -138,8 +139,19 @@ class RouterRuntime:
         if route.source.type == "rest":
             rest = assembly.rest_poll_settings(route)
             return lambda sink: RestPollSource(rest, sink, self._store)
+        if route.source.type == "sftp":
+            sftp = assembly.sftp_settings(self.config, route)
+
+            def sftp_rejected(settings: SftpSettings, moved: str, error: FileFormatError) -> None:
+                self._file_rejected(settings.route, f"sftp://{settings.address}{moved}", error)
+
+            return lambda sink: SftpSource(sftp, sink, on_rejected=sftp_rejected)
         drop = assembly.file_drop_settings(self.config, route)
-        return lambda sink: FileDropSource(drop, sink, on_rejected=self._file_rejected)
+
+        def drop_rejected(settings: FileDropSettings, moved: Path, error: FileFormatError) -> None:
+            self._file_rejected(settings.route, str(moved), error)
+
+        return lambda sink: FileDropSource(drop, sink, on_rejected=drop_rejected)
 
     def _run_source(self, factory: Callable[[ChunkSink], PollingSource]) -> None:
         connection = connect(self.broker)
@@ -150,21 +162,22 @@ class RouterRuntime:
             source.close()
             connection.release()
 
-    def _file_rejected(self, settings: FileDropSettings, moved: Path, error: FileFormatError) -> None:
+    def _file_rejected(self, route: str, location: str, error: FileFormatError) -> None:
+        """A whole file did not parse: it sits in the errors folder; the dead letter says where and why."""
         self._store.add_dead_letters(
             [
                 NewDeadLetter(
-                    route=settings.route,
+                    route=route,
                     stage="ingress",
                     reason="parse",
                     detail=str(error),
-                    payload={"file": str(moved)},
-                    source_ref={"file": moved.name, "line": error.line},
+                    payload={"file": location},
+                    source_ref={"file": error.name, "line": error.line},
                 )
             ]
         )
-        metrics.DEADLETTERS.labels(route=settings.route, stage="ingress", reason="parse").inc()
-        metrics.DEADLETTERS_OPEN.labels(route=settings.route).set(self._store.count_open(settings.route))
+        metrics.DEADLETTERS.labels(route=route, stage="ingress", reason="parse").inc()
+        metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
 
     def _start_http(self) -> None:
         routes = ops_routes({"broker": self._check_broker, "store": self._store.ping})

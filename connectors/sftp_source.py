@@ -1,0 +1,598 @@
+"""SFTP source: suppliers drop ASN and receipt files on an SFTP server and the router takes them from there.
+
+A remote file is taken once its size and mtime stayed the same for ``stable_for`` across polls, claimed
+by an atomic rename into ``<remote_dir>/.processing`` (two routers never ingest it twice), downloaded
+streamed to a local staging file (byte count checked against the server's), published with
+:func:`connectors.file_ingest.publish_file`, and moved to ``archive`` (or deleted) only after the broker
+confirmed every chunk. A file that does not parse goes to ``errors`` with a ``.reason.txt`` beside it;
+a broken transfer or an unconfirmed publish renames the claim back so a later poll takes it again.
+
+Claim lease: the claimed file's mtime on the server is its lease. The claimer stamps it with its own
+clock just before the rename and re-stamps it every quarter of ``claim_ttl`` while it downloads and
+publishes. A router that finds a claim not renewed for ``claim_ttl`` takes its owner for dead (crashed
+or cut off) and renames the file back into ``remote_dir``, where it is claimed like a new file. This
+keeps all claim state on the server, so no router needs to know the others; routers sharing a folder
+need clocks that agree to well within ``claim_ttl``, and an owner stalled longer than that may see its
+file ingested again, which only republishes chunks with the same event ids.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import posixpath
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+
+import paramiko
+
+from connectors.chunks import ChunkSink, SourceChunk
+from connectors.file_ingest import FileParsing, FileProgress, publish_file
+from connectors.file_source import PROCESSING_DIR
+from transforms.parsers import FileFormatError
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "sftp"
+# Bytes requested ahead while downloading: bounds the memory a download holds, yet hides the latency.
+DOWNLOAD_WINDOW = 4 << 20
+READ_REQUEST = 32 << 10
+# What a lost, refused or misbehaving server raises; a poll that meets one ends and reconnects.
+SERVER_ERRORS = (OSError, EOFError, paramiko.SSHException)
+
+
+@dataclass(frozen=True)
+class SftpSettings:
+    """An sftp route's source settings: server, login, remote folders, timings in seconds."""
+
+    route: str
+    host: str
+    port: int
+    username: str
+    known_hosts: Path
+    remote_dir: str
+    pattern: str
+    format: str
+    records: str | None
+    chunk_size: int
+    password: str | None = field(default=None, repr=False)
+    key_file: Path | None = None
+    key_passphrase: str | None = field(default=None, repr=False)
+    archive: str | None = None
+    delete: bool = False
+    errors: str | None = None
+    poll: float = 5.0
+    stable_for: float = 2.0
+    connect_timeout: float = 10.0
+    io_timeout: float = 60.0
+    claim_ttl: float = 600.0
+    reconnect_max: float = 60.0
+
+    def __post_init__(self) -> None:
+        where = f"sftp source of route {self.route!r}"
+        for name in ("host", "username", "remote_dir", "pattern"):
+            if not getattr(self, name):
+                raise ValueError(f"{where}: `{name}` is required and must not be empty")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"{where}: `port` must be 1..65535, got {self.port}")
+        if bool(self.archive) == self.delete:
+            given = "both" if self.delete else "neither"
+            raise ValueError(
+                f"{where}: give exactly one of `archive` (a remote folder) or `delete: true`, not {given}"
+            )
+        if not self.password and self.key_file is None:
+            raise ValueError(f"{where}: needs `key_file` or `password` to log in as {self.username!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"{where}: `chunk_size` must be at least 1, got {self.chunk_size}")
+        for name in ("poll", "connect_timeout", "io_timeout", "claim_ttl", "reconnect_max"):
+            seconds = getattr(self, name)
+            if not seconds > 0:
+                raise ValueError(f"{where}: `{name}` must be a positive number of seconds, got {seconds!r}")
+        if not self.stable_for >= 0:
+            raise ValueError(f"{where}: `stable_for` must not be negative, got {self.stable_for!r}")
+        inbox = posixpath.normpath(self.remote_dir)
+        for name, folder in (("archive", self.archive), ("errors", self.errors)):
+            if folder and posixpath.normpath(folder) in (inbox, posixpath.normpath(self.processing_dir)):
+                raise ValueError(
+                    f"{where}: `{name}` ({folder}) must be a folder other than remote_dir ({inbox})"
+                )
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the server, as logs and errors name it."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def processing_dir(self) -> str:
+        """The remote folder claimed files are renamed into while a router ingests them."""
+        return posixpath.join(self.remote_dir, PROCESSING_DIR)
+
+    @property
+    def errors_dir(self) -> str:
+        """The remote folder files that do not parse are moved to (default ``<remote_dir>/errors``)."""
+        return self.errors or posixpath.join(self.remote_dir, "errors")
+
+
+class SftpOutcome(StrEnum):
+    archived = "archived"
+    deleted = "deleted"
+    rejected = "rejected"
+    released = "released"
+
+
+@dataclass(frozen=True)
+class SftpResult:
+    """What happened to one remote file; ``moved_to`` is its remote path afterwards (None once deleted)."""
+
+    name: str
+    outcome: SftpOutcome
+    records: int = 0
+    chunks: int = 0
+    detail: str = ""
+    moved_to: str | None = None
+
+
+SftpRejectionHook = Callable[[SftpSettings, str, FileFormatError], None]
+"""Called with the settings, the remote path in ``errors`` and the parse error; records a dead letter."""
+
+
+class HostKeyRefused(paramiko.SSHException):
+    """The server's host key is unknown to, or differs from, ``known_hosts``: nothing is exchanged with it."""
+
+
+class TransferIncomplete(OSError):
+    """A download did not yield exactly the bytes the server reported for the file."""
+
+
+class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
+    """Refuses a server whose host key known_hosts does not list (paramiko's policy hook)."""
+
+    def __init__(self, settings: SftpSettings) -> None:
+        self._settings = settings
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise HostKeyRefused(
+            f"host key of {self._settings.address} is unknown: the server offered {key.get_name()} "
+            f"{key.fingerprint}, which {self._settings.known_hosts} does not list; refusing to connect"
+        )
+
+
+class _ClaimLease:
+    """Keeps a claim alive by re-stamping the claimed file's mtime on the server as work goes on."""
+
+    def __init__(
+        self,
+        sftp: paramiko.SFTPClient,
+        claim: str,
+        stamped: float,
+        settings: SftpSettings,
+        clock: Callable[[], float],
+    ) -> None:
+        self._sftp = sftp
+        self._claim = claim
+        self._renewed = stamped
+        self._every = settings.claim_ttl / 4
+        self._clock = clock
+
+    def renew_if_due(self) -> None:
+        """Re-stamp the lease when a quarter of claim_ttl passed since the last stamp."""
+        now = self._clock()
+        if now - self._renewed >= self._every:
+            self._sftp.utime(self._claim, (int(now), int(now)))
+            self._renewed = now
+
+    def renewing(self, sink: ChunkSink) -> ChunkSink:
+        """``sink``, renewing the lease after each confirmed chunk (publishing a big file takes a while)."""
+
+        def publish(chunk: SourceChunk) -> None:
+            sink(chunk)
+            self.renew_if_due()
+
+        return publish
+
+
+@dataclass(frozen=True)
+class _Sighting:
+    signature: tuple[int | None, int | None]
+    since: float
+
+
+@dataclass
+class _Unsettled:
+    progress: FileProgress = field(default_factory=FileProgress)
+    confirmed: bool = False
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+def _stamped(name: str) -> str:
+    """``name`` with a UTC timestamp before its extension, so it still matches the route's pattern."""
+    path = PurePosixPath(name)
+    return f"{path.stem}.{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}{path.suffix}"
+
+
+def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
+    try:
+        sftp.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _ensure_dir(sftp: paramiko.SFTPClient, folder: str) -> None:
+    """Create ``folder`` and its missing parents on the server (``mkdir -p``)."""
+    if _exists(sftp, folder):
+        return
+    parent = posixpath.dirname(folder.rstrip("/"))
+    if parent and parent != folder:
+        _ensure_dir(sftp, parent)
+    try:
+        sftp.mkdir(folder)
+    except OSError:
+        sftp.stat(folder)  # another router created it meanwhile; raises when it really could not be made
+
+
+def _move(sftp: paramiko.SFTPClient, source: str, folder: str, name: str) -> str:
+    """Rename ``source`` into ``folder`` as ``name`` without overwriting anything; returns the new path."""
+    _ensure_dir(sftp, folder)
+    target = posixpath.join(folder, name)
+    if _exists(sftp, target):
+        target = posixpath.join(folder, _stamped(name))
+    sftp.rename(source, target)
+    return target
+
+
+class SftpSource:
+    """Polls one route's remote folder and publishes every stable file exactly once as chunks of records."""
+
+    def __init__(
+        self,
+        settings: SftpSettings,
+        sink: ChunkSink,
+        *,
+        on_rejected: SftpRejectionHook | None = None,
+        clock: Callable[[], float] = time.time,
+        staging_dir: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self._sink = sink
+        self._on_rejected = on_rejected
+        self._clock = clock
+        self._staging_dir = staging_dir
+        if staging_dir is not None:
+            staging_dir.mkdir(parents=True, exist_ok=True)
+        self._parsing = FileParsing(
+            settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size
+        )
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._failures = 0
+        self._sightings: dict[str, _Sighting] = {}
+        # Claims this router holds but has not yet moved on: one a lost connection cut off is settled
+        # first after reconnecting (finished when every chunk was confirmed, released otherwise).
+        self._unsettled: dict[str, _Unsettled] = {}
+
+    @property
+    def next_poll_in(self) -> float:
+        """Seconds until the next poll: the poll interval, or a doubling backoff while the server fails."""
+        if self._failures == 0:
+            return self.settings.poll
+        ceiling = max(self.settings.reconnect_max, self.settings.poll)
+        return min(ceiling, self.settings.poll * 2 ** (self._failures - 1))
+
+    def poll_once(self, stop: threading.Event | None = None) -> list[SftpResult]:
+        """Ingest every remote file that is ready now; a server problem is logged and ends the poll early."""
+        results: list[SftpResult] = []
+        sftp = self._session()
+        if sftp is None:
+            return results
+        try:
+            results.extend(self._settle_unsettled(sftp))
+            self._return_expired_claims(sftp)
+            ready = self._stable_names(sftp)
+            if ready:
+                _ensure_dir(sftp, self.settings.processing_dir)
+            for name in ready:
+                if stop is not None and stop.is_set():
+                    break
+                result = self._take(sftp, name)
+                if result is not None:
+                    results.append(result)
+        except SERVER_ERRORS as error:
+            self._failures += 1
+            log.warning(
+                "route %s: SFTP poll of %s on %s failed after %d files: %s; reconnecting in %.1fs",
+                self.settings.route, self.settings.remote_dir, self.settings.address, len(results),
+                _describe(error), self.next_poll_in,
+                extra={"route": self.settings.route},
+            )
+            self._disconnect()
+        else:
+            self._failures = 0
+        return results
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set; server trouble never ends it, it reconnects with capped backoff."""
+        try:
+            while not stop.is_set():
+                try:
+                    self.poll_once(stop)
+                except Exception:
+                    log.exception("route %s: SFTP source failed a poll", self.settings.route)
+                stop.wait(self.next_poll_in)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the SFTP session and its SSH connection."""
+        self._disconnect()
+
+    def _connected(self) -> bool:
+        transport = self._client.get_transport() if self._client is not None else None
+        return transport is not None and transport.is_active()
+
+    def _disconnect(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+        self._sftp = None
+
+    def _session(self) -> paramiko.SFTPClient | None:
+        """The open SFTP session, connecting when there is none; None (logged) when that fails."""
+        if self._sftp is not None and self._connected():
+            return self._sftp
+        self._disconnect()
+        settings = self.settings
+        try:
+            self._sftp = self._connect()
+        except SERVER_ERRORS as error:
+            self._failures += 1
+            refused = isinstance(error, HostKeyRefused | paramiko.AuthenticationException)
+            log.log(
+                logging.ERROR if refused else logging.WARNING,
+                "route %s: cannot connect to SFTP server %s (attempt %d): %s; next attempt in %.1fs",
+                settings.route, settings.address, self._failures, _describe(error),
+                self.next_poll_in,
+                extra={"route": settings.route},
+            )
+            return None
+        if self._failures:
+            log.info("route %s: reconnected to SFTP server %s after %d failed attempts",
+                     settings.route, settings.address, self._failures, extra={"route": settings.route})
+        else:
+            log.info("route %s: connected to SFTP server %s as %s",
+                     settings.route, settings.address, settings.username, extra={"route": settings.route})
+        return self._sftp
+
+    def _client_key(self) -> paramiko.PKey | None:
+        key_file, passphrase = self.settings.key_file, self.settings.key_passphrase
+        if key_file is None:
+            return None
+        try:
+            return paramiko.PKey.from_path(key_file, passphrase.encode() if passphrase else None)
+        except (OSError, paramiko.SSHException) as error:
+            raise paramiko.SSHException(f"client key {key_file} cannot be used: {error}") from error
+
+    def _connect(self) -> paramiko.SFTPClient:
+        settings = self.settings
+        if not settings.known_hosts.is_file():
+            raise HostKeyRefused(
+                f"known_hosts file {settings.known_hosts} does not exist, so the host key of "
+                f"{settings.address} cannot be verified; refusing to connect"
+            )
+        client = paramiko.SSHClient()
+        try:
+            client.load_system_host_keys(str(settings.known_hosts))
+            client.set_missing_host_key_policy(_RefuseUnknownHost(settings))
+            client.connect(
+                settings.host,
+                settings.port,
+                username=settings.username,
+                password=settings.password,
+                pkey=self._client_key(),
+                timeout=settings.connect_timeout,
+                banner_timeout=settings.connect_timeout,
+                auth_timeout=settings.connect_timeout,
+                channel_timeout=settings.connect_timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+            sftp = client.open_sftp()
+            channel = sftp.get_channel()
+            if channel is not None:
+                channel.settimeout(settings.io_timeout)
+        except paramiko.BadHostKeyException as error:
+            client.close()
+            raise HostKeyRefused(
+                f"host key of {settings.address} CHANGED: the server offered {error.key.get_name()} "
+                f"{error.key.fingerprint}, but {settings.known_hosts} holds "
+                f"{error.expected_key.fingerprint}; refusing to connect "
+                "(if the server's key was rotated on purpose, update known_hosts)"
+            ) from error
+        except BaseException:
+            client.close()
+            raise
+        self._client = client
+        return sftp
+
+    def _matches(self, entry: paramiko.SFTPAttributes) -> bool:
+        return (
+            not entry.filename.startswith(".")
+            and stat.S_ISREG(entry.st_mode or 0)
+            and fnmatch.fnmatchcase(entry.filename, self.settings.pattern)
+        )
+
+    def _stable_names(self, sftp: paramiko.SFTPClient) -> list[str]:
+        """Names of files whose size and mtime did not change for stable_for, oldest first."""
+        now = self._clock()
+        sightings: dict[str, _Sighting] = {}
+        ready: list[tuple[int, str]] = []
+        for entry in sftp.listdir_attr(self.settings.remote_dir):
+            if not self._matches(entry):
+                continue
+            signature = (entry.st_size, entry.st_mtime)
+            previous = self._sightings.get(entry.filename)
+            since = previous.since if previous is not None and previous.signature == signature else now
+            sightings[entry.filename] = _Sighting(signature, since)
+            if now - since >= self.settings.stable_for:
+                ready.append((entry.st_mtime or 0, entry.filename))
+        self._sightings = sightings
+        return [name for _, name in sorted(ready)]
+
+    def _return_expired_claims(self, sftp: paramiko.SFTPClient) -> None:
+        """Rename claims whose lease ran out (their router died mid-file) back into remote_dir."""
+        settings = self.settings
+        try:
+            entries = sftp.listdir_attr(settings.processing_dir)
+        except FileNotFoundError:
+            return
+        now = self._clock()
+        for entry in entries:
+            claim = posixpath.join(settings.processing_dir, entry.filename)
+            idle = now - (entry.st_mtime or 0)
+            if not self._matches(entry) or claim in self._unsettled or idle < settings.claim_ttl:
+                continue
+            log.warning(
+                "route %s: claim on %s expired (not renewed for %.0fs, claim_ttl %.0fs), its router stopped "
+                "mid-file; returning it to %s",
+                settings.route, entry.filename, idle, settings.claim_ttl, settings.remote_dir,
+                extra={"route": settings.route, "file": entry.filename},
+            )
+            try:
+                _move(sftp, claim, settings.remote_dir, entry.filename)
+            except FileNotFoundError:
+                continue  # another router returned it first
+
+    def _claim(self, sftp: paramiko.SFTPClient, name: str) -> tuple[str, float] | None:
+        """Rename ``name`` into the processing folder; None when another router got it first."""
+        source = posixpath.join(self.settings.remote_dir, name)
+        claim = posixpath.join(self.settings.processing_dir, name)
+        stamp = self._clock()
+        try:
+            # Stamp first: a claim must never show up in .processing already looking expired.
+            sftp.utime(source, (int(stamp), int(stamp)))
+            sftp.rename(source, claim)
+        except OSError as error:
+            if not self._connected():
+                raise
+            # Gone: another router claimed it. Otherwise a file of that name is still in flight (or the
+            # server forbids the rename): the file stays and is offered again next poll.
+            if not isinstance(error, FileNotFoundError):
+                log.info("route %s: %s not claimed this poll: %s", self.settings.route, name, error,
+                         extra={"route": self.settings.route, "file": name})
+            return None
+        return claim, stamp
+
+    def _take(self, sftp: paramiko.SFTPClient, name: str) -> SftpResult | None:
+        claimed = self._claim(sftp, name)
+        if claimed is None:
+            return None
+        claim, stamp = claimed
+        self._sightings.pop(name, None)
+        unsettled = self._unsettled[claim] = _Unsettled()
+        progress = unsettled.progress
+        lease = _ClaimLease(sftp, claim, stamp, self.settings, self._clock)
+        with tempfile.TemporaryDirectory(prefix="sftp-", dir=self._staging_dir) as staging:
+            # The staging copy keeps the remote name, so parse errors name the file the supplier sent.
+            local = Path(staging) / name
+            try:
+                self._download(sftp, claim, local, lease)
+                publish_file(local, self._parsing, lease.renewing(self._sink), progress, name=name)
+            except FileFormatError as error:
+                return self._reject(sftp, claim, name, error)
+            except Exception as error:
+                return self._release(sftp, claim, name, progress, error)
+        unsettled.confirmed = True
+        return self._finish(sftp, claim, name, progress)
+
+    def _download(self, sftp: paramiko.SFTPClient, claim: str, local: Path, lease: _ClaimLease) -> None:
+        """Stream ``claim`` into ``local`` window by window; raises unless exactly its size arrived."""
+        expected = sftp.stat(claim).st_size or 0
+        received = 0
+        with sftp.open(claim, "rb") as remote, local.open("wb") as staged:
+            for window in range(0, expected, DOWNLOAD_WINDOW):
+                end = min(window + DOWNLOAD_WINDOW, expected)
+                blocks = [(at, min(READ_REQUEST, end - at)) for at in range(window, end, READ_REQUEST)]
+                for block in remote.readv(blocks):
+                    staged.write(block)
+                    received += len(block)
+                lease.renew_if_due()
+        # A size that moved means someone still writes to the file: it must not be ingested half-done.
+        final = sftp.stat(claim).st_size or 0
+        if received != expected or final != expected:
+            raise TransferIncomplete(
+                f"download of {claim} from {self.settings.address} incomplete: received {received} bytes, "
+                f"the server reported {expected} before and {final} after the transfer"
+            )
+
+    def _finish(self, sftp: paramiko.SFTPClient, claim: str, name: str, progress: FileProgress) -> SftpResult:
+        """Archive or delete a claim whose every chunk the broker confirmed."""
+        settings = self.settings
+        moved: str | None = None
+        if settings.archive:
+            moved = _move(sftp, claim, settings.archive, name)
+            outcome = SftpOutcome.archived
+        else:
+            sftp.remove(claim)
+            outcome = SftpOutcome.deleted
+        del self._unsettled[claim]
+        log.info(
+            "route %s: %s from %s %s: %d records in %d chunks",
+            settings.route, name, settings.address, outcome.value, progress.records, progress.chunks,
+            extra={"route": settings.route, "file": name, "records": progress.records},
+        )
+        return SftpResult(name, outcome, progress.records, progress.chunks, moved_to=moved)
+
+    def _release(
+        self, sftp: paramiko.SFTPClient, claim: str, name: str, progress: FileProgress, error: Exception
+    ) -> SftpResult:
+        """Rename a claim back into remote_dir: not every chunk was confirmed, so a later poll retries it."""
+        settings = self.settings
+        log.warning(
+            "route %s: %s not ingested (%d chunks confirmed): %s; releasing it back to %s",
+            settings.route, name, progress.chunks, _describe(error), settings.remote_dir,
+            extra={"route": settings.route, "file": name},
+        )
+        moved = _move(sftp, claim, settings.remote_dir, name)
+        del self._unsettled[claim]
+        return SftpResult(name, SftpOutcome.released, progress.records, progress.chunks, str(error), moved)
+
+    def _reject(self, sftp: paramiko.SFTPClient, claim: str, name: str, error: FileFormatError) -> SftpResult:
+        settings = self.settings
+        moved = _move(sftp, claim, settings.errors_dir, name)
+        del self._unsettled[claim]
+        with sftp.open(f"{moved}.reason.txt", "w") as reason:
+            reason.write(f"{error}\n")
+        log.error(
+            "route %s: %s from %s rejected to %s: %s",
+            settings.route, name, settings.address, settings.errors_dir, error,
+            extra={"route": settings.route, "file": name},
+        )
+        if self._on_rejected is not None:
+            self._on_rejected(settings, moved, error)
+        return SftpResult(name, SftpOutcome.rejected, detail=str(error), moved_to=moved)
+
+    def _settle_unsettled(self, sftp: paramiko.SFTPClient) -> list[SftpResult]:
+        """Finish or release the claims a lost connection cut off, now that the server is back."""
+        results: list[SftpResult] = []
+        for claim, unsettled in list(self._unsettled.items()):
+            name = posixpath.basename(claim)
+            if not _exists(sftp, claim):
+                log.warning("route %s: claim %s was taken over by another router while disconnected",
+                            self.settings.route, claim, extra={"route": self.settings.route, "file": name})
+                del self._unsettled[claim]
+            elif unsettled.confirmed:
+                results.append(self._finish(sftp, claim, name, unsettled.progress))
+            else:
+                lost = ConnectionError(f"the connection to {self.settings.address} was lost mid-file")
+                results.append(self._release(sftp, claim, name, unsettled.progress, lost))
+        return results

@@ -1,0 +1,422 @@
+"""The SFTP source against a real OpenSSH sshd on loopback: claims, host keys, outages, archiving."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors import sftp_source
+from connectors.chunks import SourceChunk
+from connectors.sftp_source import SftpOutcome, SftpSettings, SftpSource
+from tests.sftp_server import CLIENT_KEY_PASSPHRASE, SftpServer, generate_key, running_sftp_server
+
+ASN = "SKU,STORE,QTY\nA-100,DC1,12\nB-200,DC1,4\nC-300,DC2,7\n"
+LOGGER = "connectors.sftp_source"
+
+
+@dataclass
+class RecordingSink:
+    """Stands in for the broker: keeps confirmed chunks, or raises from chunk number ``fail_at`` on."""
+
+    chunks: list[SourceChunk] = field(default_factory=list)
+    fail_at: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, chunk: SourceChunk) -> None:
+        with self.lock:
+            if self.fail_at is not None and len(self.chunks) + 1 >= self.fail_at:
+                raise ConnectionError("broker unreachable")
+            self.chunks.append(chunk)
+
+
+class FakeClock:
+    """A clock the test moves by hand, for the stability window."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def sftp_server(tmp_path: Path) -> Iterator[SftpServer]:
+    with running_sftp_server(tmp_path / "sshd") as server:
+        yield server
+
+
+@pytest.fixture
+def supplier_dir(tmp_path: Path) -> Path:
+    """The folder suppliers drop into: served by the SFTP server (same machine), inspected directly."""
+    folder = tmp_path / "supplier" / "inbound"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def settings_for(server: SftpServer, inbox: Path, **overrides: Any) -> SftpSettings:
+    values: dict[str, Any] = {
+        "route": "supplier-asn",
+        "host": "127.0.0.1",
+        "port": server.port,
+        "username": server.username,
+        "known_hosts": server.known_hosts,
+        "remote_dir": str(inbox),
+        "pattern": "*.csv",
+        "format": "csv",
+        "records": "rows",
+        "chunk_size": 2,
+        "key_file": server.client_key,
+        "key_passphrase": CLIENT_KEY_PASSPHRASE,
+        "archive": str(inbox.parent / "archive"),
+        "poll": 0.05,
+        "stable_for": 0.0,
+        "connect_timeout": 5.0,
+        "io_timeout": 10.0,
+        "reconnect_max": 0.2,
+    }
+    values.update(overrides)
+    return SftpSettings(**values)
+
+
+def drop(server: SftpServer, inbox: Path, name: str, text: str = ASN) -> None:
+    """Upload a file over SFTP as a supplier does."""
+    with server.client() as client:
+        client.putfo(io.BytesIO(text.encode()), str(inbox / name))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.05)
+
+
+def test_a_dropped_file_is_published_with_its_remote_name_then_archived(
+    sftp_server: SftpServer, supplier_dir: Path, tmp_path: Path
+) -> None:
+    drop(sftp_server, supplier_dir, "asn-0001.csv")
+    sink = RecordingSink()
+    source = SftpSource(settings_for(sftp_server, supplier_dir), sink, staging_dir=tmp_path / "staging")
+    try:
+        [result] = source.poll_once()
+    finally:
+        source.close()
+
+    assert (result.outcome, result.records, result.chunks) == (SftpOutcome.archived, 3, 2)
+    assert [c.origin["file"] for c in sink.chunks] == ["asn-0001.csv", "asn-0001.csv"]
+    assert all(c.system == "sftp" and c.route == "supplier-asn" for c in sink.chunks)
+    assert [[r.number for r in c.records] for c in sink.chunks] == [[1, 2], [3]]
+    assert sink.chunks[0].message_id.startswith("asn-0001.csv@")
+    archived = supplier_dir.parent / "archive" / "asn-0001.csv"
+    assert result.moved_to == str(archived) and archived.read_text() == ASN
+    assert not (supplier_dir / "asn-0001.csv").exists()
+    assert not list((supplier_dir / ".processing").iterdir())
+    assert not list((tmp_path / "staging").iterdir()), "the local staging copy is removed"
+
+
+def test_with_delete_the_remote_file_is_removed_after_publishing(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    drop(sftp_server, supplier_dir, "receipt-7.csv")
+    drop(sftp_server, supplier_dir, "notes.txt", "not for this route")
+    sink = RecordingSink()
+    source = SftpSource(settings_for(sftp_server, supplier_dir, archive=None, delete=True), sink)
+    try:
+        [result] = source.poll_once()
+    finally:
+        source.close()
+
+    assert result.outcome is SftpOutcome.deleted and result.moved_to is None
+    assert sum(len(c.records) for c in sink.chunks) == 3
+    assert sorted(p.name for p in supplier_dir.iterdir()) == [".processing", "notes.txt"]
+    assert not (supplier_dir.parent / "archive").exists()
+
+
+def test_a_file_still_growing_is_taken_only_once_stable(sftp_server: SftpServer, supplier_dir: Path) -> None:
+    clock = FakeClock(1_700_000_000.0)
+    sink = RecordingSink()
+    source = SftpSource(settings_for(sftp_server, supplier_dir, stable_for=5.0), sink, clock=clock)
+    try:
+        growing = str(supplier_dir / "asn-big.csv")
+        with sftp_server.client() as supplier, supplier.open(growing, "w") as upload:
+            upload.write("SKU,STORE,QTY\nA-100,DC1,12\n")
+            upload.flush()
+            assert source.poll_once() == [], "first sighting: not yet known to be stable"
+            clock.now += 10
+            upload.write("B-200,DC1,4\n")
+            upload.flush()
+            assert source.poll_once() == [], "its size changed since the last poll"
+            clock.now += 3
+            assert source.poll_once() == [], "unchanged for 3s only, stable_for is 5s"
+            upload.write("C-300,DC2,7\n")
+        clock.now += 6
+        assert source.poll_once() == [], "the last write changed it again"
+        assert sink.chunks == [] and (supplier_dir / "asn-big.csv").exists()
+        clock.now += 6
+        [result] = source.poll_once()
+    finally:
+        source.close()
+    assert result.outcome is SftpOutcome.archived and result.records == 3
+
+
+def test_a_changed_host_key_is_refused_and_the_file_stays(
+    sftp_server: SftpServer, supplier_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    drop(sftp_server, supplier_dir, "asn-0002.csv")
+    impostor = generate_key(tmp_path / "other_host_key")
+    known_hosts = tmp_path / "known_hosts_other"
+    known_hosts.write_text(sftp_server.known_hosts_line(impostor), encoding="utf-8")
+    sink = RecordingSink()
+    settings = settings_for(sftp_server, supplier_dir, known_hosts=known_hosts, poll=1.0, reconnect_max=60.0)
+    source = SftpSource(settings, sink)
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        assert source.poll_once() == []
+        assert source.next_poll_in == 1.0
+        assert source.poll_once() == []
+    source.close()
+
+    refusal = caplog.records[0]
+    assert refusal.levelno == logging.ERROR
+    assert "CHANGED" in refusal.getMessage() and f"127.0.0.1:{sftp_server.port}" in refusal.getMessage()
+    assert sftp_server.host_key_fingerprint in refusal.getMessage()
+    assert source.next_poll_in == 2.0, "reconnect attempts back off"
+    assert sink.chunks == [] and (supplier_dir / "asn-0002.csv").read_text() == ASN
+
+
+def test_an_unknown_host_is_refused(
+    sftp_server: SftpServer, supplier_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    drop(sftp_server, supplier_dir, "asn-0003.csv")
+    known_hosts = tmp_path / "known_hosts_empty"
+    known_hosts.write_text("", encoding="utf-8")
+    source = SftpSource(settings_for(sftp_server, supplier_dir, known_hosts=known_hosts), RecordingSink())
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        assert source.poll_once() == []
+    source.close()
+
+    message = caplog.records[0].getMessage()
+    assert "unknown" in message and f"127.0.0.1:{sftp_server.port}" in message
+    assert sftp_server.host_key_fingerprint in message
+    assert (supplier_dir / "asn-0003.csv").exists()
+
+
+def test_the_source_survives_a_server_restart_and_ingests_afterwards(
+    sftp_server: SftpServer, supplier_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = RecordingSink()
+    source = SftpSource(settings_for(sftp_server, supplier_dir), sink)
+    stop = threading.Event()
+    runner = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        runner.start()
+        try:
+            wait_until(lambda: "connected to SFTP server" in caplog.text)
+            sftp_server.stop()
+            wait_until(lambda: "cannot connect to SFTP server" in caplog.text)
+            # The supplier's file lands while the router cannot reach the server.
+            (supplier_dir / "asn-0004.csv").write_text(ASN, encoding="utf-8")
+            time.sleep(0.3)
+            assert runner.is_alive() and sink.chunks == []
+            sftp_server.restart()
+            wait_until(lambda: (supplier_dir.parent / "archive" / "asn-0004.csv").exists())
+        finally:
+            stop.set()
+            runner.join(10)
+    assert not runner.is_alive(), "run() returns once stopped"
+    assert sum(len(c.records) for c in sink.chunks) == 3
+    assert "reconnected to SFTP server" in caplog.text
+
+
+def test_an_unconfirmed_publish_releases_the_file_for_a_later_poll(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    drop(sftp_server, supplier_dir, "asn-0005.csv")
+    sink = RecordingSink(fail_at=2)
+    source = SftpSource(settings_for(sftp_server, supplier_dir), sink)
+    try:
+        [first] = source.poll_once()
+        assert first.outcome is SftpOutcome.released and first.chunks == 1
+        assert "broker unreachable" in first.detail
+        assert (supplier_dir / "asn-0005.csv").read_text() == ASN
+        assert not (supplier_dir.parent / "archive").exists()
+
+        sink.fail_at = None
+        [second] = source.poll_once()
+    finally:
+        source.close()
+    assert second.outcome is SftpOutcome.archived
+    ids = [c.message_id for c in sink.chunks]
+    assert ids[0] == ids[1], "the chunk confirmed before the failure is republished under the same id"
+    assert len(ids) == 3
+
+
+@pytest.mark.parametrize("broker_confirmed", [True, False], ids=["confirmed", "unconfirmed"])
+def test_a_file_cut_off_by_a_lost_connection_is_settled_after_reconnecting(
+    sftp_server: SftpServer, supplier_dir: Path, broker_confirmed: bool
+) -> None:
+    drop(sftp_server, supplier_dir, "asn-0007.csv")
+    sink = RecordingSink()
+    outage = threading.Event()
+
+    def sink_while_the_server_dies(chunk: SourceChunk) -> None:
+        if not outage.is_set():
+            outage.set()
+            sftp_server.stop()
+            if not broker_confirmed:
+                raise ConnectionError("broker unreachable")
+        sink(chunk)
+
+    source = SftpSource(settings_for(sftp_server, supplier_dir), sink_while_the_server_dies)
+    try:
+        assert source.poll_once() == [], "neither archiving nor releasing can reach the server"
+        assert (supplier_dir / ".processing" / "asn-0007.csv").exists()
+        sftp_server.start()
+        results = source.poll_once()
+    finally:
+        source.close()
+
+    archive = supplier_dir.parent / "archive"
+    if broker_confirmed:
+        assert [(r.outcome, r.records, r.chunks) for r in results] == [(SftpOutcome.archived, 3, 2)]
+        assert len(sink.chunks) == 2, "a confirmed file is archived, not published again"
+    else:
+        assert [r.outcome for r in results] == [SftpOutcome.released, SftpOutcome.archived]
+        assert sum(len(c.records) for c in sink.chunks) == 3
+    assert (archive / "asn-0007.csv").read_text() == ASN
+    assert not list((supplier_dir / ".processing").iterdir())
+
+
+def test_an_unparseable_file_goes_to_errors_with_its_reason(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    drop(sftp_server, supplier_dir, "asn-broken.csv", "SKU,SKU\n1,2\n")
+    rejected: list[tuple[str, str]] = []
+    sink = RecordingSink()
+    source = SftpSource(
+        settings_for(sftp_server, supplier_dir),
+        sink,
+        on_rejected=lambda settings, moved, error: rejected.append((moved, str(error))),
+    )
+    try:
+        [result] = source.poll_once()
+    finally:
+        source.close()
+
+    errors = supplier_dir / "errors"
+    assert result.outcome is SftpOutcome.rejected and sink.chunks == []
+    assert rejected == [(str(errors / "asn-broken.csv"), result.detail)]
+    reason = (errors / "asn-broken.csv.reason.txt").read_text(encoding="utf-8")
+    assert reason.startswith("asn-broken.csv") and "SKU" in reason
+    assert (errors / "asn-broken.csv").read_text() == "SKU,SKU\n1,2\n"
+
+
+def test_two_routers_polling_one_folder_ingest_each_file_once(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    sink = RecordingSink()
+    sources = [SftpSource(settings_for(sftp_server, supplier_dir, chunk_size=10), sink) for _ in range(2)]
+    # Both are connected before the files land, so their polls overlap and race for every file.
+    assert [source.poll_once() for source in sources] == [[], []]
+    names = [f"asn-{n:03d}.csv" for n in range(16)]
+    for name in names:
+        (supplier_dir / name).write_text(ASN, encoding="utf-8")
+    outcomes: list[list[Any]] = [[], []]
+    threads = [
+        threading.Thread(target=lambda i=i: outcomes[i].extend(sources[i].poll_once())) for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for source in sources:
+        source.close()
+
+    assert sorted(c.origin["file"] for c in sink.chunks) == names
+    assert sorted(r.name for r in outcomes[0] + outcomes[1]) == names
+    assert sorted(p.name for p in (supplier_dir.parent / "archive").iterdir()) == names
+
+
+def test_a_claim_left_by_a_crashed_router_is_taken_again_once_its_lease_expires(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    processing = supplier_dir / ".processing"
+    processing.mkdir()
+    (processing / "asn-orphan.csv").write_text(ASN, encoding="utf-8")
+    (processing / "asn-in-flight.csv").write_text(ASN, encoding="utf-8")
+    long_ago = time.time() - 3600
+    os.utime(processing / "asn-orphan.csv", (long_ago, long_ago))
+    sink = RecordingSink()
+    source = SftpSource(settings_for(sftp_server, supplier_dir, claim_ttl=600.0), sink)
+    try:
+        [result] = source.poll_once()
+    finally:
+        source.close()
+
+    assert result.name == "asn-orphan.csv" and result.outcome is SftpOutcome.archived
+    assert {c.origin["file"] for c in sink.chunks} == {"asn-orphan.csv"}
+    assert (processing / "asn-in-flight.csv").exists(), "a claim renewed within claim_ttl is a live router's"
+
+
+def test_a_file_larger_than_the_download_window_arrives_byte_exact(
+    sftp_server: SftpServer, supplier_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sftp_source, "DOWNLOAD_WINDOW", 64 << 10)
+    rows = "".join(f"SKU-{n:06d},DC{n % 7},{n % 50}\n" for n in range(12_000))
+    drop(sftp_server, supplier_dir, "asn-large.csv", "SKU,STORE,QTY\n" + rows)
+    sink = RecordingSink()
+    source = SftpSource(settings_for(sftp_server, supplier_dir, chunk_size=5000), sink)
+    try:
+        [result] = source.poll_once()
+    finally:
+        source.close()
+    assert result.outcome is SftpOutcome.archived and result.records == 12_000 and result.chunks == 3
+    published = [record.data for chunk in sink.chunks for record in chunk.records]
+    expected = [{"SKU": f"SKU-{n:06d}", "STORE": f"DC{n % 7}", "QTY": f"{n % 50}"} for n in range(12_000)]
+    assert published == expected
+
+
+def test_password_login_works(tmp_path: Path, supplier_dir: Path) -> None:
+    with running_sftp_server(tmp_path / "sshd-password", password="Rcv-2024-dock!") as server:
+        (supplier_dir / "asn-0006.csv").write_text(ASN, encoding="utf-8")
+        settings = settings_for(
+            server, supplier_dir, key_file=None, key_passphrase=None, password="Rcv-2024-dock!"
+        )
+        sink = RecordingSink()
+        source = SftpSource(settings, sink)
+        try:
+            [result] = source.poll_once()
+        finally:
+            source.close()
+    assert result.outcome is SftpOutcome.archived and len(sink.chunks) == 2
+    assert "Rcv-2024-dock!" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "complaint"),
+    [
+        ({"archive": None}, "exactly one of `archive`"),
+        ({"delete": True}, "exactly one of `archive`"),
+        ({"key_file": None}, "needs `key_file` or `password`"),
+        ({"archive": "/srv/inbound"}, "other than remote_dir"),
+        ({"port": 0}, "1..65535"),
+    ],
+)
+def test_settings_refuse_contradictory_or_missing_options(overrides: dict[str, Any], complaint: str) -> None:
+    base = {
+        "route": "supplier-asn", "host": "127.0.0.1", "port": 2222, "username": "router",
+        "known_hosts": Path("known_hosts"), "remote_dir": "/srv/inbound", "pattern": "*.csv", "format": "csv",
+        "records": None, "chunk_size": 100, "key_file": Path("id_ed25519"), "archive": "/srv/archive",
+    }
+    with pytest.raises(ValueError, match="supplier-asn") as raised:
+        SftpSettings(**{**base, **overrides})
+    assert complaint in str(raised.value)
