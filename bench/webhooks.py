@@ -2,8 +2,9 @@
 
 Prints, from one run on this machine:
 - the raw floor: plain pika publishing persistent messages one at a time with confirms (messages/s);
-- the webhook receiver on a loopback uvicorn server whose sink publishes to the real RabbitMQ with
-  confirms (kombu, a quorum queue), loaded by client processes: accepted requests/s, p50/p99
+- the webhook receiver on a loopback uvicorn server, wired as `router run` wires it (a confirming
+  kombu publisher per server thread into the route's quorum ingress queue on the real RabbitMQ, the
+  webhook-id ledger in a SQLite store), loaded by client processes: accepted requests/s, p50/p99
   latency, and the ratio to the floor.
 
 Usage: .venv/bin/python bench/webhooks.py [--requests 2000] [--clients 4] [--amqp URL]
@@ -16,6 +17,7 @@ import argparse
 import json
 import multiprocessing
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -26,74 +28,20 @@ from typing import Any
 import httpx
 import pika
 import uvicorn
-from kombu import Connection, Queue
 from starlette.applications import Starlette
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from connectors.chunks import SourceChunk
 from connectors.signatures import sign
 from connectors.webhook import WebhookSettings, webhook_routes
+from deadletter.store import Store
+from router.assembly import StoreWebhookLedger
+from router.broker import BrokerSettings, Topology, connect, queue_depth
+from router.ingress import SharedIngressSink
 
 ROUTE = "bench-partner"
 SECRET = "whsec_YmVuY2gtd2ViaG9vay1zZWNyZXQ="
 EVENTS_PER_REQUEST = 5
-
-
-class KombuConfirmingSink:
-    """Publishes each chunk as one persistent message and returns once RabbitMQ confirmed it.
-
-    A kombu connection is not thread-safe, so every threadpool worker gets its own.
-    """
-
-    def __init__(self, amqp_url: str, queue: str) -> None:
-        self._amqp_url = amqp_url
-        self._queue = queue
-        self._local = threading.local()
-        self._connections: list[Connection] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, chunk: SourceChunk) -> None:
-        producer = getattr(self._local, "producer", None)
-        if producer is None:
-            connection = Connection(self._amqp_url, transport_options={"confirm_publish": True})
-            producer = connection.Producer()
-            self._local.producer = producer
-            with self._lock:
-                self._connections.append(connection)
-        body = json.dumps(
-            {
-                "route": chunk.route,
-                "message_id": chunk.message_id,
-                "origin": chunk.origin,
-                "records": [record.data for record in chunk.records],
-            },
-            default=str,
-        )
-        producer.publish(
-            body, exchange="", routing_key=self._queue, delivery_mode=2, content_type="application/json"
-        )
-
-    def close(self) -> None:
-        """Close every per-thread connection."""
-        for connection in self._connections:
-            connection.release()
-
-
-class MemoryLedger:
-    """In-memory webhook-id ledger (the store is not what is measured here)."""
-
-    def __init__(self) -> None:
-        self._accepted: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
-
-    def seen(self, route: str, webhook_id: str) -> bool:
-        with self._lock:
-            return (route, webhook_id) in self._accepted
-
-    def remember(self, route: str, webhook_id: str, message_id: str) -> None:
-        with self._lock:
-            self._accepted.add((route, webhook_id))
 
 
 def request_body(number: int) -> bytes:
@@ -198,11 +146,16 @@ def main() -> int:
     floor = pika_floor(arguments.amqp, arguments.requests, request_body(0))
     print(f"raw pika floor (publish + confirm, one at a time): {floor:,.0f} messages/s")
 
-    queue_name = f"bench.webhooks.{uuid.uuid4().hex[:8]}"
-    queue = Queue(queue_name, durable=True, queue_arguments={"x-queue-type": "quorum"})
-    admin = Connection(arguments.amqp)
-    queue.bind(admin.default_channel).declare()
-    sink = KombuConfirmingSink(arguments.amqp, queue_name)
+    # The router's own path: the per-thread confirming sink to the route's ingress queue, and the
+    # webhook-id ledger in a SQLite store, as `router run` wires them.
+    broker = BrokerSettings(url=arguments.amqp, queue_type="quorum", prefix=f"bench{uuid.uuid4().hex[:8]}")
+    topology = Topology(broker)
+    queue = topology.ingress_queue(ROUTE)
+    admin = connect(broker)
+    topology.declare(admin, [queue])
+    sink = SharedIngressSink(broker)
+    folder = tempfile.TemporaryDirectory(prefix="bench-webhooks-")
+    store = Store(f"sqlite:///{folder.name}/state.db")
     settings = WebhookSettings(
         route=ROUTE,
         secret=SECRET,
@@ -212,18 +165,21 @@ def main() -> int:
         tolerance=300.0,
         records="events",
     )
-    app = Starlette(routes=webhook_routes({ROUTE: settings}, sink, MemoryLedger()))
+    app = Starlette(routes=webhook_routes({ROUTE: settings}, sink, StoreWebhookLedger(store)))
     server, thread, port = start_server(app)
     try:
         elapsed, latencies, statuses = run_clients(
             f"http://127.0.0.1:{port}", arguments.requests, arguments.clients
         )
-        queued: Any = queue.bind(admin.default_channel).queue_declare(passive=True).message_count
+        queued: Any = queue_depth(admin, queue)
     finally:
         server.should_exit = True
         thread.join(10)
         sink.close()
+        store.close()
+        folder.cleanup()
         queue.bind(admin.default_channel).delete()
+        admin.channel().exchange_delete(broker.prefix)
         admin.release()
 
     accepted = statuses.get(202, 0)

@@ -44,7 +44,7 @@ from connectors.chunks import ChunkSink, SourceChunk, batched
 from connectors.http_target import USER_AGENT, interruptible_sleep
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
 from deadletter.store import Store
-from transforms.parsers import RawRecord
+from transforms.parsers import RawRecord, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,6 @@ class _Progress:
     pages: int = 0
     records: int = 0
     chunks: int = 0
-
-
-def _refuse_constant(constant: str) -> Any:
-    raise ValueError(f"{constant} is not a number JSON allows")
 
 
 def _canonical_json(value: Any) -> str:
@@ -500,7 +496,7 @@ class RestPollSource:
         except UnicodeDecodeError as error:
             raise _PollFailed(f"page {label} is not UTF-8: invalid byte at offset {error.start}") from None
         try:
-            return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+            return loads_json(text)
         except json.JSONDecodeError as error:
             raise _PollFailed(
                 f"page {label} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"

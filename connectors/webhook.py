@@ -17,7 +17,6 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any, Protocol
 
 import jmespath
@@ -41,7 +40,7 @@ from connectors.signatures import (
     signs_timestamp,
     verify,
 )
-from transforms.parsers import RawRecord
+from transforms.parsers import RawRecord, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +143,6 @@ def problem_response(rejection: WebhookRejected, instance: str) -> Response:
     return JSONResponse(body, rejection.status, headers=rejection.headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
-def _reject_json_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _check_media_type(content_type: str | None) -> None:
     if not content_type:
         raise WebhookRejected(
@@ -219,9 +214,7 @@ def _parse_json(body: bytes, *, exact_numbers: bool) -> Any:
             f"body is not UTF-8: invalid byte at offset {error.start}",
         ) from None
     try:
-        if exact_numbers:
-            return json.loads(text, parse_float=Decimal, parse_constant=_reject_json_constant)
-        return json.loads(text, parse_constant=_reject_json_constant)
+        return loads_json(text, exact=exact_numbers)
     except json.JSONDecodeError as error:
         raise WebhookRejected(
             400,

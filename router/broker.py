@@ -72,13 +72,10 @@ class Topology:
         self.settings = settings
         self.exchange = Exchange(settings.prefix, type="direct", durable=True, delivery_mode=2)
 
-    def _queue_arguments(self, *, single_active: bool) -> dict[str, Any]:
+    def _queue_arguments(self) -> dict[str, Any]:
         if self.settings.is_memory:
             return {}
-        args: dict[str, Any] = {"x-queue-type": self.settings.queue_type}
-        if single_active:
-            args["x-single-active-consumer"] = True
-        return args
+        return {"x-queue-type": self.settings.queue_type, "x-single-active-consumer": True}
 
     def ingress_name(self, route: str) -> str:
         return f"{self.settings.prefix}.ingress.{route}"
@@ -92,24 +89,19 @@ class Topology:
         Single-active-consumer here too: chunks of one file must be transformed in file order, or
         two worker processes could put a later movement of an item ahead of an earlier one.
         """
-        name = self.ingress_name(route)
-        return Queue(
-            name,
-            self.exchange,
-            routing_key=name,
-            durable=True,
-            queue_arguments=self._queue_arguments(single_active=True),
-        )
+        return self._ordered_queue(self.ingress_name(route))
 
     def delivery_queue(self, target: str, partition: int) -> Queue:
         """One partition queue of a target; single-active-consumer keeps order per sequence key."""
-        name = self.delivery_name(target, partition)
+        return self._ordered_queue(self.delivery_name(target, partition))
+
+    def _ordered_queue(self, name: str) -> Queue:
         return Queue(
             name,
             self.exchange,
             routing_key=name,
             durable=True,
-            queue_arguments=self._queue_arguments(single_active=True),
+            queue_arguments=self._queue_arguments(),
         )
 
     def delivery_queues(self, target: str, partitions: int) -> list[Queue]:

@@ -234,6 +234,13 @@ def _reject_json_constant(constant: str) -> Any:
     raise ValueError(f"{constant} is not a number JSON allows")
 
 
+def loads_json(text: str, *, exact: bool = True) -> Any:
+    """Strict JSON: NaN and Infinity refused (ValueError); with ``exact``, non-integers are Decimal."""
+    if exact:
+        return json.loads(text, parse_float=Decimal, parse_constant=_reject_json_constant)
+    return json.loads(text, parse_constant=_reject_json_constant)
+
+
 def _jsonl_records(stream: BinaryIO, name: str, *, encoding: str, **_: Any) -> Iterator[RawRecord]:
     lines = _LineReader(stream, name, encoding)
     number = 0
@@ -244,7 +251,7 @@ def _jsonl_records(stream: BinaryIO, name: str, *, encoding: str, **_: Any) -> I
             continue
         number += 1
         try:
-            value = json.loads(stripped, parse_float=Decimal, parse_constant=_reject_json_constant)
+            value = loads_json(stripped)
         except json.JSONDecodeError as error:
             yield RawRecord(
                 number, lines.line, stripped, f"line is not valid JSON: {error.msg} at column {error.colno}"
@@ -379,7 +386,7 @@ def _json_loaded(stream: BinaryIO, name: str, expression: str, compiled: Any) ->
         line = content.count(b"\n", 0, error.start) + 1
         raise FileFormatError(name, line, None, f"invalid UTF-8 byte 0x{content[error.start]:02x}") from None
     try:
-        document = json.loads(text, parse_float=Decimal, parse_constant=_reject_json_constant)
+        document = loads_json(text)
     except json.JSONDecodeError as error:
         raise FileFormatError(name, error.lineno, error.colno, f"JSON syntax error: {error.msg}") from None
     except ValueError as error:
