@@ -27,6 +27,7 @@ from typing import IO
 
 from connectors.chunks import ChunkSink
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
+from ops import metrics
 from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,9 @@ class FileDropSource:
             with _exclusive(claimed) as lock:
                 if lock is None or not claimed.exists():
                     continue  # another live process holds it (or finished it meanwhile)
-                results.append(self._ingest(claimed))
+                result = self._ingest(claimed)
+                metrics.FILES_INGESTED.labels(route=self.settings.route, outcome=result.outcome).inc()
+                results.append(result)
         return results
 
     def _ingest(self, claimed: Path) -> FileResult:

@@ -3,7 +3,8 @@
 Every request carries ``Idempotency-Key`` so a retry after a lost response is applied once at the
 target. 2xx and 409 (already applied) are success; 400/404/422 and other 4xx are permanent; 408, 429,
 5xx and transport failures are retried with backoff that honours ``Retry-After``, until the attempts
-or ``max_age`` run out or a drain interrupts the wait.
+or ``max_age`` run out or a drain interrupts the wait. A circuit breaker holds attempts off a target
+that keeps failing, for its cooldown, without giving up the message in hand.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Literal, NamedTuple
 
 import httpx
 
+from connectors.circuit import CircuitBreaker, CircuitSettings
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class HttpTargetSettings:
     timeout: float = 10.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     batch_max_events: int | None = None
+    circuit: CircuitSettings = field(default_factory=CircuitSettings)
 
 
 class DeliveryOutcome(StrEnum):
@@ -143,6 +146,7 @@ class HttpTarget:
         if settings.bearer:
             self._base_headers["Authorization"] = f"Bearer {settings.bearer}"
         self._secrets = [s for s in (settings.bearer, settings.basic[1] if settings.basic else None) if s]
+        self.circuit = CircuitBreaker(settings.name, settings.circuit, clock=clock)
 
     def send_once(self, payload: bytes, content_type: str, idempotency_key: str) -> AttemptResult:
         """Make one request and classify its result; never raises for HTTP or transport failures."""
@@ -199,8 +203,13 @@ class HttpTarget:
         while True:
             if stop is not None and stop.is_set():
                 return self._interrupted(attempts, last)
+            hold = self.circuit.wait_time()
+            # A fresh delivery while the circuit is open waits for the trial instead of calling the target.
+            if attempts == 0 and hold > 0 and self._sleep(min(hold, policy.max_age), stop):
+                return self._interrupted(attempts, last)
             attempts += 1
             last = self.send_once(payload, content_type, idempotency_key)
+            self.circuit.record(target_failed=last.kind == "retry")
             if last.kind == "success":
                 return DeliveryResult(
                     DeliveryOutcome.delivered, attempts, last.status, last.detail, "delivered"
@@ -223,7 +232,7 @@ class HttpTarget:
                 return DeliveryResult(
                     DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "max_age"
                 )
-            wait = policy.delay(attempts, last.retry_after, remaining=remaining)
+            wait = min(max(policy.delay(attempts, last.retry_after), self.circuit.wait_time()), remaining)
             log.warning(
                 "delivery to %s failed (attempt %d of %d): %s; retrying in %.2fs",
                 self.settings.name,

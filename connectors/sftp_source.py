@@ -36,6 +36,7 @@ import paramiko
 from connectors.chunks import ChunkSink, SourceChunk
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
 from connectors.file_source import PROCESSING_DIR
+from ops import metrics
 from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)
@@ -318,6 +319,8 @@ class SftpSource:
             self._disconnect()
         else:
             self._failures = 0
+        for result in results:
+            metrics.FILES_INGESTED.labels(route=self.settings.route, outcome=result.outcome).inc()
         return results
 
     def run(self, stop: threading.Event) -> None:

@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -240,6 +240,17 @@ class DeadLetter:
             "source_ref": self.source_ref,
             "payload": self.payload,
         }
+
+
+@dataclass
+class DeliveryState:
+    """For a batch bound for one target: ids already delivered there, ids with an open letter there,
+    keys blocked there by an open letter, and the newest applied stock.snapshot time per key."""
+
+    delivered: set[str] = field(default_factory=set)
+    lettered: set[str] = field(default_factory=set)
+    blocked: set[str] = field(default_factory=set)
+    snapshot_marks: dict[str, datetime] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -622,29 +633,48 @@ class Store:
 
     # Delivery: ledger, journal and stale guard. One query per batch, never one per event.
 
-    def delivered_among(self, target: str, event_ids: Iterable[str]) -> set[str]:
-        """Which of ``event_ids`` are recorded as delivered to ``target``."""
-        ids = list(dict.fromkeys(event_ids))
-        found: set[str] = set()
+    def delivery_state(self, target: str, events: Sequence[Mapping[str, Any]]) -> DeliveryState:
+        """What the store knows about a batch of events bound for ``target``, in one transaction."""
+        ids = list(dict.fromkeys(e["event_id"] for e in events))
+        keys = list(dict.fromkeys(e["sequence_key"] for e in events if e.get("sequence_key") is not None))
+        state = DeliveryState()
         with self._transaction() as session:
             for chunk in _chunks(ids):
-                query = select(DeliveredEventRow.event_id).where(
-                    DeliveredEventRow.target == target, DeliveredEventRow.event_id.in_(chunk)
+                state.delivered.update(
+                    session.scalars(
+                        select(DeliveredEventRow.event_id).where(
+                            DeliveredEventRow.target == target, DeliveredEventRow.event_id.in_(chunk)
+                        )
+                    )
                 )
-                found.update(session.scalars(query))
-        return found
-
-    def snapshot_marks(self, target: str, keys: Iterable[str]) -> dict[str, datetime]:
-        """Per key that has one: occurred_at of the newest stock.snapshot applied at ``target``."""
-        wanted = list(dict.fromkeys(keys))
-        marks: dict[str, datetime] = {}
-        with self._transaction() as session:
-            for chunk in _chunks(wanted):
-                query = select(SnapshotMarkRow.sequence_key, SnapshotMarkRow.occurred_at).where(
-                    SnapshotMarkRow.target == target, SnapshotMarkRow.sequence_key.in_(chunk)
+                state.lettered.update(
+                    session.scalars(
+                        select(DeadLetterRow.event_id).where(
+                            DeadLetterRow.target == target,
+                            DeadLetterRow.event_id.in_(chunk),
+                            DeadLetterRow.status.in_(OPEN_STATUSES),
+                        )
+                    )
                 )
-                marks.update((key, occurred) for key, occurred in session.execute(query))
-        return marks
+            for chunk in _chunks(keys):
+                state.blocked.update(
+                    session.scalars(
+                        select(DeadLetterRow.sequence_key)
+                        .where(
+                            DeadLetterRow.target == target,
+                            DeadLetterRow.sequence_key.in_(chunk),
+                            DeadLetterRow.status.in_(OPEN_STATUSES),
+                        )
+                        .distinct()
+                    )
+                )
+                marks = session.execute(
+                    select(SnapshotMarkRow.sequence_key, SnapshotMarkRow.occurred_at).where(
+                        SnapshotMarkRow.target == target, SnapshotMarkRow.sequence_key.in_(chunk)
+                    )
+                )
+                state.snapshot_marks.update((key, occurred) for key, occurred in marks)
+        return state
 
     def record_deliveries(self, target: str, events: Sequence[Mapping[str, Any]]) -> None:
         """Record events the target accepted: ledger and journal, and snapshot marks moved forward only."""
@@ -736,24 +766,6 @@ class Store:
 
     # Parking: a key with an open letter at a target is blocked there until the letter is resolved.
 
-    def blocked_keys(self, target: str, keys: Iterable[str]) -> set[str]:
-        """Which of ``keys`` have an open (dead or parked) delivery letter at ``target``."""
-        wanted = list(dict.fromkeys(keys))
-        blocked: set[str] = set()
-        with self._transaction() as session:
-            for chunk in _chunks(wanted):
-                query = (
-                    select(DeadLetterRow.sequence_key)
-                    .where(
-                        DeadLetterRow.target == target,
-                        DeadLetterRow.sequence_key.in_(chunk),
-                        DeadLetterRow.status.in_(OPEN_STATUSES),
-                    )
-                    .distinct()
-                )
-                blocked.update(key for key in session.scalars(query) if key is not None)
-        return blocked
-
     def count_parked_keys(self, target: str) -> int:
         """How many keys are blocked at ``target`` (the ``router_parked_keys`` gauge)."""
         query = select(func.count(func.distinct(DeadLetterRow.sequence_key))).where(
@@ -781,20 +793,18 @@ class Store:
         with self._transaction() as session:
             return [key for key, _ in session.execute(query) if key is not None]
 
-    def parked_letters(self, target: str, sequence_key: str, limit: int = 100) -> list[DeadLetter]:
-        """The parked letters of one key at ``target``, oldest first: the order they must go in."""
-        query = (
-            select(DeadLetterRow)
-            .where(
-                DeadLetterRow.target == target,
-                DeadLetterRow.sequence_key == sequence_key,
-                DeadLetterRow.status == "parked",
-            )
-            .order_by(DeadLetterRow.id)
-            .limit(limit)
-        )
+    def releasable_letters(self, target: str, sequence_key: str, limit: int = 100) -> list[DeadLetter]:
+        """The parked letters of one key at ``target``, oldest first (the order they must go in); none
+        while a dead letter still holds the key."""
+        base = (DeadLetterRow.target == target, DeadLetterRow.sequence_key == sequence_key)
         with self._transaction() as session:
-            return [DeadLetter.from_row(row) for row in session.scalars(query)]
+            if session.scalar(select(DeadLetterRow.id).where(*base, DeadLetterRow.status == "dead").limit(1)):
+                return []
+            query = select(DeadLetterRow).where(*base, DeadLetterRow.status == "parked")
+            return [
+                DeadLetter.from_row(row)
+                for row in session.scalars(query.order_by(DeadLetterRow.id).limit(limit))
+            ]
 
     def claim_key(self, target: str, sequence_key: str, holder: str, ttl: float) -> bool:
         """Take (or renew) the lease to release a parked key; False while another holder's lease runs."""
@@ -833,8 +843,10 @@ class Store:
         with self._transaction() as session:
             row = self._locked_letter(session, id)
             self._record_deliveries(session, target, [event])
-            previous, row.status, row.updated_at = row.status, "replayed", now
-            session.add(self._status_audit(row, previous, actor, f"delivered to {target}", now))
+            # An operator may have discarded the letter while it was on its way; the delivery stands.
+            if row.status == "parked":
+                row.status, row.updated_at = "replayed", now
+                session.add(self._status_audit(row, "parked", actor, f"delivered to {target}", now))
 
     def fail_release(self, id: int, *, reason: str, detail: str, attempts: int, actor: str) -> None:
         """A parked letter failed for good: it becomes the key's dead letter, with the target's answer."""
@@ -846,21 +858,25 @@ class Store:
             row.attempts += attempts
             session.add(self._status_audit(row, previous, actor, f"{reason}: {detail}", now))
 
-    def reopen_parked(self, ids: Sequence[int], *, actor: str, reason: str) -> int:
-        """Park dead delivery letters again so the running router delivers them; returns how many moved."""
+    def reopen_parked(self, ids: Sequence[int], *, actor: str, reason: str) -> list[int]:
+        """Park dead delivery letters again so the running router delivers them; returns the ids moved."""
         now = datetime.now(UTC)
-        moved = 0
+        moved: list[int] = []
         with self._transaction() as session:
             for chunk in _chunks(list(ids)):
                 rows = session.scalars(
                     select(DeadLetterRow)
-                    .where(DeadLetterRow.id.in_(chunk), DeadLetterRow.status == "dead")
+                    .where(
+                        DeadLetterRow.id.in_(chunk),
+                        DeadLetterRow.status == "dead",
+                        DeadLetterRow.stage == "delivery",
+                    )
                     .with_for_update()
                 )
                 for row in rows:
                     row.status, row.updated_at = "parked", now
                     session.add(self._status_audit(row, "dead", actor, reason, now))
-                    moved += 1
+                    moved.append(row.id)
         return moved
 
     # Webhooks: the ids a partner already delivered, per route (connectors.webhook.WebhookIdLedger).

@@ -95,6 +95,12 @@ EVENTS_STALE = Counter(
     ["target"],
     registry=REGISTRY,
 )
+EVENTS_DUPLICATE = Counter(
+    "router_events_duplicate",
+    "Events not sent again because the target already has them (a re-ingested file, a redelivery).",
+    ["target"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "router_queue_depth",
     "Messages ready in a broker queue.",
@@ -109,7 +115,7 @@ CIRCUIT_OPEN = Gauge(
 )
 FILES_INGESTED = Counter(
     "router_files_ingested",
-    "Source files finished, by outcome (archived or rejected).",
+    "Source files handled, by outcome (archived, deleted, rejected, or released to be retried).",
     ["route", "outcome"],
     registry=REGISTRY,
 )

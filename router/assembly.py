@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from connectors.circuit import CircuitSettings
 from connectors.file_source import FileDropSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.rest_source import RestPollSettings
@@ -11,6 +12,7 @@ from connectors.retry import RetryPolicy
 from connectors.sftp_source import SftpSettings
 from connectors.webhook import WebhookSettings
 from deadletter.store import Store
+from ops import metrics
 from router.broker import BrokerSettings
 from router.config import (
     AuthConfig,
@@ -114,7 +116,11 @@ def http_target(name: str, target: TargetConfig) -> HttpTarget:
                 attempts=retry.attempts, initial=retry.initial, max_delay=retry.max, max_age=retry.max_age
             ),
             batch_max_events=target.batch.max_events if target.batch else None,
-        )
+            circuit=CircuitSettings(
+                failures=target.circuit_breaker.failures, cooldown=target.circuit_breaker.cooldown
+            ),
+        ),
+        on_attempt=lambda outcome, _: metrics.DELIVERY_ATTEMPTS.labels(target=name, outcome=outcome).inc(),
     )
 
 
@@ -128,12 +134,13 @@ def payload_renderer(target: TargetConfig) -> PayloadRenderer:
     )
 
 
-def delivery_settings(name: str, target: TargetConfig) -> DeliverySettings:
+def delivery_settings(name: str, target: TargetConfig, journal_retention: float) -> DeliverySettings:
     return DeliverySettings(
         target=name,
         partitions=target.partitions,
         batch_max_events=target.batch.max_events if target.batch else None,
         batch_max_wait=target.batch.max_wait if target.batch else 0.0,
+        journal_retention=journal_retention,
     )
 
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from ops.logging import configure_logging
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import find_config_path
+from router.deadletter_cli import deadletter, replay_history
 
 log = logging.getLogger("router")
 
@@ -150,6 +151,10 @@ def status(config_path: str | None, as_json: bool) -> None:
         render_status(report, Console())
     if report.get("errors"):
         sys.exit(EXIT_RUNTIME)
+
+
+main.add_command(deadletter)
+main.add_command(replay_history)
 
 
 if __name__ == "__main__":

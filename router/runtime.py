@@ -28,7 +28,7 @@ from deadletter.store import NewDeadLetter, Store
 from ops import metrics
 from ops.health import ops_routes
 from router import assembly
-from router.broker import Publisher, Topology, connect
+from router.broker import Publisher, Topology, connect, queue_depth
 from router.config import RouteConfig, RouterConfig
 from router.http_server import HttpListener
 from router.ingress import IngressPublisher, SharedIngressSink
@@ -38,6 +38,8 @@ from transforms.parsers import FileFormatError
 log = logging.getLogger(__name__)
 
 STAGES = ("sources", "transform", "delivery", "http")
+QUEUE_DEPTH_INTERVAL = 15.0
+"""Seconds between samples of router_queue_depth (a passive declare per queue)."""
 
 
 class PollingSource(Protocol):
@@ -119,7 +121,7 @@ class RouterRuntime:
             self._closers.append(client.close)
             worker = DeliveryWorker(
                 self.broker,
-                assembly.delivery_settings(name, target),
+                assembly.delivery_settings(name, target, self.config.journal.retention),
                 client,
                 assembly.payload_renderer(target),
                 self._store,
@@ -195,6 +197,24 @@ class RouterRuntime:
         self._listener = HttpListener(app, self.config.http.host, port)
         self._listener.start()
         log.info("HTTP listener on %s:%d", self.config.http.host, self._listener.port)
+        if not self.broker.is_memory:
+            self._spawn("queue-depths", self._sample_queue_depths)
+
+    def _sample_queue_depths(self) -> None:
+        """Keep router_queue_depth current for /metrics: every route's ingress and target partition queue."""
+        queues = [self.topology.ingress_queue(route.name) for route in self.config.enabled_routes]
+        for name, target in self.config.targets.items():
+            queues.extend(self.topology.delivery_queues(name, target.partitions))
+        while not self.stop_event.is_set():
+            try:
+                with connect(self.broker) as connection:
+                    for queue in queues:
+                        depth = queue_depth(connection, queue)
+                        if depth is not None:
+                            metrics.QUEUE_DEPTH.labels(queue=queue.name).set(depth)
+            except Exception as error:  # the broker being away is reported by /readyz; try again later
+                log.debug("queue depths not sampled: %s", error)
+            self.stop_event.wait(QUEUE_DEPTH_INTERVAL)
 
     def _check_broker(self) -> None:
         with connect(self.broker) as connection:

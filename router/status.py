@@ -44,11 +44,14 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
         except Exception as error:
             report["errors"].append(f"broker {redact_url(broker.url)} unreachable: {error}")
     open_letters: dict[str, int] = {}
+    parked_keys: dict[str, int] = {}
     try:
         store = Store(config.store.resolved_url(config.base_dir))
         try:
             for route in config.routes:
                 open_letters[route.name] = store.count_open(route.name)
+            for name in config.targets:
+                parked_keys[name] = store.count_parked_keys(name)
         finally:
             store.close()
     except Exception as error:
@@ -58,6 +61,7 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
             {
                 "name": route.name,
                 "source": route.source.type,
+                "enabled": route.enabled,
                 "format": route.format,
                 "deliver": [rule.target for rule in route.deliver_rules()],
                 "ingress_depth": depths.get(topology.ingress_name(route.name)),
@@ -74,6 +78,7 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
                 "url": redact_url(target.url or ""),
                 "partitions": target.partitions,
                 "queue_depth": sum(known) if known else None,
+                "parked_keys": parked_keys.get(name),
             }
         )
     return report
@@ -94,7 +99,7 @@ def render_status(report: dict[str, Any], console: Console) -> None:
     )
     for route in report["routes"]:
         routes.add_row(
-            route["name"],
+            route["name"] if route["enabled"] else f"{route['name']} (disabled)",
             route["source"],
             route["format"],
             ", ".join(route["deliver"]),
@@ -102,7 +107,7 @@ def render_status(report: dict[str, Any], console: Console) -> None:
             _cell(route["deadletters_open"]),
         )
     console.print(routes)
-    targets = Table("target", "type", "url", "partitions", "queued", title="Targets")
+    targets = Table("target", "type", "url", "partitions", "queued", "parked keys", title="Targets")
     for target in report["targets"]:
         targets.add_row(
             target["name"],
@@ -110,6 +115,7 @@ def render_status(report: dict[str, Any], console: Console) -> None:
             target["url"],
             str(target["partitions"]),
             _cell(target["queue_depth"]),
+            _cell(target["parked_keys"]),
         )
     console.print(targets)
     for note in report.get("notes", []):

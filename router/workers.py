@@ -3,33 +3,51 @@
 Each worker runs in its own thread with its own broker connection. A message is acknowledged only
 after everything it caused is safe: the transform worker acks an ingress chunk after its events were
 confirmed on the delivery queues and its failures stored as dead letters; the delivery worker acks a
-partition message after each of its events was delivered or dead-lettered. Anything unacknowledged
-when a process dies or drains returns to its queue.
+partition message after each of its events was delivered, skipped (already delivered, stale snapshot),
+dead-lettered or parked. Anything unacknowledged when a process dies or drains returns to its queue.
+
+Delivery rules per target: an event recorded as delivered is not sent again (effectively-once); a
+stock.snapshot older than the newest applied for its key is skipped; a key with an open dead letter
+is parked (later events wait as ``parked`` letters) until the letter is replayed or discarded, when
+the worker releases the key's parked events in order.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from kombu.message import Message
 
-from connectors.http_target import DeliveryOutcome, HttpTarget, batch_idempotency_key
-from deadletter.store import NewDeadLetter, Store
+from connectors.http_target import DeliveryOutcome, DeliveryResult, HttpTarget, batch_idempotency_key
+from deadletter.store import DeliveryState, NewDeadLetter, Store, occurred_at_of
 from ops import metrics
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
 from router.consumer import BufferedConsumer, run_reconnecting
-from router.pipeline import RoutePipeline
 from transforms.render import PayloadRenderer
+
+if TYPE_CHECKING:
+    from router.pipeline import RoutePipeline
 
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 0.25
+# Set by `router replay` on re-sent journal events: they bypass the ledger and the stale guard, which
+# would otherwise refuse exactly the events a restored target needs again.
+REPLAY_HEADER = "x-router-replay"
+RELEASE_ACTOR = "router"
+PRUNE_INTERVAL = 300.0
+# A release lease outlives one event's longest delivery (max_age, the last timeout) by this much.
+LEASE_MARGIN = 60.0
+SNAPSHOT_TYPE = "stock.snapshot"
 
 
 class TransformWorker:
@@ -73,8 +91,15 @@ class TransformWorker:
         pipeline = self._pipelines.get(route)
         if pipeline is None:
             self._store.add_dead_letters(
-                [NewDeadLetter(route=route, stage="transform", reason="unknown_route",
-                               detail=f"no route named {route!r} in this configuration", payload=body)]
+                [
+                    NewDeadLetter(
+                        route=route,
+                        stage="transform",
+                        reason="unknown_route",
+                        detail=f"no route named {route!r} in this configuration",
+                        payload=body,
+                    )
+                ]
             )
             message.ack()
             return
@@ -110,34 +135,68 @@ class TransformWorker:
 
 @dataclass(frozen=True)
 class InboundBatch:
-    """A partition message with its decoded events and when it arrived (for ``max_wait``)."""
+    """A partition message with its decoded events, when it arrived (for ``max_wait``), and whether it
+    is a history replay."""
 
     message: Message
     events: list[dict[str, Any]]
     received: float
+    replay: bool = False
 
     @classmethod
     def of(cls, message: Message) -> InboundBatch:
-        return cls(message, decode_body(message.body)["events"], time.monotonic())
+        replay = bool((message.headers or {}).get(REPLAY_HEADER))
+        return cls(message, decode_body(message.body)["events"], time.monotonic(), replay)
 
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    """How a target takes events: partitions to consume and micro-batch limits."""
+    """How a target takes events: partitions to consume, micro-batch limits, how often parked keys are
+    looked at and how long delivered events stay in the journal (seconds)."""
 
     target: str
     partitions: int
     batch_max_events: int | None
     batch_max_wait: float
     prefetch: int = 4
+    journal_retention: float = 7 * 86400.0
+    release_interval: float = 1.0
 
 
 def _lag_seconds(event: Mapping[str, Any], now: datetime) -> float | None:
-    try:
-        occurred = datetime.fromisoformat(event["occurred_at"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return max((now - occurred).total_seconds(), 0.0)
+    occurred = occurred_at_of(event)
+    return None if occurred is None else max((now - occurred).total_seconds(), 0.0)
+
+
+@dataclass
+class _BatchRun:
+    """One pass over a batch: what the store said about it and the decisions taken so far."""
+
+    state: DeliveryState
+    parked: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: int = 0
+
+    def verdict(self, event: Mapping[str, Any], replay: bool) -> str:
+        """send, skip (delivered before, or already lettered here), park, or stale."""
+        state = self.state
+        event_id, key = event["event_id"], event.get("sequence_key")
+        if event_id in state.delivered and not replay:
+            self.duplicates += 1
+            return "skip"
+        if event_id in state.lettered:
+            return "skip"
+        if key is not None and key in state.blocked:
+            return "park"
+        occurred = occurred_at_of(event)
+        if event.get("type") == SNAPSHOT_TYPE and key is not None and occurred is not None:
+            newest = state.snapshot_marks.get(key)
+            if newest is not None and occurred < newest and not replay:
+                return "stale"
+            if newest is None or occurred > newest:
+                state.snapshot_marks[key] = occurred
+        # A re-ingested copy later in the same batch is a duplicate of this one.
+        state.delivered.add(event_id)
+        return "send"
 
 
 class DeliveryWorker:
@@ -159,6 +218,9 @@ class DeliveryWorker:
         self._renderer = renderer
         self._store = store
         self._stop = stop
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._next_release = 0.0
+        self._next_prune = 0.0
 
     def run(self) -> None:
         run_reconnecting(f"delivery worker for {self.settings.target}", self._session, self._stop)
@@ -175,6 +237,7 @@ class DeliveryWorker:
                     pending.extend(InboundBatch.of(message) for message in consumer.fetch(timeout))
                     if pending and self._should_flush(pending):
                         pending = self.deliver_messages(pending)
+                    self.housekeeping()
             finally:
                 consumer.close()
 
@@ -185,16 +248,29 @@ class DeliveryWorker:
         count = sum(len(item.events) for item in pending)
         return count >= limit or time.monotonic() - pending[0].received >= self.settings.batch_max_wait
 
+    def housekeeping(self) -> None:
+        """When due: release keys whose dead letter was resolved, and prune the journal."""
+        now = time.monotonic()
+        if now >= self._next_release:
+            self.release_parked()
+            self._next_release = time.monotonic() + self.settings.release_interval
+        if now >= self._next_prune:
+            cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.journal_retention)
+            pruned = self._store.prune_history(cutoff)
+            if pruned:
+                log.info("pruned %d journal and webhook-id rows older than %s", pruned, cutoff.isoformat())
+            self._next_prune = now + PRUNE_INTERVAL
+
     def deliver_messages(self, pending: Sequence[InboundBatch]) -> list[InboundBatch]:
-        """Deliver all events of ``pending`` in order; ack each message once all its events are done.
+        """Deliver all events of ``pending`` in order; ack each message once all its events are resolved.
 
         Returns the messages left unacknowledged because a drain interrupted delivery; they return
         to their queue when the consumer closes.
         """
-        events: list[dict[str, Any]] = []
+        events: list[tuple[dict[str, Any], bool]] = []
         ends: list[int] = []
         for item in pending:
-            events.extend(item.events)
+            events.extend((event, item.replay) for event in item.events)
             ends.append(len(events))
         done = self._deliver_events(events)
         unacked: list[InboundBatch] = []
@@ -205,82 +281,211 @@ class DeliveryWorker:
                 unacked.append(item)
         return unacked
 
-    def _deliver_events(self, events: Sequence[dict[str, Any]]) -> int:
-        """Deliver events in order; returns how many were resolved before an interruption."""
+    def _deliver_events(self, events: Sequence[tuple[dict[str, Any], bool]]) -> int:
+        """Resolve events in order; returns how many were resolved before an interruption."""
+        target = self.settings.target
+        run = _BatchRun(self._store.delivery_state(target, [event for event, _ in events]))
         size = self.settings.batch_max_events or 1
-        done = 0
-        while done < len(events):
-            group = events[done : done + size]
-            if not self._deliver_group(group):
-                return done
-            done += len(group)
-        return done
+        group: list[dict[str, Any]] = []
+        group_start = 0
+        for index, (event, replay) in enumerate(events):
+            verdict = run.verdict(event, replay)
+            if verdict == "park":
+                run.parked.append(event)
+            elif verdict == "stale":
+                metrics.EVENTS_STALE.labels(target=target).inc()
+            elif verdict == "send":
+                if not group:
+                    group_start = index
+                group.append(event)
+            if len(group) == size:
+                if not self._flush(run, group):
+                    return group_start
+                group = []
+        if group and not self._flush(run, group):
+            return group_start
+        self._park(run)
+        if run.duplicates:
+            metrics.EVENTS_DUPLICATE.labels(target=target).inc(run.duplicates)
+            log.info("%d event(s) already delivered to %s were not sent again", run.duplicates, target)
+        return len(events)
 
-    def _deliver_group(self, group: Sequence[dict[str, Any]]) -> bool:
-        """Deliver one request's worth of events; False when interrupted by a drain."""
+    def _flush(self, run: _BatchRun, group: list[dict[str, Any]]) -> bool:
+        """Store the parking decided so far, then deliver ``group``; False when a drain interrupted it."""
+        self._park(run)
+        return self._deliver_group(run, group)
+
+    def _park(self, run: _BatchRun) -> None:
+        if not run.parked:
+            return
+        target = self.settings.target
+        self._store.add_dead_letters(
+            [self._letter(event, "parked", _parked_detail(event, target)) for event in run.parked]
+        )
+        self._update_open_gauges(run.parked)
+        log.warning(
+            "%d event(s) parked at %s behind an open dead letter of their key",
+            len(run.parked),
+            target,
+            extra={"target": target, "reason": "parked"},
+        )
+        run.parked = []
+
+    def _send(self, group: Sequence[dict[str, Any]]) -> DeliveryResult:
+        """One request's worth of events to the target, retried in place."""
         as_batch = self.settings.batch_max_events is not None
         payload, content_type = self._renderer.render(group, as_batch)
         key = batch_idempotency_key([e["event_id"] for e in group]) if as_batch else group[0]["event_id"]
         started = time.monotonic()
         result = self._target.deliver(payload, content_type, key, stop=self._stop)
-        target = self.settings.target
-        metrics.DELIVERY_SECONDS.labels(target=target).observe(time.monotonic() - started)
+        metrics.DELIVERY_SECONDS.labels(target=self.settings.target).observe(time.monotonic() - started)
+        return result
+
+    def _deliver_group(self, run: _BatchRun, group: Sequence[dict[str, Any]]) -> bool:
+        """Deliver one request's worth of events; False when interrupted by a drain."""
+        result = self._send(group)
         if result.outcome is DeliveryOutcome.interrupted:
             return False
         if result.outcome is DeliveryOutcome.delivered:
-            now = datetime.now(UTC)
-            for event in group:
-                metrics.EVENTS_DELIVERED.labels(route=event["source"]["route"], target=target).inc()
-                lag = _lag_seconds(event, now)
-                if lag is not None:
-                    metrics.EVENT_LAG.labels(target=target).observe(lag)
+            self._delivered(group)
             return True
         if result.outcome is DeliveryOutcome.permanent and len(group) > 1:
             # One bad event must not sink its neighbours: retry the batch one event at a time so
             # only the events the target really refuses are dead-lettered.
-            return all(self._deliver_single(event) for event in group)
-        self._dead_letter(group, result.reason, result.detail, result.attempts)
+            for event in group:
+                if event.get("sequence_key") in run.state.blocked:
+                    run.parked.append(event)
+                    continue
+                single = self._send([event])
+                if single.outcome is DeliveryOutcome.interrupted:
+                    return False
+                if single.outcome is DeliveryOutcome.delivered:
+                    self._delivered([event])
+                else:
+                    self._dead_letter(run, [event], single)
+            self._park(run)
+            return True
+        self._dead_letter(run, group, result)
         return True
 
-    def _deliver_single(self, event: dict[str, Any]) -> bool:
-        payload, content_type = self._renderer.render([event], True)
-        result = self._target.deliver(payload, content_type, event["event_id"], stop=self._stop)
-        if result.outcome is DeliveryOutcome.interrupted:
-            return False
-        if result.outcome is DeliveryOutcome.delivered:
-            metrics.EVENTS_DELIVERED.labels(route=event["source"]["route"], target=self.settings.target).inc()
-        else:
-            self._dead_letter([event], result.reason, result.detail, result.attempts)
-        return True
+    def _delivered(self, events: Sequence[dict[str, Any]]) -> None:
+        self._store.record_deliveries(self.settings.target, events)
+        self._count_delivered(events)
 
-    def _dead_letter(self, events: Sequence[dict[str, Any]], reason: str, detail: str, attempts: int) -> None:
+    def _count_delivered(self, events: Sequence[Mapping[str, Any]]) -> None:
         target = self.settings.target
-        self._store.add_dead_letters(
-            [
-                NewDeadLetter(
-                    route=event["source"]["route"],
-                    stage="delivery",
-                    target=target,
-                    reason=reason,
-                    detail=detail,
-                    payload=event,
-                    source_ref=event["source"],
-                    event_id=event["event_id"],
-                    sequence_key=event.get("sequence_key"),
-                    attempts=attempts,
-                )
-                for event in events
-            ]
-        )
-        routes = {event["source"]["route"] for event in events}
+        now = datetime.now(UTC)
         for event in events:
-            metrics.DEADLETTERS.labels(route=event["source"]["route"], stage="delivery", reason=reason).inc()
-        for route in routes:
-            metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
+            metrics.EVENTS_DELIVERED.labels(route=event["source"]["route"], target=target).inc()
+            lag = _lag_seconds(event, now)
+            if lag is not None:
+                metrics.EVENT_LAG.labels(target=target).observe(lag)
+
+    def _letter(self, event: Mapping[str, Any], reason: str, detail: str, attempts: int = 0) -> NewDeadLetter:
+        return NewDeadLetter(
+            route=event["source"]["route"],
+            stage="delivery",
+            target=self.settings.target,
+            reason=reason,
+            detail=detail,
+            payload=event,
+            source_ref=event["source"],
+            event_id=event["event_id"],
+            sequence_key=event.get("sequence_key"),
+            attempts=attempts,
+            status="parked" if reason == "parked" else "dead",
+        )
+
+    def _dead_letter(self, run: _BatchRun, events: Sequence[dict[str, Any]], result: DeliveryResult) -> None:
+        """Dead-letter the first event of each key; its later events in ``events`` park behind it."""
+        target = self.settings.target
+        letters = []
+        for event in events:
+            key = event.get("sequence_key")
+            if key is not None and key in run.state.blocked:
+                letters.append(self._letter(event, "parked", _parked_detail(event, target)))
+                continue
+            letters.append(self._letter(event, result.reason, result.detail, result.attempts))
+            metrics.DEADLETTERS.labels(
+                route=event["source"]["route"], stage="delivery", reason=result.reason
+            ).inc()
+            if key is not None:
+                run.state.blocked.add(key)
+        self._store.add_dead_letters(letters)
+        self._update_open_gauges(events)
         log.error(
             "%d event(s) dead-lettered at %s: %s",
             len(events),
             target,
-            detail,
-            extra={"target": target, "reason": reason},
+            result.detail,
+            extra={"target": target, "reason": result.reason},
         )
+
+    def _update_open_gauges(self, events: Sequence[Mapping[str, Any]]) -> None:
+        for route in {event["source"]["route"] for event in events}:
+            metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
+        metrics.PARKED_KEYS.labels(target=self.settings.target).set(
+            self._store.count_parked_keys(self.settings.target)
+        )
+
+    def release_parked(self) -> None:
+        """Deliver, in order, the parked events of every key whose dead letter was replayed or discarded."""
+        target = self.settings.target
+        for key in self._store.releasable_keys(target):
+            if self._stop.is_set():
+                return
+            self._release_key(key)
+        metrics.PARKED_KEYS.labels(target=target).set(self._store.count_parked_keys(target))
+
+    def _release_key(self, key: str) -> None:
+        """Release one key under a lease, so two processes never send the same parked event."""
+        target = self.settings.target
+        ttl = self._target.settings.retry.max_age + self._target.settings.timeout + LEASE_MARGIN
+        released: list[dict[str, Any]] = []
+        try:
+            while self._store.claim_key(target, key, self._holder, ttl):
+                letters = self._store.releasable_letters(target, key)
+                if not letters:
+                    return
+                for letter in letters:
+                    # Renew the lease before each send: one event may take up to max_age.
+                    if self._stop.is_set() or not self._store.claim_key(target, key, self._holder, ttl):
+                        return
+                    event = letter.payload
+                    result = self._send([event])
+                    if result.outcome is DeliveryOutcome.interrupted:
+                        return
+                    if result.outcome is not DeliveryOutcome.delivered:
+                        self._store.fail_release(
+                            letter.id,
+                            reason=result.reason,
+                            detail=result.detail,
+                            attempts=result.attempts,
+                            actor=RELEASE_ACTOR,
+                        )
+                        metrics.DEADLETTERS.labels(
+                            route=letter.route, stage="delivery", reason=result.reason
+                        ).inc()
+                        log.error(
+                            "parked event %s failed again at %s; key stays parked: %s",
+                            letter.event_id,
+                            target,
+                            result.detail,
+                            extra={"target": target, "reason": result.reason},
+                        )
+                        return
+                    self._store.complete_release(letter.id, target, event, actor=RELEASE_ACTOR)
+                    self._count_delivered([event])
+                    released.append(event)
+        finally:
+            self._store.free_key(target, key, self._holder)
+            if released:
+                log.info("released %d parked event(s) of one key at %s", len(released), target)
+                self._update_open_gauges(released)
+
+
+def _parked_detail(event: Mapping[str, Any], target: str) -> str:
+    return (
+        f"waiting at {target} behind an open dead letter of key {event.get('sequence_key')!r}; "
+        "replay or discard that letter to release it"
+    )

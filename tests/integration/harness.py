@@ -26,8 +26,10 @@ def write_config(
     retry: Mapping[str, Any] | None = None,
     chunk_size: int = 500,
     queue_type: str = "quorum",
+    circuit_breaker: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A routes.yaml for one POS file route delivering to ``targets`` (name -> base URL)."""
+    """A routes.yaml for one POS file route delivering to ``targets`` (name -> base URL); every target
+    gets ``circuit_breaker`` when given."""
     (folder / "stores.csv").write_text(
         "store_code,gln\n" + "".join(f"{code},{gln}\n" for code, gln in STORES.items()), encoding="utf-8"
     )
@@ -45,6 +47,7 @@ def write_config(
                 "timeout": "5s",
                 "retry": dict(retry or {"attempts": 20, "initial": "50ms", "max": "500ms", "max_age": "2m"}),
                 **({"batch": {"max_events": size, "max_wait": "50ms"}} if (batch or {}).get(name) else {}),
+                **({"circuit_breaker": dict(circuit_breaker)} if circuit_breaker else {}),
             }
             for name, url in targets.items()
             for size in [(batch or {}).get(name)]
@@ -101,6 +104,20 @@ def write_pos_file(path: Path, rows: int, *, bad: Mapping[int, Mapping[str, str]
             row.update((bad or {}).get(n, {}))
             writer.writerow(row)
     return path
+
+
+def in_order_per_key(events: list[dict[str, Any]]) -> bool:
+    """Whether each sequence key's first deliveries follow its file's transaction order (files dropped
+    together have no order between them; a repeat of an event already delivered, within a crash window,
+    does not count as reordering)."""
+    seen: set[str] = set()
+    per_key: dict[tuple[str, str], list[str]] = {}
+    for event in events:
+        if event["event_id"] not in seen:
+            seen.add(event["event_id"])
+            stream = (event["source"].get("file", ""), event["sequence_key"])
+            per_key.setdefault(stream, []).append(event["transaction_id"])
+    return all(transactions == sorted(transactions) for transactions in per_key.values())
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from sqlalchemy import create_engine, text
 
 from deadletter.store import (
     DeadLetterNotFound,
+    DeadLetterStateError,
     NewDeadLetter,
     Store,
     StoreUnavailable,
@@ -364,3 +366,142 @@ def test_schema_is_refused_for_sqlite_and_must_be_an_identifier(tmp_path: Path) 
         Store(f"sqlite:///{tmp_path / 'state.db'}", schema="tenant_a")
     with pytest.raises(ValueError, match="not a plain SQL identifier"):
         Store("postgresql://postgres@127.0.0.1:1/test", schema="x; DROP TABLE dead_letters")
+
+
+def _event(event_id: str, key: str, minute: int, kind: str = "sale") -> dict[str, object]:
+    occurred = datetime(2026, 11, 24, 9, minute, tzinfo=UTC).isoformat()
+    return {"event_id": event_id, "sequence_key": key, "type": kind, "occurred_at": occurred}
+
+
+def test_deliveries_are_a_ledger_and_a_journal_per_target(store: Store) -> None:
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    store.record_deliveries("erp", [_event("e1", "A", 1), _event("e2", "B", 2)])
+    store.record_deliveries("erp", [_event("e1", "A", 1), _event("e3", "A", 3)])  # e1 re-sent
+    store.record_deliveries("wms", [_event("e1", "A", 1)])
+
+    state = store.delivery_state("erp", [_event("e1", "A", 1), _event("e4", "A", 4), _event("e2", "B", 2)])
+
+    assert state.delivered == {"e1", "e2"}
+    assert [entry.event_id for entry in store.journal("erp", since=start)] == ["e1", "e2", "e3"]
+    assert [entry.event_id for entry in store.journal("erp", since=start, sequence_key="A")] == ["e1", "e3"]
+    assert store.journal("erp", since=datetime.now(UTC) + timedelta(seconds=1)) == []
+    [entry] = store.journal("wms", since=start, until=datetime.now(UTC) + timedelta(seconds=1))
+    assert entry.event["occurred_at"] == "2026-11-24T09:01:00+00:00"
+    assert entry.occurred_at == datetime(2026, 11, 24, 9, 1, tzinfo=UTC)
+
+
+def test_history_and_webhook_ids_are_pruned_after_the_retention(store: Store) -> None:
+    store.record_deliveries("erp", [_event("e1", "A", 1)])
+    store.remember_webhook("partner-stock", "msg_1", "m-1")
+    store.remember_webhook("partner-stock", "msg_1", "m-1")  # a redelivery records nothing new
+
+    assert store.webhook_seen("partner-stock", "msg_1")
+    assert not store.webhook_seen("other-route", "msg_1")
+    assert store.prune_history(datetime.now(UTC) - timedelta(hours=1)) == 0
+    assert store.prune_history(datetime.now(UTC) + timedelta(seconds=1)) == 2
+    assert store.delivery_state("erp", [_event("e1", "A", 1)]).delivered == set()
+    assert not store.webhook_seen("partner-stock", "msg_1")
+
+
+def test_snapshot_marks_only_move_forward(store: Store) -> None:
+    store.record_deliveries("erp", [_event("s1", "A", 10, "stock.snapshot"), _event("x", "B", 50)])
+    store.record_deliveries("erp", [_event("s2", "A", 5, "stock.snapshot")])  # an older one re-sent
+
+    marks = store.delivery_state("erp", [_event("s3", "A", 1), _event("y", "B", 1)]).snapshot_marks
+
+    assert marks == {"A": datetime(2026, 11, 24, 9, 10, tzinfo=UTC)}
+    store.record_deliveries("erp", [_event("s4", "A", 30, "stock.snapshot")])
+    assert store.delivery_state("erp", [_event("s4", "A", 30)]).snapshot_marks["A"].minute == 30
+
+
+def _delivery_letter(key: str, event_id: str, status: str = "dead", target: str = "erp") -> NewDeadLetter:
+    return NewDeadLetter(
+        route="pos-sales",
+        stage="delivery",
+        target=target,
+        reason="parked" if status == "parked" else "http_4xx",
+        detail="HTTP 422 from erp",
+        payload={"event_id": event_id},
+        event_id=event_id,
+        sequence_key=key,
+        status=status,  # type: ignore[arg-type]
+    )
+
+
+def test_parking_blocks_a_key_until_its_dead_letter_is_resolved(store: Store) -> None:
+    dead, parked_a, parked_b = store.add_dead_letters(
+        [
+            _delivery_letter("A", "a1"),
+            _delivery_letter("A", "a2", "parked"),
+            _delivery_letter("B", "b2", "parked"),
+        ]
+    )
+    store.add_dead_letters([_delivery_letter("C", "c1", target="wms")])
+
+    state = store.delivery_state("erp", [_event("a3", "A", 3), _event("a2", "A", 2), _event("c2", "C", 2)])
+    assert state.blocked == {"A"} and state.lettered == {"a2"}
+    assert store.count_parked_keys("erp") == 2 and store.count_parked_keys("wms") == 1
+    assert store.releasable_keys("erp") == ["B"]  # A is held by its dead letter
+    assert store.releasable_letters("erp", "A") == []
+    store.add_dead_letters([_delivery_letter("B", "b1")])
+    assert store.releasable_keys("erp") == []
+
+    assert store.reopen_parked([dead], actor="alice", reason="fixed") == [dead]
+    assert store.reopen_parked([dead], actor="alice", reason="again") == []
+    assert store.releasable_keys("erp") == ["A"]
+    assert [letter.id for letter in store.releasable_letters("erp", "A")] == [dead, parked_a]
+    store.complete_release(dead, "erp", {"event_id": "a1", "sequence_key": "A"}, actor="router")
+    store.fail_release(parked_a, reason="http_4xx", detail="HTTP 422 again", attempts=1, actor="router")
+
+    assert store.get_dead_letter(dead).status == "replayed"  # type: ignore[union-attr]
+    failed = store.get_dead_letter(parked_a)
+    assert failed is not None and (failed.status, failed.detail, failed.attempts) == (
+        "dead",
+        "HTTP 422 again",
+        1,
+    )
+    assert store.delivery_state("erp", [_event("a1", "A", 1)]).delivered == {"a1"}
+    assert store.get_dead_letter(parked_b).status == "parked"  # type: ignore[union-attr]
+
+
+def test_one_holder_at_a_time_releases_a_key_and_an_expired_lease_is_taken_over(store: Store) -> None:
+    assert store.claim_key("erp", "A", "host-1", ttl=60)
+    assert store.claim_key("erp", "A", "host-1", ttl=60)  # renewing
+    assert not store.claim_key("erp", "A", "host-2", ttl=60)
+    assert store.claim_key("erp", "B", "host-2", ttl=60)
+    store.free_key("erp", "A", "host-2")  # not its lease: nothing happens
+    assert not store.claim_key("erp", "A", "host-2", ttl=60)
+    store.free_key("erp", "A", "host-1")
+    assert store.claim_key("erp", "A", "host-2", ttl=0)
+    time.sleep(0.01)
+    assert store.claim_key("erp", "A", "host-3", ttl=60)  # host-2 died: its lease ran out
+
+
+def test_status_moves_can_require_a_starting_status(store: Store) -> None:
+    [letter_id] = store.add_dead_letters([_transform_failure()])
+    store.set_status(letter_id, "discarded", actor="ops", reason="test data", only_from=("dead",))
+
+    with pytest.raises(DeadLetterStateError, match=f"dead letter {letter_id} is discarded; it can become"):
+        store.set_status(letter_id, "replayed", actor="ops", reason="x", only_from=("dead",))
+
+
+def test_an_edited_payload_is_audited_with_old_and_new(store: Store) -> None:
+    [letter_id] = store.add_dead_letters([_transform_failure()])
+
+    edited = store.update_payload(
+        letter_id, {"SKU": "A-1", "STORE": "S01", "QTY": "3"}, actor="carol", reason="typo"
+    )
+
+    assert edited.payload["QTY"] == "3"
+    [entry] = store.list_audit(f"deadletter:{letter_id}")
+    assert (entry.actor, entry.action) == ("carol", "deadletter.edited")
+    assert entry.detail is not None and entry.detail["old_payload"]["QTY"] == "abc"
+    assert entry.detail["new_payload"]["QTY"] == "3" and entry.detail["reason"] == "typo"
+    store.set_status(letter_id, "discarded", actor="carol", reason="gave up")
+    with pytest.raises(DeadLetterStateError, match="only open"):
+        store.update_payload(letter_id, {}, actor="carol", reason="late")
+
+
+def test_a_new_letter_is_dead_or_parked_only() -> None:
+    with pytest.raises(ValueError, match="a new letter is dead or parked, not 'replayed'"):
+        _transform_failure(status="replayed")

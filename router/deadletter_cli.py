@@ -1,0 +1,354 @@
+"""`router deadletter list|show|replay|edit|discard` and `router replay`: the operator's side of the store.
+
+Commands stay thin: filters and output here, the work in router.replay and deadletter.store. Every
+action is audited with who (``--actor``, default ``$USER``), when and why. Exit codes: 0 ok, 1 runtime
+failure (store or broker unreachable, a letter that could not be replayed), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from deadletter.store import STAGES, STATUSES, DeadLetter, Store, StoreUnavailable, default_actor
+from router.broker import BrokerUnavailable
+from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
+from router.config import RouterConfig
+from router.replay import Replayer, ReplayError, ReplayReport
+
+PROGRESS_FROM = 20
+DETAIL_CHARS = 80
+
+
+class IsoTime(click.ParamType):
+    """An ISO 8601 time with its offset (``2026-11-24T09:00:00Z``); a time without one is refused."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            moment = datetime.fromisoformat(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 time; expected e.g. 2026-11-24T09:00:00Z", param, ctx)
+        if moment.tzinfo is None:
+            self.fail(f"{value!r} has no timezone; add one, e.g. {value}Z or {value}-05:00", param, ctx)
+        return moment
+
+
+ISO_TIME = IsoTime()
+actor_option = click.option(
+    "--actor", default=default_actor, show_default="$USER", help="Who is acting (audit)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print data as JSON.")
+
+
+def _filters(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option("--route", metavar="NAME", help="Only this route."),
+            click.option("--target", metavar="NAME", help="Only this target."),
+            click.option("--stage", type=click.Choice(STAGES), help="Only this stage."),
+            click.option("--key", "sequence_key", metavar="KEY", help="Only this sequence key."),
+            click.option("--since", type=ISO_TIME, help="Created at or after TIME (ISO 8601 with offset)."),
+            click.option("--until", type=ISO_TIME, help="Created before TIME."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def _opened(config_path: str | None) -> Iterator[tuple[RouterConfig, Store]]:
+    config = load_or_exit(config_path)
+    try:
+        store = Store(config.store.resolved_url(config.base_dir))
+    except StoreUnavailable as error:
+        _fail(f"router: {error}", EXIT_RUNTIME)
+    try:
+        yield config, store
+    except (StoreUnavailable, BrokerUnavailable) as error:
+        _fail(f"router: {error}", EXIT_RUNTIME)
+    finally:
+        store.close()
+
+
+def _letters(store: Store, ids: Sequence[int]) -> list[DeadLetter]:
+    letters = []
+    for letter_id in ids:
+        letter = store.get_dead_letter(letter_id)
+        if letter is None:
+            _fail(f"router deadletter: dead letter {letter_id} does not exist", EXIT_CONFIG)
+        letters.append(letter)
+    return sorted(letters, key=lambda letter: letter.id)
+
+
+def _table(letters: Sequence[DeadLetter]) -> Table:
+    table = Table(
+        "id", "created (UTC)", "route", "stage", "target", "key", "status", "reason", "tries", "detail"
+    )
+    for letter in letters:
+        detail = (
+            letter.detail if len(letter.detail) <= DETAIL_CHARS else letter.detail[: DETAIL_CHARS - 1] + "…"
+        )
+        table.add_row(
+            str(letter.id),
+            letter.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            letter.route,
+            letter.stage,
+            letter.target or "",
+            letter.sequence_key or "",
+            letter.status,
+            letter.reason,
+            str(letter.attempts),
+            detail,
+        )
+    return table
+
+
+def _report(report: ReplayReport, verb: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({verb: report.replayed, "skipped": report.skipped}, indent=2))
+    else:
+        if report.replayed:
+            click.echo(f"{verb} {len(report.replayed)}: {', '.join(map(str, report.replayed))}")
+        for letter_id, why in sorted(report.skipped.items()):
+            click.echo(f"dead letter {letter_id} not {verb}: {why}", err=True)
+    if report.skipped:
+        sys.exit(EXIT_RUNTIME)
+
+
+@click.group("deadletter")
+def deadletter() -> None:
+    """Inspect and resolve dead letters: list, show, replay, edit, discard."""
+
+
+@deadletter.command("list")
+@config_option
+@_filters
+@click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
+@click.option("--limit", default=1000, show_default=True, help="At most this many, oldest first.")
+@json_option
+def list_letters(
+    config_path: str | None, status: str | None, limit: int, as_json: bool, **filters: Any
+) -> None:
+    """Dead letters, oldest first, filtered by route, target, stage, status, key and time."""
+    with _opened(config_path) as (_, store):
+        letters = store.list_dead_letters(status=status, limit=limit, **filters)  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps([letter.to_dict() for letter in letters], indent=2, default=str))
+    elif letters:
+        Console().print(_table(letters))
+    else:
+        click.echo("no dead letters match")
+
+
+@deadletter.command()
+@config_option
+@click.argument("letter_id", metavar="ID", type=int)
+@json_option
+def show(config_path: str | None, letter_id: int, as_json: bool) -> None:
+    """One dead letter: where and why it failed, its payload and its history."""
+    with _opened(config_path) as (_, store):
+        [letter] = _letters(store, [letter_id])
+        history = store.list_audit(f"deadletter:{letter_id}")
+    document = {**letter.to_dict(), "history": [entry.to_dict() for entry in history]}
+    if as_json:
+        click.echo(json.dumps(document, indent=2, default=str))
+        return
+    console = Console()
+    console.print(_table([letter]))
+    console.print(f"[bold]detail[/bold]: {letter.detail}", markup=True, highlight=False)
+    console.print(f"[bold]source[/bold]: {json.dumps(letter.source_ref, default=str)}", highlight=False)
+    console.print("[bold]payload[/bold]:")
+    console.print_json(json.dumps(letter.payload, default=str))
+    events = Table("when (UTC)", "actor", "action", "detail", title="history")
+    for entry in history:
+        events.add_row(
+            entry.at.strftime("%Y-%m-%d %H:%M:%S"),
+            entry.actor,
+            entry.action,
+            json.dumps(entry.detail, default=str),
+        )
+    console.print(events)
+
+
+@deadletter.command("replay")
+@config_option
+@click.argument("ids", nargs=-1, type=int)
+@_filters
+@click.option("--reason", default="replayed by an operator", show_default=True, help="Why (audit).")
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed, change nothing.")
+@actor_option
+@json_option
+def replay_letters(
+    config_path: str | None,
+    ids: tuple[int, ...],
+    reason: str,
+    dry_run: bool,
+    actor: str,
+    as_json: bool,
+    **filters: Any,
+) -> None:
+    """Replay dead letters by ID, or every dead letter matching the filters.
+
+    A delivery letter goes to its target again ahead of the events parked behind it, in order; a
+    failed record goes through the transform again with its original event id; a rejected file goes
+    back to the inbox.
+    """
+    given = {name: value for name, value in filters.items() if value is not None}
+    if not ids and not given:
+        _fail(
+            "router deadletter replay: give dead letter IDs or at least one filter (--route, --target, ...)",
+            2,
+        )
+    with _opened(config_path) as (config, store):
+        if ids:
+            letters = [letter for letter in _letters(store, ids) if _matches(letter, given)]
+        else:
+            letters = store.list_dead_letters(status="dead", limit=1_000_000, **given)
+        if dry_run:
+            _preview(letters, as_json)
+            return
+        if not letters and not as_json:
+            click.echo("no dead letters match; nothing replayed")
+            return
+        replayer = Replayer(config, store, actor)
+        with _progress(len(letters), as_json) as advance:
+            report = replayer.replay_letters(letters, reason=reason, progress=advance)
+    _report(report, "replayed", as_json)
+
+
+def _matches(letter: DeadLetter, filters: dict[str, Any]) -> bool:
+    since, until = filters.get("since"), filters.get("until")
+    fields = {name: value for name, value in filters.items() if name not in ("since", "until")}
+    return (
+        all(getattr(letter, name) == value for name, value in fields.items())
+        and (since is None or letter.created_at >= since)
+        and (until is None or letter.created_at < until)
+    )
+
+
+def _preview(letters: Sequence[DeadLetter], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([letter.to_dict() for letter in letters], indent=2, default=str))
+        return
+    click.echo(f"would replay {len(letters)} dead letter(s)")
+    if letters:
+        Console().print(_table(letters))
+
+
+@contextmanager
+def _progress(total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr for replays of many letters or events; silent for a few."""
+    if quiet or total < PROGRESS_FROM:
+        yield lambda _: None
+        return
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("replaying", total=total)
+        yield lambda done: progress.advance(task, done)
+
+
+@deadletter.command()
+@config_option
+@click.argument("letter_id", metavar="ID", type=int)
+@click.option("--reason", default="payload corrected by an operator", show_default=True, help="Why (audit).")
+@actor_option
+def edit(config_path: str | None, letter_id: int, reason: str, actor: str) -> None:
+    """Open the payload in $EDITOR; when saved and valid, store it (audited) and replay the letter."""
+    with _opened(config_path) as (config, store):
+        [letter] = _letters(store, [letter_id])
+        replayer = Replayer(config, store, actor)
+        try:
+            replayer.check_editable(letter)
+        except ReplayError as error:
+            _fail(f"router deadletter edit: {error}", EXIT_CONFIG)
+        original = json.dumps(letter.payload, indent=2, ensure_ascii=False, default=str) + "\n"
+        edited = click.edit(original, extension=".json")
+        if edited is None or edited == original:
+            click.echo(f"dead letter {letter_id}: no change; nothing replayed")
+            return
+        try:
+            payload = json.loads(edited)
+        except json.JSONDecodeError as error:
+            _fail(
+                f"router deadletter edit: the edited payload is not JSON (line {error.lineno}, column "
+                f"{error.colno}: {error.msg}); nothing changed",
+                EXIT_CONFIG,
+            )
+        try:
+            report = replayer.edit(letter, payload, reason=reason)
+        except ReplayError as error:
+            _fail(f"router deadletter edit: {error}; nothing changed", EXIT_CONFIG)
+    _report(report, "replayed", as_json=False)
+
+
+@deadletter.command()
+@config_option
+@click.argument("ids", nargs=-1, type=int, required=True)
+@click.option("--reason", required=True, help="Why these letters are dropped for good (audit).")
+@actor_option
+@json_option
+def discard(config_path: str | None, ids: tuple[int, ...], reason: str, actor: str, as_json: bool) -> None:
+    """Drop dead letters for good; events parked behind a discarded delivery letter then go on."""
+    with _opened(config_path) as (config, store):
+        report = Replayer(config, store, actor).discard(_letters(store, ids), reason=reason)
+    _report(report, "discarded", as_json)
+
+
+@click.command("replay")
+@config_option
+@click.option("--target", required=True, metavar="NAME", help="The restored target to send history to.")
+@click.option(
+    "--since", required=True, type=ISO_TIME, help="Events delivered at or after TIME (with offset)."
+)
+@click.option("--until", type=ISO_TIME, help="Events delivered before TIME.")
+@click.option("--key", "sequence_key", metavar="KEY", help="Only this sequence key.")
+@click.option("--dry-run", is_flag=True, help="Count what would be re-sent, send nothing.")
+@actor_option
+@json_option
+def replay_history(
+    config_path: str | None,
+    target: str,
+    since: datetime,
+    until: datetime | None,
+    sequence_key: str | None,
+    dry_run: bool,
+    actor: str,
+    as_json: bool,
+) -> None:
+    """Re-send delivered history to a target restored from a backup: in order, same event ids."""
+    with _opened(config_path) as (config, store):
+        replayer = Replayer(config, store, actor)
+        try:
+            entries = replayer.history(target, since=since, until=until, sequence_key=sequence_key)
+        except ReplayError as error:
+            _fail(f"router replay: {error}", EXIT_CONFIG)
+        if not dry_run and entries:
+            why = {
+                "since": since.isoformat(),
+                "until": until.isoformat() if until else None,
+                "key": sequence_key,
+            }
+            with _progress(len(entries), as_json) as advance:
+                replayer.resend(target, entries, why=why, progress=advance)
+    verb = "would re-send" if dry_run else "re-sent"
+    if as_json:
+        click.echo(json.dumps({"target": target, "dry_run": dry_run, "events": len(entries)}))
+    else:
+        click.echo(f"{verb} {len(entries)} event(s) to {target}")
