@@ -3,14 +3,17 @@
 A request is answered 202 only after the sink returned, i.e. after the broker confirmed the chunk;
 when the broker is unreachable the answer is 503 with Retry-After and nothing is remembered, so the
 partner's retry (same ``webhook-id``) is taken in full. A ``webhook-id`` already accepted answers 200
-and publishes nothing. Two concurrent deliveries of one id may both publish; that is harmless because
-event ids derive from the webhook id, so downstream deduplicates them. Every rejection is an RFC 9457
-``application/problem+json`` body. ``GET /openapi.json`` describes the configured receivers.
+and publishes nothing, or 409 when it comes with a different body (a sender reusing ids would
+otherwise lose messages silently). Two concurrent deliveries of one id may both publish; that is
+harmless because event ids derive from the webhook id, so downstream deduplicates them. Every
+rejection is an RFC 9457 ``application/problem+json`` body. ``GET /openapi.json`` describes the
+configured receivers.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -77,12 +80,12 @@ class WebhookSettings:
 class WebhookIdLedger(Protocol):
     """Remembers accepted webhook ids per route, so a redelivery is answered without republishing."""
 
-    def seen(self, route: str, webhook_id: str) -> bool:
-        """Whether ``webhook_id`` was already accepted on ``route``."""
+    def accepted(self, route: str, webhook_id: str) -> str | None:
+        """The SHA-256 (hex) of the body accepted under ``webhook_id`` on ``route``, or None."""
         ...
 
-    def remember(self, route: str, webhook_id: str, message_id: str) -> None:
-        """Record ``webhook_id`` as accepted on ``route`` (published as ``message_id``)."""
+    def remember(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
+        """Record ``webhook_id`` as accepted on ``route`` (published as ``message_id``) and its body hash."""
         ...
 
 
@@ -291,8 +294,19 @@ class WebhookReceiver:
                 f"the {ID_HEADER} header is required (idempotency key)",
             )
         message_id = f"webhook:{settings.route}:{webhook_id}"
-        if await run_in_threadpool(self._ledger.seen, settings.route, webhook_id):
+        body_sha256 = hashlib.sha256(body).hexdigest()
+        accepted = await run_in_threadpool(self._ledger.accepted, settings.route, webhook_id)
+        if accepted == body_sha256:
             return JSONResponse({"message_id": message_id, "duplicate": True}, 200)
+        if accepted is not None:
+            # Answering 200 here would silently drop a new message whose sender reused an id.
+            raise WebhookRejected(
+                409,
+                "webhook-id-reused",
+                "webhook-id reused for different content",
+                f"webhook-id {webhook_id!r} was already accepted with a different body; the earlier message "
+                "stands. A retry must resend the same body; a new message needs a new webhook-id",
+            )
         records = self._records_of(body)
         chunk = SourceChunk(
             route=settings.route,
@@ -319,7 +333,9 @@ class WebhookReceiver:
                 headers={"Retry-After": str(BROKER_RETRY_AFTER)},
             ) from None
         try:
-            await run_in_threadpool(self._ledger.remember, settings.route, webhook_id, message_id)
+            await run_in_threadpool(
+                self._ledger.remember, settings.route, webhook_id, message_id, body_sha256
+            )
         except Exception:
             # The broker has it, so 202 is true; a redelivery republishes the same event ids (deduplicated).
             log.exception(
@@ -458,6 +474,7 @@ def _operation(receiver: WebhookReceiver) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
         },
         "400": problem("Malformed JSON, or a missing webhook-id header."),
+        "409": problem("This webhook-id was already accepted with a different body; use a new webhook-id."),
     }
     if settings.secret is not None:
         if signs_timestamp(settings.signature):

@@ -151,4 +151,5 @@ class WebhookIdRow(StoreBase):
     route: Mapped[str] = mapped_column(String(200), primary_key=True)
     webhook_id: Mapped[str] = mapped_column(String(300), primary_key=True)
     message_id: Mapped[str] = mapped_column(String(300))
+    body_sha256: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(UtcDateTime)

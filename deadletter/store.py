@@ -881,15 +881,20 @@ class Store:
 
     # Webhooks: the ids a partner already delivered, per route (connectors.webhook.WebhookIdLedger).
 
-    def webhook_seen(self, route: str, webhook_id: str) -> bool:
-        """Whether ``webhook_id`` was already accepted on ``route``."""
+    def webhook_body_sha256(self, route: str, webhook_id: str) -> str | None:
+        """The body hash accepted under ``webhook_id`` on ``route``, or None when it was never accepted."""
         with self._transaction() as session:
-            return session.get(WebhookIdRow, (route, webhook_id)) is not None
+            row = session.get(WebhookIdRow, (route, webhook_id))
+            return row.body_sha256 if row is not None else None
 
-    def remember_webhook(self, route: str, webhook_id: str, message_id: str) -> None:
+    def remember_webhook(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
         """Record ``webhook_id`` as accepted on ``route``; a second record of the same id is a no-op."""
         statement = self._insert(WebhookIdRow).values(
-            route=route, webhook_id=webhook_id, message_id=message_id, at=datetime.now(UTC)
+            route=route,
+            webhook_id=webhook_id,
+            message_id=message_id,
+            body_sha256=body_sha256,
+            at=datetime.now(UTC),
         )
         with self._transaction() as session:
             session.execute(statement.on_conflict_do_nothing())

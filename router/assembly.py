@@ -168,11 +168,11 @@ class StoreWebhookLedger:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def seen(self, route: str, webhook_id: str) -> bool:
-        return self._store.webhook_seen(route, webhook_id)
+    def accepted(self, route: str, webhook_id: str) -> str | None:
+        return self._store.webhook_body_sha256(route, webhook_id)
 
-    def remember(self, route: str, webhook_id: str, message_id: str) -> None:
-        self._store.remember_webhook(route, webhook_id, message_id)
+    def remember(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
+        self._store.remember_webhook(route, webhook_id, message_id, body_sha256)
 
 
 def rest_poll_settings(route: RouteConfig) -> RestPollSettings:

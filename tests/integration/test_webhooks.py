@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -60,13 +61,13 @@ class RecordingSink:
 class MemoryLedger:
     """In-memory webhook-id ledger."""
 
-    accepted: dict[tuple[str, str], str] = field(default_factory=dict)
+    bodies: dict[tuple[str, str], str] = field(default_factory=dict)
 
-    def seen(self, route: str, webhook_id: str) -> bool:
-        return (route, webhook_id) in self.accepted
+    def accepted(self, route: str, webhook_id: str) -> str | None:
+        return self.bodies.get((route, webhook_id))
 
-    def remember(self, route: str, webhook_id: str, message_id: str) -> None:
-        self.accepted[(route, webhook_id)] = message_id
+    def remember(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
+        self.bodies[(route, webhook_id)] = body_sha256
 
 
 @dataclass
@@ -193,7 +194,7 @@ def test_signed_delivery_is_accepted_after_the_sink_confirmed(receiver: Receiver
     assert chunk.origin == {"webhook_id": "msg_accept_1"}
     assert [(record.number, record.line) for record in chunk.records] == [(1, None), (2, None)]
     assert chunk.records[0].data == {"sku": "SKU-1", "store": "S001", "qty": Decimal("2.50")}
-    assert receiver.ledger.seen("partner-stock", "msg_accept_1")
+    assert receiver.ledger.accepted("partner-stock", "msg_accept_1") == hashlib.sha256(body).hexdigest()
 
 
 def test_repeated_webhook_id_answers_200_and_publishes_nothing(receiver: Receiver) -> None:
@@ -207,6 +208,22 @@ def test_repeated_webhook_id_answers_200_and_publishes_nothing(receiver: Receive
 
     assert again.status_code == 200
     assert again.json()["message_id"] == "webhook:partner-stock:msg_repeat"
+    assert len(receiver.sink.chunks) == 1
+
+
+def test_a_webhook_id_reused_for_other_content_is_a_conflict_not_a_silent_drop(receiver: Receiver) -> None:
+    first = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
+    second = stock_body({"sku": "SKU-2", "store": "S001", "qty": 7})
+    accepted = receiver.client.post(
+        "/webhooks/partner-stock", content=first, headers=signed_headers(first, webhook_id="msg_reused")
+    )
+    assert accepted.status_code == 202
+
+    reused = receiver.client.post(
+        "/webhooks/partner-stock", content=second, headers=signed_headers(second, webhook_id="msg_reused")
+    )
+
+    assert_problem(reused, 409, "different body")
     assert len(receiver.sink.chunks) == 1
 
 
@@ -386,7 +403,7 @@ def test_broker_down_is_503_and_the_retry_with_the_same_id_is_accepted(receiver:
 
     assert_problem(refused, 503, "nothing was accepted")
     assert int(refused.headers["retry-after"]) > 0
-    assert not receiver.ledger.seen("partner-stock", "msg_503")
+    assert receiver.ledger.accepted("partner-stock", "msg_503") is None
 
     receiver.sink.down = False
     retried = receiver.client.post(
@@ -410,7 +427,7 @@ def test_openapi_document_describes_every_route_and_status(receiver: Receiver) -
     }
     payload_schema = stock["requestBody"]["content"]["application/json"]["schema"]
     assert payload_schema["$defs"] == STOCK_SCHEMA["$defs"] and payload_schema["$id"]
-    assert set(stock["responses"]) == {"200", "202", "400", "401", "413", "415", "422", "503"}
+    assert set(stock["responses"]) == {"200", "202", "400", "401", "409", "413", "415", "422", "503"}
     assert "429" in document["paths"]["/webhooks/partner-throttled"]["post"]["responses"]
     for operation in (path["post"] for path in document["paths"].values()):
         assert operation["operationId"]

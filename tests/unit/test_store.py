@@ -392,15 +392,15 @@ def test_deliveries_are_a_ledger_and_a_journal_per_target(store: Store) -> None:
 
 def test_history_and_webhook_ids_are_pruned_after_the_retention(store: Store) -> None:
     store.record_deliveries("erp", [_event("e1", "A", 1)])
-    store.remember_webhook("partner-stock", "msg_1", "m-1")
-    store.remember_webhook("partner-stock", "msg_1", "m-1")  # a redelivery records nothing new
+    store.remember_webhook("partner-stock", "msg_1", "m-1", "a" * 64)
+    store.remember_webhook("partner-stock", "msg_1", "m-1", "b" * 64)  # a redelivery records nothing new
 
-    assert store.webhook_seen("partner-stock", "msg_1")
-    assert not store.webhook_seen("other-route", "msg_1")
+    assert store.webhook_body_sha256("partner-stock", "msg_1") == "a" * 64
+    assert store.webhook_body_sha256("other-route", "msg_1") is None
     assert store.prune_history(datetime.now(UTC) - timedelta(hours=1)) == 0
     assert store.prune_history(datetime.now(UTC) + timedelta(seconds=1)) == 2
     assert store.delivery_state("erp", [_event("e1", "A", 1)]).delivered == set()
-    assert not store.webhook_seen("partner-stock", "msg_1")
+    assert store.webhook_body_sha256("partner-stock", "msg_1") is None
 
 
 def test_snapshot_marks_only_move_forward(store: Store) -> None:
