@@ -26,6 +26,8 @@ from router.config import RouterConfig
 from router.replay import Replayer, ReplayError, ReplayReport
 
 PROGRESS_FROM = 20
+WIDE_TERMINAL = 120
+"""Below this many columns `list` leaves the detail out rather than squeezing every column."""
 DETAIL_CHARS = 80
 
 
@@ -98,26 +100,28 @@ def _letters(store: Store, ids: Sequence[int]) -> list[DeadLetter]:
     return sorted(letters, key=lambda letter: letter.id)
 
 
-def _table(letters: Sequence[DeadLetter]) -> Table:
-    table = Table(
-        "id", "created (UTC)", "route", "stage", "target", "key", "status", "reason", "tries", "detail"
-    )
+def _table(letters: Sequence[DeadLetter], width: int) -> Table:
+    """One line per letter (kubectl-style); the detail column only where the terminal has room for it."""
+    table = Table(box=None, pad_edge=False)
+    headers = ["id", "created (UTC)", "route", "stage", "target", "key", "status", "reason", "tries"]
+    with_detail = width >= WIDE_TERMINAL
+    for header in headers:
+        table.add_column(header, no_wrap=True)
+    if with_detail:
+        table.add_column("detail", no_wrap=True, overflow="ellipsis")
     for letter in letters:
-        detail = (
-            letter.detail if len(letter.detail) <= DETAIL_CHARS else letter.detail[: DETAIL_CHARS - 1] + "…"
-        )
-        table.add_row(
+        cells = [
             str(letter.id),
             letter.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             letter.route,
             letter.stage,
-            letter.target or "",
-            letter.sequence_key or "",
+            letter.target or "-",
+            letter.sequence_key or "-",
             letter.status,
             letter.reason,
             str(letter.attempts),
-            detail,
-        )
+        ]
+        table.add_row(*cells, *([letter.detail[:DETAIL_CHARS]] if with_detail else []))
     return table
 
 
@@ -153,7 +157,10 @@ def list_letters(
     if as_json:
         click.echo(json.dumps([letter.to_dict() for letter in letters], indent=2, default=str))
     elif letters:
-        Console().print(_table(letters))
+        console = Console()
+        console.print(_table(letters, console.width))
+        if console.width < WIDE_TERMINAL:
+            console.print("[dim]router deadletter show ID for the detail of one letter[/dim]")
     else:
         click.echo("no dead letters match")
 
@@ -172,11 +179,25 @@ def show(config_path: str | None, letter_id: int, as_json: bool) -> None:
         click.echo(json.dumps(document, indent=2, default=str))
         return
     console = Console()
-    console.print(_table([letter]))
+    for label, value in (
+        ("dead letter", f"{letter.id} ({letter.status})"),
+        ("route / stage", f"{letter.route} / {letter.stage}"),
+        ("target / key", f"{letter.target or '-'} / {letter.sequence_key or '-'}"),
+        ("reason", f"{letter.reason} after {letter.attempts} attempt(s)"),
+        (
+            "created / updated",
+            f"{letter.created_at:%Y-%m-%d %H:%M:%S} / {letter.updated_at:%Y-%m-%d %H:%M:%S} UTC",
+        ),
+        ("event id", letter.event_id or "-"),
+    ):
+        console.print(f"[bold]{label}[/bold]: {value}", highlight=False)
     console.print(f"[bold]detail[/bold]: {letter.detail}", markup=True, highlight=False)
     console.print(f"[bold]source[/bold]: {json.dumps(letter.source_ref, default=str)}", highlight=False)
     console.print("[bold]payload[/bold]:")
     console.print_json(json.dumps(letter.payload, default=str))
+    if not history:
+        console.print("[bold]history[/bold]: none yet")
+        return
     events = Table("when (UTC)", "actor", "action", "detail", title="history")
     for entry in history:
         events.add_row(

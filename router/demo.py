@@ -2,7 +2,8 @@
 
 It runs the same runtime as `router run` (file source, transform worker, delivery workers) on the
 configuration given, with everything that would touch the outside redirected into a temporary
-folder and loopback simulators: the store is a temporary SQLite file, the POS folders are temporary,
+folder and loopback simulators: the store is a SQLite file in that folder (kept afterwards, so its
+dead letters can be inspected with `router deadletter`), the POS folders are there too, and
 ERP/WMS/OMS are local HTTP services. The broker is the embedded memory:// one unless
 ROUTER_BROKER_URL points elsewhere. The WMS answers 503 to its first requests so the retry is seen.
 """
@@ -80,7 +81,6 @@ def run_demo(config_path: Path, console: Console, *, timeout: float = 60.0) -> i
     finally:
         for simulator in simulators.values():
             simulator.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(
@@ -148,6 +148,7 @@ def _summarise(
     console: Console,
     elapsed: float,
 ) -> None:
+    store_url = config.store.resolved_url(config.base_dir)
     archived = sorted(archive.glob("*.csv"))
     console.print(
         f"[green]✔[/] file archived after the broker confirmed it: {archived[0] if archived else '-'}"
@@ -174,7 +175,7 @@ def _summarise(
         )
     console.print(table)
 
-    store = Store(config.store.resolved_url(config.base_dir))
+    store = Store(store_url)
     try:
         letters = store.list_dead_letters(route=route)
     finally:
@@ -189,8 +190,8 @@ def _summarise(
         f"\n[bold]{sum(len(s.events) for s in simulators.values())}[/] events delivered in {elapsed:.1f}s: "
         "the ERP in micro-batches, the WMS one event per request (its 503s retried in place), the OMS in "
         "its own payload shape (the target's body: mapping), each in order per SKU and store.\n"
-        "Next: [cyan]router validate[/], [cyan]router test[/], [cyan]router run[/], [cyan]router status[/], "
-        "[cyan]router deadletter list[/]."
+        "Next: [cyan]router validate[/], [cyan]router test[/], [cyan]router run[/], [cyan]router status[/].\n"
+        f"The demo's store is kept: [cyan]ROUTER_STORE_URL={store_url} router deadletter show 1[/]"
     )
 
 
