@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from canonical.events import parse_event
 from canonical.ids import derive_event_id, partition_for, sequence_key_for
-from transforms.filters import EventPredicate
+from transforms.filters import EventPredicate, FilterError
 from transforms.mapping import MappingError, RecordMapping
 from transforms.parsers import RawRecord
 
@@ -114,14 +114,20 @@ class RoutePipeline:
             event = self._event(record, source_ref, event_id, recorded_at, result)
             if event is None:
                 continue
-            if self.filter is not None and not self.filter.matches(event):
-                result.filtered += 1
+            try:
+                if self.filter is not None and not self.filter.matches(event):
+                    result.filtered += 1
+                    continue
+                targets = [rule for rule in self.rules if rule.when is None or rule.when.matches(event)]
+            except FilterError as error:
+                # A condition that cannot be evaluated on this event must not stop the whole chunk.
+                detail = f"{describe_position(source_ref)}: {error}"
+                result.failures.append(RecordFailure("filter", detail, record.data, source_ref, event_id))
                 continue
             result.accepted.append(event)
-            for rule in self.rules:
-                if rule.when is None or rule.when.matches(event):
-                    partition = partition_for(event["sequence_key"], rule.partitions)
-                    result.batches.setdefault((rule.target, partition), []).append(event)
+            for rule in targets:
+                partition = partition_for(event["sequence_key"], rule.partitions)
+                result.batches.setdefault((rule.target, partition), []).append(event)
         return result
 
     def _event(

@@ -32,7 +32,7 @@ from deadletter.store import DeliveryState, NewDeadLetter, Store, occurred_at_of
 from ops import metrics
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
 from router.consumer import BufferedConsumer, run_reconnecting
-from transforms.render import PayloadRenderer
+from transforms.render import PayloadRenderer, RenderError
 
 if TYPE_CHECKING:
     from router.pipeline import RoutePipeline
@@ -86,25 +86,25 @@ class TransformWorker:
 
     def handle(self, message: Message, publisher: Publisher) -> None:
         """Transform one chunk, publish its events, store its failures, then acknowledge it."""
-        body = decode_body(message.body)
+        try:
+            body = decode_body(message.body)
+        except ValueError as error:
+            self._reject(message, "?", "malformed_message", f"ingress message is not JSON: {error}")
+            return
         route = body.get("route", "?")
         pipeline = self._pipelines.get(route)
         if pipeline is None:
-            self._store.add_dead_letters(
-                [
-                    NewDeadLetter(
-                        route=route,
-                        stage="transform",
-                        reason="unknown_route",
-                        detail=f"no route named {route!r} in this configuration",
-                        payload=body,
-                    )
-                ]
-            )
-            message.ack()
+            self._reject(message, route, "unknown_route", f"no route named {route!r} in this configuration")
             return
         metrics.MESSAGES_RECEIVED.labels(route=route).inc()
-        result = pipeline.transform(body)
+        try:
+            result = pipeline.transform(body)
+        except Exception as error:
+            # The transform is a pure function of the message, so a failure here would repeat on every
+            # redelivery and hold up the route's queue: keep the message as a dead letter instead.
+            detail = f"ingress message {body.get('message_id')!r} cannot be transformed: {error!r}"
+            self._reject(message, route, "malformed_message", detail)
+            return
         for (target, partition), events in result.batches.items():
             publisher.publish(
                 self._topology.delivery_queue(target, partition),
@@ -133,6 +133,22 @@ class TransformWorker:
         message.ack()
 
 
+    def _reject(self, message: Message, route: str, reason: str, detail: str) -> None:
+        """Keep a whole ingress message that cannot be handled as a dead letter, then acknowledge it."""
+        letter = NewDeadLetter(
+            route=route, stage="transform", reason=reason, detail=detail, payload=_raw_text(message)
+        )
+        self._store.add_dead_letters([letter])
+        metrics.DEADLETTERS.labels(route=route, stage="transform", reason=reason).inc()
+        log.error("ingress message dead-lettered (%s): %s", reason, detail, extra={"route": route})
+        message.ack()
+
+
+def _raw_text(message: Message) -> Any:
+    """A message body as text, for a dead letter an operator can read."""
+    return message.body.decode("utf-8", "replace") if isinstance(message.body, bytes) else message.body
+
+
 @dataclass(frozen=True)
 class InboundBatch:
     """A partition message with its decoded events, when it arrived (for ``max_wait``), and whether it
@@ -145,8 +161,13 @@ class InboundBatch:
 
     @classmethod
     def of(cls, message: Message) -> InboundBatch:
+        """Decode a partition message; raises ValueError when it is not a list of routed events."""
         replay = bool((message.headers or {}).get(REPLAY_HEADER))
-        return cls(message, decode_body(message.body)["events"], time.monotonic(), replay)
+        events = decode_body(message.body)["events"]
+        for event in events:
+            if not isinstance(event.get("event_id"), str) or not isinstance(event["source"]["route"], str):
+                raise ValueError("an event lacks its event_id or source route")
+        return cls(message, events, time.monotonic(), replay)
 
 
 @dataclass(frozen=True)
@@ -234,12 +255,36 @@ class DeliveryWorker:
             try:
                 while not self._stop.is_set():
                     timeout = FETCH_TIMEOUT if not pending else 0.01
-                    pending.extend(InboundBatch.of(message) for message in consumer.fetch(timeout))
+                    for message in consumer.fetch(timeout):
+                        inbound = self._inbound(message)
+                        if inbound is not None:
+                            pending.append(inbound)
                     if pending and self._should_flush(pending):
                         pending = self.deliver_messages(pending)
                     self.housekeeping()
             finally:
                 consumer.close()
+
+    def _inbound(self, message: Message) -> InboundBatch | None:
+        """The message's events; a message that is not a batch of events becomes a dead letter (acked)."""
+        try:
+            return InboundBatch.of(message)
+        except (ValueError, KeyError, TypeError) as error:
+            target = self.settings.target
+            detail = f"partition message for {target} is not a batch of events: {error!r}"
+            letter = NewDeadLetter(
+                route="?",
+                stage="delivery",
+                target=target,
+                reason="malformed_message",
+                detail=detail,
+                payload=_raw_text(message),
+            )
+            self._store.add_dead_letters([letter])
+            metrics.DEADLETTERS.labels(route="?", stage="delivery", reason="malformed_message").inc()
+            log.error("%s", detail, extra={"target": target, "reason": "malformed_message"})
+            message.ack()
+            return None
 
     def _should_flush(self, pending: Sequence[InboundBatch]) -> bool:
         limit = self.settings.batch_max_events
@@ -334,7 +379,11 @@ class DeliveryWorker:
     def _send(self, group: Sequence[dict[str, Any]]) -> DeliveryResult:
         """One request's worth of events to the target, retried in place."""
         as_batch = self.settings.batch_max_events is not None
-        payload, content_type = self._renderer.render(group, as_batch)
+        try:
+            payload, content_type = self._renderer.render(group, as_batch)
+        except RenderError as error:
+            # Like a 422 from the target: this event can never be sent as configured; retrying won't help.
+            return DeliveryResult(DeliveryOutcome.permanent, 0, None, str(error), "render")
         key = batch_idempotency_key([e["event_id"] for e in group]) if as_batch else group[0]["event_id"]
         started = time.monotonic()
         result = self._target.deliver(payload, content_type, key, stop=self._stop)

@@ -24,6 +24,10 @@ CONTENT_TYPES: dict[str, str] = {
 _XML_NAME = re.compile(r"[A-Za-z_][\w.\-]*")
 
 
+class RenderError(ValueError):
+    """An event cannot be put in the target's shape or format (a body expression or value that fails)."""
+
+
 class PayloadRenderer:
     """Renders events for one target; ``body`` (field -> JMESPath on the event) is compiled once."""
 
@@ -65,14 +69,20 @@ class PayloadRenderer:
         """
         if not as_batch and len(events) != 1:
             raise ValueError(f"a single-event payload needs exactly one event, got {len(events)}")
-        shaped = [self.shape(event) for event in events]
+        try:
+            return self._render([self.shape(event) for event in events], as_batch), self.content_type
+        except (JMESPathError, ValueError, TypeError) as error:
+            ids = ", ".join(str(event.get("event_id")) for event in events)
+            raise RenderError(f"cannot render event(s) {ids} as {self.format}: {error}") from None
+
+    def _render(self, shaped: Sequence[Mapping[str, Any]], as_batch: bool) -> bytes:
         if self.format == "json":
             document: Any = shaped if as_batch else shaped[0]
-            payload = json.dumps(document, default=_json_default, ensure_ascii=False, separators=(",", ":"))
-            return payload.encode("utf-8"), self.content_type
+            text = json.dumps(document, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+            return text.encode("utf-8")
         if self.format == "xml":
-            return self._xml(shaped), self.content_type
-        return _csv(shaped, [field for field, _ in self._body] if self._body else None), self.content_type
+            return self._xml(shaped)
+        return _csv(shaped, [field for field, _ in self._body] if self._body else None)
 
     def _xml(self, shaped: Sequence[Mapping[str, Any]]) -> bytes:
         root = etree.Element(self._xml_root)

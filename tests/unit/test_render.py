@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from transforms.render import PayloadRenderer, render_events
+from transforms.render import PayloadRenderer, RenderError, render_events
 
 EVENTS: list[dict[str, Any]] = [
     {
@@ -103,3 +103,11 @@ def test_bad_body_expressions_and_formats_are_refused_up_front() -> None:
         PayloadRenderer(body={"qty": "quantity["})
     with pytest.raises(ValueError, match="unknown payload format 'yaml'"):
         PayloadRenderer(fmt="yaml")  # type: ignore[arg-type]
+
+
+def test_an_event_the_body_cannot_shape_is_a_render_error_naming_it() -> None:
+    renderer = PayloadRenderer(body={"code": "abs(sku)"})  # abs() of a string fails at run time
+
+    with pytest.raises(RenderError, match="ev-2") as caught:
+        renderer.render(EVENTS[1:], as_batch=True)
+    assert "abs" in str(caught.value)

@@ -1,0 +1,68 @@
+"""The transform stage as a pure function: a chunk of raw records in, routed events and failures out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from router.pipeline import DeliveryRule, RoutePipeline
+from transforms.filters import EventPredicate
+from transforms.mapping import compile_mapping
+
+MAP = {
+    "type": "sale",
+    "sku": {"column": "SKU"},
+    "location": {"column": "STORE"},
+    "quantity": {"column": "QTY", "as": "decimal"},
+    "occurred_at": {"column": "AT", "as": "datetime", "tz": "Europe/Paris"},
+}
+
+
+def _message(*rows: dict[str, str]) -> dict[str, Any]:
+    return {
+        "route": "pos",
+        "system": "file",
+        "message_id": "pos.csv@abc#1",
+        "origin": {"file": "pos.csv", "sha256": "abc"},
+        "records": [{"n": n, "line": n + 1, "data": row} for n, row in enumerate(rows, start=1)],
+    }
+
+
+def _row(sku: str, qty: str = "1") -> dict[str, str]:
+    return {"SKU": sku, "STORE": "S1", "QTY": qty, "AT": "2026-11-24 10:00:00"}
+
+
+def _pipeline(filter: str | None = None, when: str | None = None) -> RoutePipeline:
+    return RoutePipeline(
+        route="pos",
+        mapping=compile_mapping(MAP, "csv", {}),
+        sequence_fields=["sku", "location"],
+        rules=[
+            DeliveryRule("erp", 4),
+            DeliveryRule("oms", 2, EventPredicate(when) if when else None),
+        ],
+        filter=EventPredicate(filter) if filter else None,
+    )
+
+
+def test_events_are_routed_per_rule_and_partition_and_ids_are_stable() -> None:
+    pipeline = _pipeline(when="to_number(quantity) > `1`")
+    first = pipeline.transform(_message(_row("A"), _row("B", "3")))
+    again = pipeline.transform(_message(_row("A"), _row("B", "3")))
+
+    assert [event["sku"] for event in first.accepted] == ["A", "B"]
+    assert [e["event_id"] for e in first.accepted] == [e["event_id"] for e in again.accepted]
+    routed = {(target, event["sku"]) for (target, _), events in first.batches.items() for event in events}
+    assert routed == {("erp", "A"), ("erp", "B"), ("oms", "B")}
+    assert first.accepted[0]["occurred_at"] == "2026-11-24T10:00:00+01:00"
+
+
+def test_a_condition_that_fails_on_one_event_dead_letters_that_record_and_the_rest_go_on() -> None:
+    # abs() of a string is a JMESPath type error: only SKUs that look like numbers pass.
+    pipeline = _pipeline(filter="abs(to_number(sku) || sku) > `0`")
+
+    result = pipeline.transform(_message(_row("12"), _row("LETTERS"), _row("7")))
+
+    assert [event["sku"] for event in result.accepted] == ["12", "7"]
+    [failure] = result.failures
+    assert failure.reason == "filter" and "pos.csv line 3 (record 2)" in failure.detail
+    assert failure.payload == _row("LETTERS")
