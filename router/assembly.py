@@ -16,6 +16,7 @@ from ops import metrics
 from router.broker import BrokerSettings
 from router.config import (
     AuthConfig,
+    HttpTargetConfig,
     RestSourceConfig,
     RouteConfig,
     RouterConfig,
@@ -99,14 +100,14 @@ def credentials(auth: AuthConfig | None) -> tuple[str | None, tuple[str, str] | 
     return auth.bearer, basic
 
 
-def http_target(name: str, target: TargetConfig) -> HttpTarget:
+def http_target(name: str, target: HttpTargetConfig) -> HttpTarget:
     """An HTTP target client with its auth, timeout and retry policy."""
     bearer, basic = credentials(target.auth)
     retry = target.retry
     return HttpTarget(
         HttpTargetSettings(
             name=name,
-            url=target.url or "",
+            url=target.url,
             method=target.method,
             headers=dict(target.headers),
             bearer=bearer,

@@ -187,14 +187,31 @@ class CircuitBreakerConfig(_Section):
     cooldown: Duration = 30.0
 
 
-class TargetConfig(_Section):
-    """A target under ``targets:`` (ERP, WMS, OMS...)."""
+class SftpConnection(_Section):
+    """How to reach an SFTP server: the host key pinned in ``known_hosts``, a key or password login."""
 
-    type: Literal["http"]
-    url: str
-    method: Literal["POST", "PUT", "PATCH"] = "POST"
-    headers: dict[str, str] = Field(default_factory=dict)
-    auth: AuthConfig | None = None
+    host: str
+    port: int = Field(22, ge=1, le=65535)
+    username: str
+    key_file: str | None = None
+    key_passphrase: str | None = Field(None, repr=False)
+    password: str | None = Field(None, repr=False)
+    known_hosts: str
+
+    @model_validator(mode="after")
+    def _can_log_in(self) -> SftpConnection:
+        if not self.key_file and not self.password:
+            raise ValueError("give key_file or password (from the environment) to log in")
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"sftp://{self.username}@{self.host}:{self.port}"
+
+
+class _TargetBase(_Section):
+    """What every target has: partitions, batching, retries, the payload's shape and format."""
+
     partitions: int = Field(8, ge=1, le=256)
     batch: BatchConfig | None = None
     retry: RetryConfig = Field(default_factory=RetryConfig)
@@ -205,12 +222,56 @@ class TargetConfig(_Section):
     xml: XmlShape | None = None
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
 
+
+class HttpTargetConfig(_TargetBase):
+    """``type: http``: an ERP, WMS or OMS API."""
+
+    type: Literal["http"]
+    url: str
+    method: Literal["POST", "PUT", "PATCH"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    auth: AuthConfig | None = None
+
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
         if not re.match(r"https?://[^/\s]+", url):
             raise ValueError("expected an http:// or https:// URL")
         return url
+
+    @property
+    def location(self) -> str:
+        return redact_url(self.url)
+
+
+DEFAULT_FILENAME = "{target}-{key}.{ext}"
+
+
+class FileTargetConfig(_TargetBase):
+    """``type: file``: each request's payload written as one file in a local (or mounted) folder."""
+
+    type: Literal["file"]
+    path: str
+    filename: str = DEFAULT_FILENAME
+
+    @property
+    def location(self) -> str:
+        return self.path
+
+
+class SftpTargetConfig(_TargetBase, SftpConnection):
+    """``type: sftp``: each request's payload uploaded as one file to a folder on an SFTP server."""
+
+    type: Literal["sftp"]
+    remote_dir: str
+    filename: str = DEFAULT_FILENAME
+
+    @property
+    def location(self) -> str:
+        return f"{self.address}{self.remote_dir}"
+
+
+TargetConfig = Annotated[HttpTargetConfig | FileTargetConfig | SftpTargetConfig, Field(discriminator="type")]
 
 
 class FileSourceConfig(_Section):
@@ -225,17 +286,10 @@ class FileSourceConfig(_Section):
     poll: Duration = 1.0
 
 
-class SftpSourceConfig(_Section):
+class SftpSourceConfig(SftpConnection):
     """``source: {type: sftp}``: a supplier's SFTP folder, host key pinned in ``known_hosts``."""
 
     type: Literal["sftp"]
-    host: str
-    port: int = Field(22, ge=1, le=65535)
-    username: str
-    key_file: str | None = None
-    key_passphrase: str | None = Field(None, repr=False)
-    password: str | None = Field(None, repr=False)
-    known_hosts: str
     remote_dir: str
     pattern: str = "*"
     archive: str | None = None
@@ -245,9 +299,7 @@ class SftpSourceConfig(_Section):
     stable_for: Duration = 2.0
 
     @model_validator(mode="after")
-    def _one_way_each(self) -> SftpSourceConfig:
-        if not self.key_file and not self.password:
-            raise ValueError("give key_file or password (from the environment) to log in")
+    def _archive_or_delete(self) -> SftpSourceConfig:
         if bool(self.archive) == bool(self.delete):
             raise ValueError("give exactly one of archive: REMOTE_FOLDER or delete: true")
         return self
@@ -573,6 +625,10 @@ def _check_semantics(document: ConfigDocument, config: RouterConfig) -> None:
     for index, route in enumerate(config.routes):
         at: ConfigPath = ("routes", index)
         _check_route(document, config, route, at, lookups)
+    used = {rule.target for route in config.enabled_routes for rule in route.deliver}
+    for name, target in config.targets.items():
+        if name in used and isinstance(target, SftpTargetConfig):
+            _check_known_hosts(document, config, target, ("targets", name, "known_hosts"))
 
 
 def _check_route(
@@ -622,11 +678,17 @@ def _check_route(
                     jmespath.compile(expression)
                 except JMESPathError as error:
                     document.problem((*at, "source", key), f"{expression!r} is not valid JMESPath: {error}")
-    if isinstance(source, SftpSourceConfig) and not config.resolve_path(source.known_hosts).is_file():
+    if isinstance(source, SftpSourceConfig):
+        _check_known_hosts(document, config, source, (*at, "source", "known_hosts"))
+
+
+def _check_known_hosts(
+    document: ConfigDocument, config: RouterConfig, connection: SftpConnection, path: ConfigPath
+) -> None:
+    known_hosts = config.resolve_path(connection.known_hosts)
+    if not known_hosts.is_file():
         document.problem(
-            (*at, "source", "known_hosts"),
-            f"known_hosts file {config.resolve_path(source.known_hosts)} not found; the SFTP "
-            "server's host key must be pinned",
+            path, f"known_hosts file {known_hosts} not found; the SFTP server's host key must be pinned"
         )
 
 

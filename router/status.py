@@ -75,7 +75,7 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
             {
                 "name": name,
                 "type": target.type,
-                "url": redact_url(target.url or ""),
+                "location": target.location,
                 "partitions": target.partitions,
                 "queue_depth": sum(known) if known else None,
                 "parked_keys": parked_keys.get(name),
@@ -107,12 +107,12 @@ def render_status(report: dict[str, Any], console: Console) -> None:
             _cell(route["deadletters_open"]),
         )
     console.print(routes)
-    targets = Table("target", "type", "url", "partitions", "queued", "parked keys", title="Targets")
+    targets = Table("target", "type", "location", "partitions", "queued", "parked keys", title="Targets")
     for target in report["targets"]:
         targets.add_row(
             target["name"],
             target["type"],
-            target["url"],
+            target["location"],
             str(target["partitions"]),
             _cell(target["queue_depth"]),
             _cell(target["parked_keys"]),
