@@ -7,7 +7,7 @@ Prints, from one run on this machine:
   webhook-id ledger in a SQLite store), loaded by client processes: accepted requests/s, p50/p99
   latency, and the ratio to the floor.
 
-Usage: .venv/bin/python bench/webhooks.py [--requests 2000] [--clients 4] [--amqp URL]
+Usage: .venv/bin/python bench/webhooks.py [--requests 2000] [--clients 4] [--amqp URL] [--store URL]
 Absolute figures on shared machines are noise; compare the ratio.
 """
 
@@ -141,6 +141,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
+    parser.add_argument("--store", help="webhook-id ledger store URL (default: a temporary SQLite file)")
     arguments = parser.parse_args()
 
     floor = pika_floor(arguments.amqp, arguments.requests, request_body(0))
@@ -155,7 +156,7 @@ def main() -> int:
     topology.declare(admin, [queue])
     sink = SharedIngressSink(broker)
     folder = tempfile.TemporaryDirectory(prefix="bench-webhooks-")
-    store = Store(f"sqlite:///{folder.name}/state.db")
+    store = Store(arguments.store or f"sqlite:///{folder.name}/state.db")
     settings = WebhookSettings(
         route=ROUTE,
         secret=SECRET,
