@@ -78,3 +78,19 @@ def rabbitmq_namespace(rabbitmq_url: str, broker_prefix: str) -> Iterator[str]:
         channel = connection.channel()
         channel.exchange_delete(broker_prefix)
         channel.close()
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (a router process stores there); dropped afterwards."""
+    import psycopg
+
+    name = f"router_{uuid.uuid4().hex[:12]}"
+    admin = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -27,6 +27,7 @@ def write_config(
     chunk_size: int = 500,
     queue_type: str = "quorum",
     circuit_breaker: Mapping[str, Any] | None = None,
+    store_url: str | None = None,
 ) -> Path:
     """A routes.yaml for one POS file route delivering to ``targets`` (name -> base URL); every target
     gets ``circuit_breaker`` when given."""
@@ -36,7 +37,7 @@ def write_config(
     config: dict[str, Any] = {
         "version": 1,
         "broker": {"url": broker_url, "queue_type": queue_type, "prefix": prefix},
-        "store": {"url": f"sqlite:///{folder / 'state.db'}"},
+        "store": {"url": store_url or f"sqlite:///{folder / 'state.db'}"},
         "http": {"listen": "127.0.0.1:0", "enabled": False},
         "lookups": {"stores": {"file": "stores.csv", "key": "store_code", "value": "gln"}},
         "targets": {

@@ -34,8 +34,16 @@ def broker(rabbitmq_url: str, rabbitmq_namespace: str) -> tuple[str, str]:
     return rabbitmq_url, rabbitmq_namespace
 
 
-def _store(folder: Path) -> Store:
-    return Store(f"sqlite:///{folder / 'state.db'}")
+def _store(folder: Path, url: str | None = None) -> Store:
+    return Store(url or f"sqlite:///{folder / 'state.db'}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The router's store for a test: SQLite in the test folder, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return str(request.getfixturevalue("postgres_database"))
 
 
 def _unique(target: SimulatedTarget) -> set[str]:
@@ -68,14 +76,16 @@ def test_target_down_for_a_while_then_back_gets_everything_in_order(
 
 
 def test_a_refused_key_is_parked_the_rest_flows_and_replay_delivers_it_in_order(
-    tmp_path: Path, broker: tuple[str, str]
+    tmp_path: Path, broker: tuple[str, str], store_url: str
 ) -> None:
     url, prefix = broker
     refuse = TargetBehaviour(reject=lambda event: event.get("transaction_id") == "T0000010")
     with SimulatedTarget("erp", refuse) as erp:
-        config = write_config(tmp_path, broker_url=url, prefix=prefix, targets={"erp": erp.url})
+        config = write_config(
+            tmp_path, broker_url=url, prefix=prefix, targets={"erp": erp.url}, store_url=store_url
+        )
         write_pos_file(tmp_path / "inbox" / "pos-0101.csv", 300)  # rows 10, 121 and 232 share a key
-        with RouterProcess(config) as router, _store(tmp_path) as store:
+        with RouterProcess(config) as router, _store(tmp_path, store_url) as store:
             wait_until(lambda: len(erp.events) >= 297, 60, "every event of the other keys")
             wait_until(lambda: len(store.list_dead_letters(status="parked")) == 2, 30, "2 events parked")
             [dead] = store.list_dead_letters(status="dead")
@@ -123,12 +133,17 @@ def test_kill_9_mid_stream_and_a_restart_lose_nothing_and_keep_order(
 
 
 def test_two_processes_on_one_config_ingest_each_file_once_in_order(
-    tmp_path: Path, broker: tuple[str, str]
+    tmp_path: Path, broker: tuple[str, str], store_url: str
 ) -> None:
     url, prefix = broker
     with SimulatedTarget("erp") as erp:
         config = write_config(
-            tmp_path, broker_url=url, prefix=prefix, targets={"erp": erp.url}, chunk_size=100
+            tmp_path,
+            broker_url=url,
+            prefix=prefix,
+            targets={"erp": erp.url},
+            chunk_size=100,
+            store_url=store_url,
         )
         for n in range(3):
             write_pos_file(tmp_path / "inbox" / f"pos-02{n}.csv", 300)
