@@ -244,3 +244,39 @@ def test_a_mapped_field_or_sequence_key_the_event_type_lacks_is_caught_before_an
     assert any(":18:" in p and "unknown event type 'sales'; did you mean 'sale'?" in p for p in problems), (
         problems
     )
+
+
+def test_file_and_sftp_targets_share_the_target_keys_and_sftp_needs_a_pinned_host_key(tmp_path: Path) -> None:
+    targets = """\
+      drop:
+        type: file
+        path: outbox
+        format: csv
+        batch: {max_events: 100, max_wait: 1s}
+      edi:
+        type: sftp
+        host: 127.0.0.1
+        username: router
+        password: "${EDI_PASSWORD:-}"
+        known_hosts: edi_known_hosts
+        remote_dir: /inbound
+        filename: "{target}-{key}.{ext}"
+        timeot: 5s
+    """
+    text = VALID.replace("targets:\n", "targets:\n" + textwrap.indent(textwrap.dedent(targets), "  "))
+    text = text.replace("deliver: [erp]", "deliver: [erp, drop, edi]")
+    env = {"EDI_PASSWORD": "pw"}
+    problems = _problems(_write(tmp_path, text), env)
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "unknown key 'timeot' in targets.edi; did you mean 'timeout'?"
+    ]
+    text = "".join(line for line in text.splitlines(keepends=True) if "timeot" not in line)
+    [problem] = _problems(_write(tmp_path, text), env)
+    assert "edi_known_hosts not found" in problem and "host key must be pinned" in problem
+
+    (tmp_path / "edi_known_hosts").write_text("[127.0.0.1]:22 ssh-ed25519 AAAA\n", encoding="utf-8")
+    config = load_config(_write(tmp_path, text), env)
+    drop, edi = config.targets["drop"], config.targets["edi"]
+    assert (drop.type, drop.format, drop.filename) == ("file", "csv", "{target}-{key}.{ext}")
+    assert edi.type == "sftp" and edi.location == "sftp://router@127.0.0.1:22/inbound"
+    assert "pw" not in repr(edi)
