@@ -9,30 +9,43 @@ that keeps failing, for its cooldown, without giving up the message in hand.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Literal, NamedTuple
 
 import httpx
 
 from connectors.circuit import CircuitBreaker, CircuitSettings
+from connectors.delivery import (
+    AttemptHook,
+    AttemptKind,
+    AttemptResult,
+    DeliveryOutcome,
+    DeliveryResult,
+    InterruptibleSleep,
+    RetryInPlace,
+    batch_idempotency_key,
+    interruptible_sleep,
+)
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
 
-log = logging.getLogger(__name__)
+# Delivery types live in connectors.delivery; they stay importable from here for HTTP callers.
+__all__ = [
+    "AttemptResult",
+    "DeliveryOutcome",
+    "DeliveryResult",
+    "HttpTarget",
+    "HttpTargetSettings",
+    "batch_idempotency_key",
+    "classify",
+    "interruptible_sleep",
+]
 
 USER_AGENT = "retail-inventory-router/0.1"
 DETAIL_BODY_CHARS = 2000
 # Error bodies beyond this are not read: the rest is dropped with the connection, not buffered.
 MAX_BODY_BYTES = 64 * 1024
-
-AttemptKind = Literal["success", "permanent", "retry"]
-AttemptHook = Callable[[str, float], None]
-InterruptibleSleep = Callable[[float, threading.Event | None], bool]
 
 # Transport failures, most specific first: the label says what went wrong, the flag whether a
 # retry can help. A timeout is retryable because the Idempotency-Key makes a repeat harmless even
@@ -69,35 +82,6 @@ class HttpTargetSettings:
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
 
 
-class DeliveryOutcome(StrEnum):
-    """How a delivery ended."""
-
-    delivered = "delivered"
-    permanent = "permanent"
-    retries_exhausted = "retries_exhausted"
-    interrupted = "interrupted"
-
-
-@dataclass(frozen=True)
-class DeliveryResult:
-    """The end of a delivery: ``detail`` is for the dead letter, ``reason`` a bounded metrics label."""
-
-    outcome: DeliveryOutcome
-    attempts: int
-    status: int | None
-    detail: str
-    reason: str
-
-
-class AttemptResult(NamedTuple):
-    """One request's result: its kind, the HTTP status if any, a readable detail and Retry-After."""
-
-    kind: AttemptKind
-    status: int | None
-    detail: str
-    retry_after: float | None
-
-
 def classify(status: int) -> AttemptKind:
     """Whether an HTTP status means delivered, refused for good, or worth another try."""
     if 200 <= status < 300 or status == 409:
@@ -105,22 +89,6 @@ def classify(status: int) -> AttemptKind:
     if status in (408, 429) or 500 <= status < 600:
         return "retry"
     return "permanent"
-
-
-def batch_idempotency_key(event_ids: Sequence[str]) -> str:
-    """The Idempotency-Key of a micro-batch: stable for the same events in the same order."""
-    if not event_ids:
-        raise ValueError("a batch idempotency key needs at least one event id")
-    digest = hashlib.sha256("\n".join(event_ids).encode("utf-8")).hexdigest()
-    return f"batch-{digest[:32]}"
-
-
-def interruptible_sleep(seconds: float, stop: threading.Event | None) -> bool:
-    """Wait ``seconds`` or until ``stop`` is set; True when the wait was cut short by ``stop``."""
-    if stop is None:
-        time.sleep(seconds)
-        return False
-    return stop.wait(seconds)
 
 
 class HttpTarget:
@@ -138,21 +106,20 @@ class HttpTarget:
         self.settings = settings
         self._owns_client = client is None
         self._client = client if client is not None else httpx.Client(timeout=settings.timeout)
-        self._sleep = sleep
-        self._clock = clock
-        self._on_attempt = on_attempt
         self._auth = httpx.BasicAuth(*settings.basic) if settings.basic else None
         self._base_headers = {"User-Agent": USER_AGENT, **settings.headers}
         if settings.bearer:
             self._base_headers["Authorization"] = f"Bearer {settings.bearer}"
         self._secrets = [s for s in (settings.bearer, settings.basic[1] if settings.basic else None) if s]
         self.circuit = CircuitBreaker(settings.name, settings.circuit, clock=clock)
+        self._retrying = RetryInPlace(
+            settings.name, settings.retry, self.circuit, sleep=sleep, clock=clock, on_attempt=on_attempt
+        )
 
     def send_once(self, payload: bytes, content_type: str, idempotency_key: str) -> AttemptResult:
         """Make one request and classify its result; never raises for HTTP or transport failures."""
         name = self.settings.name
         headers = {**self._base_headers, "Content-Type": content_type, "Idempotency-Key": idempotency_key}
-        started = time.monotonic()
         try:
             request = self._client.build_request(
                 self.settings.method.upper(),
@@ -167,7 +134,6 @@ class HttpTarget:
             finally:
                 response.close()
         except _CAUGHT as error:
-            self._record("error", started)
             label, retryable = _describe_transport_failure(error)
             if label.endswith("timeout"):
                 label = f"{label} after {self.settings.timeout:g}s"
@@ -176,7 +142,6 @@ class HttpTarget:
             return AttemptResult("retry" if retryable else "permanent", None, detail, None)
         status = response.status_code
         kind = classify(status)
-        self._record(kind, started)
         hint = " (check the target's auth)" if status in (401, 403) else ""
         text = body.decode(response.encoding or "utf-8", errors="replace").strip()[:DETAIL_BODY_CHARS]
         detail = self._redact(f"HTTP {status} from {name}{hint}" + (f": {text}" if text else ""))
@@ -193,74 +158,12 @@ class HttpTarget:
 
         On ``interrupted`` the caller leaves the message unacknowledged so it returns to its queue.
         """
-        # A plain loop rather than tenacity: each wait depends on the last response's Retry-After and
-        # on the max_age left, must end early on ``stop`` with its own outcome, and max_age runs on the
-        # injectable clock; tenacity would need exceptions for control flow and its own timing for that.
-        policy = self.settings.retry
-        started = self._clock()
-        attempts = 0
-        last: AttemptResult | None = None
-        while True:
-            if stop is not None and stop.is_set():
-                return self._interrupted(attempts, last)
-            hold = self.circuit.wait_time()
-            # A fresh delivery while the circuit is open waits for the trial instead of calling the target.
-            if attempts == 0 and hold > 0 and self._sleep(min(hold, policy.max_age), stop):
-                return self._interrupted(attempts, last)
-            attempts += 1
-            last = self.send_once(payload, content_type, idempotency_key)
-            self.circuit.record(target_failed=last.kind == "retry")
-            if last.kind == "success":
-                return DeliveryResult(
-                    DeliveryOutcome.delivered, attempts, last.status, last.detail, "delivered"
-                )
-            if last.kind == "permanent":
-                reason = "transport" if last.status is None else f"http_{last.status // 100}xx"
-                return DeliveryResult(DeliveryOutcome.permanent, attempts, last.status, last.detail, reason)
-            if attempts >= policy.attempts:
-                detail = f"retries exhausted after {attempts} attempts; last: {last.detail}"
-                return DeliveryResult(
-                    DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "retries_exhausted"
-                )
-            elapsed = self._clock() - started
-            remaining = policy.max_age - elapsed
-            if remaining <= 0:
-                detail = (
-                    f"gave up after {elapsed:.1f}s (max_age {policy.max_age:g}s) and {attempts} attempts; "
-                    f"last: {last.detail}"
-                )
-                return DeliveryResult(
-                    DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "max_age"
-                )
-            wait = min(max(policy.delay(attempts, last.retry_after), self.circuit.wait_time()), remaining)
-            log.warning(
-                "delivery to %s failed (attempt %d of %d): %s; retrying in %.2fs",
-                self.settings.name,
-                attempts,
-                policy.attempts,
-                last.detail,
-                wait,
-                extra={"target": self.settings.name},
-            )
-            if self._sleep(wait, stop):
-                return self._interrupted(attempts, last)
+        return self._retrying.deliver(lambda: self.send_once(payload, content_type, idempotency_key), stop)
 
     def close(self) -> None:
         """Close the connection pool, unless the client was handed in by the caller."""
         if self._owns_client:
             self._client.close()
-
-    def _interrupted(self, attempts: int, last: AttemptResult | None) -> DeliveryResult:
-        if last is None:
-            detail = "interrupted by shutdown before the first attempt"
-        else:
-            detail = f"interrupted by shutdown after {attempts} attempt(s); last: {last.detail}"
-        status = last.status if last is not None else None
-        return DeliveryResult(DeliveryOutcome.interrupted, attempts, status, detail, "interrupted")
-
-    def _record(self, outcome: str, started: float) -> None:
-        if self._on_attempt is not None:
-            self._on_attempt(outcome, time.monotonic() - started)
 
     def _redact(self, text: str) -> str:
         # A target may echo request headers in its error body; the secret must not reach a dead letter.

@@ -36,6 +36,7 @@ import paramiko
 from connectors.chunks import ChunkSink, SourceChunk
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
 from connectors.file_source import PROCESSING_DIR
+from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
 from ops import metrics
 from transforms.parsers import FileFormatError
 
@@ -45,8 +46,6 @@ SYSTEM = "sftp"
 # Bytes requested ahead while downloading: bounds the memory a download holds, yet hides the latency.
 DOWNLOAD_WINDOW = 4 << 20
 READ_REQUEST = 32 << 10
-# What a lost, refused or misbehaving server raises; a poll that meets one ends and reconnects.
-SERVER_ERRORS = (OSError, EOFError, paramiko.SSHException)
 
 
 @dataclass(frozen=True)
@@ -78,18 +77,15 @@ class SftpSettings:
 
     def __post_init__(self) -> None:
         where = f"sftp source of route {self.route!r}"
-        for name in ("host", "username", "remote_dir", "pattern"):
+        self.endpoint.validate(where)
+        for name in ("remote_dir", "pattern"):
             if not getattr(self, name):
                 raise ValueError(f"{where}: `{name}` is required and must not be empty")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"{where}: `port` must be 1..65535, got {self.port}")
         if bool(self.archive) == self.delete:
             given = "both" if self.delete else "neither"
             raise ValueError(
                 f"{where}: give exactly one of `archive` (a remote folder) or `delete: true`, not {given}"
             )
-        if not self.password and self.key_file is None:
-            raise ValueError(f"{where}: needs `key_file` or `password` to log in as {self.username!r}")
         if self.chunk_size < 1:
             raise ValueError(f"{where}: `chunk_size` must be at least 1, got {self.chunk_size}")
         for name in ("poll", "connect_timeout", "io_timeout", "claim_ttl", "reconnect_max"):
@@ -106,9 +102,24 @@ class SftpSettings:
                 )
 
     @property
+    def endpoint(self) -> SftpEndpoint:
+        """The server, login and timeouts to connect with."""
+        return SftpEndpoint(
+            self.host,
+            self.port,
+            self.username,
+            self.known_hosts,
+            self.password,
+            self.key_file,
+            self.key_passphrase,
+            self.connect_timeout,
+            self.io_timeout,
+        )
+
+    @property
     def address(self) -> str:
         """``host:port`` of the server, as logs and errors name it."""
-        return f"{self.host}:{self.port}"
+        return self.endpoint.address
 
     @property
     def processing_dir(self) -> str:
@@ -144,25 +155,8 @@ SftpRejectionHook = Callable[[SftpSettings, str, FileFormatError], None]
 """Called with the settings, the remote path in ``errors`` and the parse error; records a dead letter."""
 
 
-class HostKeyRefused(paramiko.SSHException):
-    """The server's host key is unknown to, or differs from, ``known_hosts``: nothing is exchanged with it."""
-
-
 class TransferIncomplete(OSError):
     """A download did not yield exactly the bytes the server reported for the file."""
-
-
-class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
-    """Refuses a server whose host key known_hosts does not list (paramiko's policy hook)."""
-
-    def __init__(self, settings: SftpSettings) -> None:
-        self._settings = settings
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        raise HostKeyRefused(
-            f"host key of {self._settings.address} is unknown: the server offered {key.get_name()} "
-            f"{key.fingerprint}, which {self._settings.known_hosts} does not list; refusing to connect"
-        )
 
 
 class _ClaimLease:
@@ -209,10 +203,6 @@ class _Sighting:
 class _Unsettled:
     progress: FileProgress = field(default_factory=FileProgress)
     confirmed: bool = False
-
-
-def _describe(error: BaseException) -> str:
-    return str(error) or type(error).__name__
 
 
 def _stamped(name: str) -> str:
@@ -274,8 +264,7 @@ class SftpSource:
         self._parsing = FileParsing(
             settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size
         )
-        self._client: paramiko.SSHClient | None = None
-        self._sftp: paramiko.SFTPClient | None = None
+        self._connection = SftpConnection(settings.endpoint)
         self._failures = 0
         self._sightings: dict[str, _Sighting] = {}
         # Claims this router holds but has not yet moved on: one a lost connection cut off is settled
@@ -313,10 +302,10 @@ class SftpSource:
             log.warning(
                 "route %s: SFTP poll of %s on %s failed after %d files: %s; reconnecting in %.1fs",
                 self.settings.route, self.settings.remote_dir, self.settings.address, len(results),
-                _describe(error), self.next_poll_in,
+                describe(error), self.next_poll_in,
                 extra={"route": self.settings.route},
             )
-            self._disconnect()
+            self._connection.close()
         else:
             self._failures = 0
         for result in results:
@@ -337,33 +326,22 @@ class SftpSource:
 
     def close(self) -> None:
         """Close the SFTP session and its SSH connection."""
-        self._disconnect()
-
-    def _connected(self) -> bool:
-        transport = self._client.get_transport() if self._client is not None else None
-        return transport is not None and transport.is_active()
-
-    def _disconnect(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self._client = None
-        self._sftp = None
+        self._connection.close()
 
     def _session(self) -> paramiko.SFTPClient | None:
         """The open SFTP session, connecting when there is none; None (logged) when that fails."""
-        if self._sftp is not None and self._connected():
-            return self._sftp
-        self._disconnect()
+        sftp = self._connection.session()
+        if sftp is not None:
+            return sftp
         settings = self.settings
         try:
-            self._sftp = self._connect()
+            sftp = self._connection.connect()
         except SERVER_ERRORS as error:
             self._failures += 1
-            refused = isinstance(error, HostKeyRefused | paramiko.AuthenticationException)
             log.log(
-                logging.ERROR if refused else logging.WARNING,
+                logging.ERROR if is_refusal(error) else logging.WARNING,
                 "route %s: cannot connect to SFTP server %s (attempt %d): %s; next attempt in %.1fs",
-                settings.route, settings.address, self._failures, _describe(error),
+                settings.route, settings.address, self._failures, describe(error),
                 self.next_poll_in,
                 extra={"route": settings.route},
             )
@@ -374,57 +352,6 @@ class SftpSource:
         else:
             log.info("route %s: connected to SFTP server %s as %s",
                      settings.route, settings.address, settings.username, extra={"route": settings.route})
-        return self._sftp
-
-    def _client_key(self) -> paramiko.PKey | None:
-        key_file, passphrase = self.settings.key_file, self.settings.key_passphrase
-        if key_file is None:
-            return None
-        try:
-            return paramiko.PKey.from_path(key_file, passphrase.encode() if passphrase else None)
-        except (OSError, paramiko.SSHException) as error:
-            raise paramiko.SSHException(f"client key {key_file} cannot be used: {error}") from error
-
-    def _connect(self) -> paramiko.SFTPClient:
-        settings = self.settings
-        if not settings.known_hosts.is_file():
-            raise HostKeyRefused(
-                f"known_hosts file {settings.known_hosts} does not exist, so the host key of "
-                f"{settings.address} cannot be verified; refusing to connect"
-            )
-        client = paramiko.SSHClient()
-        try:
-            client.load_system_host_keys(str(settings.known_hosts))
-            client.set_missing_host_key_policy(_RefuseUnknownHost(settings))
-            client.connect(
-                settings.host,
-                settings.port,
-                username=settings.username,
-                password=settings.password,
-                pkey=self._client_key(),
-                timeout=settings.connect_timeout,
-                banner_timeout=settings.connect_timeout,
-                auth_timeout=settings.connect_timeout,
-                channel_timeout=settings.connect_timeout,
-                allow_agent=False,
-                look_for_keys=False,
-            )
-            sftp = client.open_sftp()
-            channel = sftp.get_channel()
-            if channel is not None:
-                channel.settimeout(settings.io_timeout)
-        except paramiko.BadHostKeyException as error:
-            client.close()
-            raise HostKeyRefused(
-                f"host key of {settings.address} CHANGED: the server offered {error.key.get_name()} "
-                f"{error.key.fingerprint}, but {settings.known_hosts} holds "
-                f"{error.expected_key.fingerprint}; refusing to connect "
-                "(if the server's key was rotated on purpose, update known_hosts)"
-            ) from error
-        except BaseException:
-            client.close()
-            raise
-        self._client = client
         return sftp
 
     def _matches(self, entry: paramiko.SFTPAttributes) -> bool:
@@ -485,7 +412,7 @@ class SftpSource:
             sftp.utime(source, (int(stamp), int(stamp)))
             sftp.rename(source, claim)
         except OSError as error:
-            if not self._connected():
+            if not self._connection.connected:
                 raise
             # Gone: another router claimed it. Otherwise a file of that name is still in flight (or the
             # server forbids the rename): the file stays and is offered again next poll.
@@ -562,7 +489,7 @@ class SftpSource:
         settings = self.settings
         log.warning(
             "route %s: %s not ingested (%d chunks confirmed): %s; releasing it back to %s",
-            settings.route, name, progress.chunks, _describe(error), settings.remote_dir,
+            settings.route, name, progress.chunks, describe(error), settings.remote_dir,
             extra={"route": settings.route, "file": name},
         )
         moved = _move(sftp, claim, settings.remote_dir, name)

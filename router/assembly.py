@@ -5,22 +5,26 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from connectors.circuit import CircuitSettings
+from connectors.delivery import DeliveryTarget
 from connectors.file_source import FileDropSettings
+from connectors.file_target import FileTarget, FileTargetSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.rest_source import RestPollSettings
 from connectors.retry import RetryPolicy
 from connectors.sftp_source import SftpSettings
+from connectors.sftp_target import SftpTarget, SftpTargetSettings
 from connectors.webhook import WebhookSettings
 from deadletter.store import Store
 from ops import metrics
 from router.broker import BrokerSettings
 from router.config import (
     AuthConfig,
-    HttpTargetConfig,
+    FileTargetConfig,
     RestSourceConfig,
     RouteConfig,
     RouterConfig,
     SftpSourceConfig,
+    SftpTargetConfig,
     TargetConfig,
     WebhookSourceConfig,
     read_json_schema,
@@ -100,29 +104,55 @@ def credentials(auth: AuthConfig | None) -> tuple[str | None, tuple[str, str] | 
     return auth.bearer, basic
 
 
-def http_target(name: str, target: HttpTargetConfig) -> HttpTarget:
-    """An HTTP target client with its auth, timeout and retry policy."""
-    bearer, basic = credentials(target.auth)
-    retry = target.retry
-    return HttpTarget(
-        HttpTargetSettings(
-            name=name,
-            url=target.url,
-            method=target.method,
-            headers=dict(target.headers),
-            bearer=bearer,
-            basic=basic,
-            timeout=target.timeout,
-            retry=RetryPolicy(
-                attempts=retry.attempts, initial=retry.initial, max_delay=retry.max, max_age=retry.max_age
-            ),
-            batch_max_events=target.batch.max_events if target.batch else None,
-            circuit=CircuitSettings(
-                failures=target.circuit_breaker.failures, cooldown=target.circuit_breaker.cooldown
-            ),
-        ),
-        on_attempt=lambda outcome, _: metrics.DELIVERY_ATTEMPTS.labels(target=name, outcome=outcome).inc(),
+def delivery_target(config: RouterConfig, name: str, target: TargetConfig) -> DeliveryTarget:
+    """The client that sends a target its payloads (HTTP, a local folder or SFTP), with its retry policy."""
+    retry = RetryPolicy(
+        attempts=target.retry.attempts,
+        initial=target.retry.initial,
+        max_delay=target.retry.max,
+        max_age=target.retry.max_age,
     )
+    breaker = target.circuit_breaker
+    circuit = CircuitSettings(failures=breaker.failures, cooldown=breaker.cooldown)
+
+    def count_attempt(outcome: str, _: float) -> None:
+        metrics.DELIVERY_ATTEMPTS.labels(target=name, outcome=outcome).inc()
+
+    if isinstance(target, FileTargetConfig):
+        folder = config.resolve_path(target.path)
+        file_settings = FileTargetSettings(name, folder, target.filename, retry=retry, circuit=circuit)
+        return FileTarget(file_settings, on_attempt=count_attempt)
+    if isinstance(target, SftpTargetConfig):
+        sftp_settings = SftpTargetSettings(
+            name=name,
+            host=target.host,
+            port=target.port,
+            username=target.username,
+            known_hosts=config.resolve_path(target.known_hosts),
+            remote_dir=target.remote_dir,
+            filename=target.filename,
+            password=target.password,
+            key_file=config.resolve_path(target.key_file) if target.key_file else None,
+            key_passphrase=target.key_passphrase,
+            retry=retry,
+            circuit=circuit,
+            timeout=target.timeout,
+        )
+        return SftpTarget(sftp_settings, on_attempt=count_attempt)
+    bearer, basic = credentials(target.auth)
+    http_settings = HttpTargetSettings(
+        name=name,
+        url=target.url,
+        method=target.method,
+        headers=dict(target.headers),
+        bearer=bearer,
+        basic=basic,
+        timeout=target.timeout,
+        retry=retry,
+        batch_max_events=target.batch.max_events if target.batch else None,
+        circuit=circuit,
+    )
+    return HttpTarget(http_settings, on_attempt=count_attempt)
 
 
 def payload_renderer(target: TargetConfig) -> PayloadRenderer:

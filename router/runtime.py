@@ -117,7 +117,7 @@ class RouterRuntime:
         targets = {rule.target for route in self.routes for rule in route.deliver_rules()}
         for name in sorted(targets):
             target = self.config.targets[name]
-            client = assembly.http_target(name, target)
+            client = assembly.delivery_target(self.config, name, target)
             self._closers.append(client.close)
             worker = DeliveryWorker(
                 self.broker,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.message import Message
 
-from connectors.http_target import DeliveryOutcome, DeliveryResult, HttpTarget, batch_idempotency_key
+from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget, batch_idempotency_key
 from deadletter.store import DeliveryState, NewDeadLetter, Store, occurred_at_of
 from ops import metrics
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
@@ -227,7 +227,7 @@ class DeliveryWorker:
         self,
         broker: BrokerSettings,
         settings: DeliverySettings,
-        target: HttpTarget,
+        target: DeliveryTarget,
         renderer: PayloadRenderer,
         store: Store,
         stop: threading.Event,

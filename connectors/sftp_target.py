@@ -1,0 +1,230 @@
+"""SFTP delivery target: uploads each request's rendered payload as one file into a partner's remote folder.
+
+The upload goes to a hidden temporary name in ``remote_dir`` (its size checked against the server's),
+then is renamed over the final name with OpenSSH's posix-rename, so the partner never picks up a partial
+file. A server without that extension (or whose policy denies it) gets remove-then-rename instead: the
+old file is briefly absent, but a partial one is still never visible. Names follow the same
+``filename`` pattern as file targets (see :mod:`connectors.file_target`).
+
+The connection stays open between requests. A lost connection or an unreachable server is retried in
+place and the next attempt reconnects; an unknown or changed host key, a refused login or an unusable
+client key are permanent (like an HTTP 401): the dead letter says what to fix and a replay resends.
+Temporary files a lost connection left behind are removed once the server is reachable again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import logging
+import math
+import posixpath
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import paramiko
+
+from connectors.circuit import CircuitSettings
+from connectors.delivery import AttemptHook, AttemptResult, InterruptibleSleep, interruptible_sleep
+from connectors.file_target import (
+    DEFAULT_FILENAME,
+    FileWritingTarget,
+    check_filename,
+    temporary_name,
+    utc_now,
+)
+from connectors.retry import RetryPolicy
+from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SftpTargetSettings:
+    """One SFTP target: server, login, remote folder, file naming, retry; ``timeout`` bounds each
+    connect and each server reply, in seconds."""
+
+    name: str
+    host: str
+    port: int
+    username: str
+    known_hosts: Path
+    remote_dir: str
+    filename: str = DEFAULT_FILENAME
+    password: str | None = field(default=None, repr=False)
+    key_file: Path | None = None
+    key_passphrase: str | None = field(default=None, repr=False)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    circuit: CircuitSettings = field(default_factory=CircuitSettings)
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("sftp target: `name` is required and must not be empty")
+        where = f"sftp target {self.name!r}"
+        self.endpoint.validate(where)
+        if not self.remote_dir:
+            raise ValueError(f"{where}: `remote_dir` is required and must not be empty")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"{where}: `timeout` must be a positive number of seconds, got {self.timeout!r}")
+        check_filename(self.filename, where)
+
+    @property
+    def endpoint(self) -> SftpEndpoint:
+        """The server, login and timeouts to connect with."""
+        return SftpEndpoint(
+            self.host,
+            self.port,
+            self.username,
+            self.known_hosts,
+            self.password,
+            self.key_file,
+            self.key_passphrase,
+            connect_timeout=self.timeout,
+            io_timeout=self.timeout,
+        )
+
+
+class SftpTarget(FileWritingTarget):
+    """Delivers payloads as files on an SFTP server over one kept-open connection, retrying in place."""
+
+    kind = "sftp target"
+
+    def __init__(
+        self,
+        settings: SftpTargetSettings,
+        *,
+        sleep: InterruptibleSleep = interruptible_sleep,
+        clock: Callable[[], float] = time.monotonic,
+        on_attempt: AttemptHook | None = None,
+        now: Callable[[], datetime] = utc_now,
+    ) -> None:
+        super().__init__(
+            settings.name,
+            settings.filename,
+            settings.retry,
+            settings.circuit,
+            sleep=sleep,
+            clock=clock,
+            on_attempt=on_attempt,
+            now=now,
+        )
+        self.settings = settings
+        self._connection = SftpConnection(settings.endpoint)
+        self._address = settings.endpoint.address
+        # Connection state is shared by whoever delivers through this target.
+        self._lock = threading.Lock()
+        self._posix_rename = True
+        self._leftovers: set[str] = set()
+
+    def write_once(self, name: str, payload: bytes) -> AttemptResult:
+        """Upload ``payload`` to a hidden temporary name in remote_dir and rename it to ``name``."""
+        with self._lock:
+            try:
+                sftp = self._session()
+            except SERVER_ERRORS as error:
+                self._connection.close()
+                detail = f"{self._where}: cannot connect to {self._address}: {describe(error)}"
+                if is_refusal(error):
+                    return AttemptResult("permanent", None, detail, reason="sftp_login")
+                return AttemptResult("retry", None, detail)
+            final = posixpath.join(self.settings.remote_dir, name)
+            temporary = posixpath.join(self.settings.remote_dir, temporary_name(name))
+            try:
+                sftp.putfo(io.BytesIO(payload), temporary, file_size=len(payload), confirm=True)
+                self._rename(sftp, temporary, final)
+            except SERVER_ERRORS as error:
+                return self._failure(sftp, temporary, final, error)
+            return AttemptResult(
+                "success", None, f"{self._where}: uploaded {len(payload)} bytes to {self._address}:{final}"
+            )
+
+    def close(self) -> None:
+        """Close the SFTP session and its SSH connection."""
+        with self._lock:
+            self._connection.close()
+
+    def _session(self) -> paramiko.SFTPClient:
+        """The open session, reconnecting when there is none; removes temporary files left by a lost one."""
+        sftp = self._connection.session()
+        if sftp is None:
+            sftp = self._connection.connect()
+            log.info("%s: connected to SFTP server %s as %s", self._where, self._address,
+                     self.settings.username, extra={"target": self.settings.name})
+        for leftover in sorted(self._leftovers):
+            self._remove_temporary(sftp, leftover)
+        return sftp
+
+    def _remove_temporary(self, sftp: paramiko.SFTPClient, temporary: str) -> None:
+        """Remove a temporary upload; one the server cannot remove now stays listed for a later attempt."""
+        try:
+            sftp.remove(temporary)
+        except FileNotFoundError:
+            pass
+        except SERVER_ERRORS:
+            self._leftovers.add(temporary)
+            return
+        self._leftovers.discard(temporary)
+
+    def _rename(self, sftp: paramiko.SFTPClient, temporary: str, final: str) -> None:
+        """Rename ``temporary`` over ``final``: atomically with posix-rename where the server allows it."""
+        if not self._posix_rename:
+            _replace(sftp, temporary, final)
+            return
+        try:
+            sftp.posix_rename(temporary, final)
+            return
+        except OSError as error:
+            if not _posix_rename_refused(error):
+                raise
+            refusal = describe(error)
+        _replace(sftp, temporary, final)
+        self._posix_rename = False
+        log.warning(
+            "%s: SFTP server %s refuses posix-rename (%s); files are replaced by remove and rename",
+            self._where, self._address, refusal, extra={"target": self.settings.name},
+        )
+
+    def _failure(
+        self, sftp: paramiko.SFTPClient, temporary: str, final: str, error: BaseException
+    ) -> AttemptResult:
+        """Classify a failed upload or rename, and remove its temporary file (now or after reconnecting)."""
+        what = f"{self._where}: cannot upload {final} to {self._address}: {describe(error)}"
+        # A status the server answered is an OSError; anything else (EOF, a timeout, a reset or closed
+        # channel) leaves the session in doubt, so the next attempt starts on a fresh connection.
+        answered = (
+            isinstance(error, OSError)
+            and not isinstance(error, TimeoutError | ConnectionError)
+            and self._connection.connected
+        )
+        if not answered:
+            self._connection.close()
+            self._leftovers.add(temporary)
+            return AttemptResult("retry", None, f"{what} (connection dropped; reconnecting)")
+        self._remove_temporary(sftp, temporary)
+        code = getattr(error, "errno", None)
+        if code == errno.EACCES:
+            hint = f"check the remote folder's permissions for {self.settings.username}"
+            return AttemptResult("permanent", None, f"{what}; {hint}", reason="sftp_error")
+        if code == errno.ENOENT:
+            return AttemptResult("retry", None, f"{what}; does remote_dir {self.settings.remote_dir} exist?")
+        return AttemptResult("retry", None, what)
+
+
+def _replace(sftp: paramiko.SFTPClient, temporary: str, final: str) -> None:
+    """Plain SFTP rename does not overwrite: remove the old file first (briefly absent, never partial)."""
+    with contextlib.suppress(FileNotFoundError):
+        sftp.remove(final)
+    sftp.rename(temporary, final)
+
+
+def _posix_rename_refused(error: OSError) -> bool:
+    """True when the server does not know posix-rename (SSH_FX_OP_UNSUPPORTED) or its policy denies it
+    (OpenSSH's ``sftp-server -P posix-rename`` answers permission denied; the upload itself had succeeded)."""
+    unsupported = type(error) is OSError and error.errno is None and "unsupported" in str(error).lower()
+    return unsupported or isinstance(error, PermissionError)
