@@ -225,10 +225,13 @@ class FileDropSource:
         """Poll until ``stop`` is set; a failing poll is logged and retried after the poll interval."""
         for folder in (self.settings.inbox, self.settings.archive, self.settings.errors):
             folder.mkdir(parents=True, exist_ok=True)
+        up = metrics.SOURCE_UP.labels(route=self.settings.route)
         while not stop.is_set():
             try:
                 self.poll_once(stop)
+                up.set(1)
             except Exception:
+                up.set(0)
                 log.exception("file source of route %s failed a poll", self.settings.route)
             stop.wait(self.settings.poll)
 

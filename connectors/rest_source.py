@@ -44,6 +44,7 @@ from connectors.chunks import ChunkSink, SourceChunk, batched
 from connectors.http_target import USER_AGENT, interruptible_sleep
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
 from deadletter.store import Store
+from ops import metrics
 from transforms.parsers import RawRecord, loads_json
 
 log = logging.getLogger(__name__)
@@ -278,13 +279,16 @@ class RestPollSource:
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; after an error the next poll comes at the poll interval."""
+        up = metrics.SOURCE_UP.labels(route=self.settings.route)
         while not stop.is_set():
             try:
                 result = self.poll_once(stop)
+                up.set(1 if result.error is None else 0)
                 # Stopped at max_pages_per_poll with records still coming: go on at once. An API that
                 # hands out new cursors on empty pages waits for the next poll instead of spinning.
                 behind = result.error is None and not result.caught_up and result.records > 0
             except Exception:
+                up.set(0)
                 log.exception("rest source of route %s failed a poll", self.settings.route)
                 behind = False
             # A server's Retry-After holds even when the poll interval is shorter.

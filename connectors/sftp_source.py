@@ -314,11 +314,14 @@ class SftpSource:
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; server trouble never ends it, it reconnects with capped backoff."""
+        up = metrics.SOURCE_UP.labels(route=self.settings.route)
         try:
             while not stop.is_set():
                 try:
                     self.poll_once(stop)
+                    up.set(0 if self._failures else 1)
                 except Exception:
+                    up.set(0)
                     log.exception("route %s: SFTP source failed a poll", self.settings.route)
                 stop.wait(self.next_poll_in)
         finally:

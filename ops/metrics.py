@@ -101,6 +101,12 @@ EVENTS_DUPLICATE = Counter(
     ["target"],
     registry=REGISTRY,
 )
+SOURCE_UP = Gauge(
+    "router_source_up",
+    "1 while a polling source's last poll worked (folder, SFTP server or REST API reachable), else 0.",
+    ["route"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "router_queue_depth",
     "Messages ready in a broker queue.",

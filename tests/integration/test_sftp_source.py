@@ -17,6 +17,7 @@ import pytest
 from connectors import sftp_source
 from connectors.chunks import SourceChunk
 from connectors.sftp_source import SftpOutcome, SftpSettings, SftpSource
+from ops.metrics import REGISTRY
 from tests.sftp_server import CLIENT_KEY_PASSPHRASE, SftpServer, generate_key, running_sftp_server
 
 ASN = "SKU,STORE,QTY\nA-100,DC1,12\nB-200,DC1,4\nC-300,DC2,7\n"
@@ -210,6 +211,10 @@ def test_an_unknown_host_is_refused(
     assert (supplier_dir / "asn-0003.csv").exists()
 
 
+def _source_up(route: str) -> float | None:
+    return REGISTRY.get_sample_value("router_source_up", {"route": route})
+
+
 def test_the_source_survives_a_server_restart_and_ingests_afterwards(
     sftp_server: SftpServer, supplier_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -223,12 +228,14 @@ def test_the_source_survives_a_server_restart_and_ingests_afterwards(
             wait_until(lambda: "connected to SFTP server" in caplog.text)
             sftp_server.stop()
             wait_until(lambda: "cannot connect to SFTP server" in caplog.text)
+            wait_until(lambda: _source_up("supplier-asn") == 0.0)  # what an operator's alert watches
             # The supplier's file lands while the router cannot reach the server.
             (supplier_dir / "asn-0004.csv").write_text(ASN, encoding="utf-8")
             time.sleep(0.3)
             assert runner.is_alive() and sink.chunks == []
             sftp_server.restart()
             wait_until(lambda: (supplier_dir.parent / "archive" / "asn-0004.csv").exists())
+            wait_until(lambda: _source_up("supplier-asn") == 1.0)
         finally:
             stop.set()
             runner.join(10)
