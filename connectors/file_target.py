@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from connectors.circuit import CircuitBreaker, CircuitSettings
 from connectors.delivery import (
@@ -186,30 +186,52 @@ class FileTargetSettings:
         return WRITE_ALLOWANCE
 
 
-class FileWritingTarget(ABC):
-    """What file and SFTP targets share: naming each request's file and retrying its write in place."""
+def utc_now() -> datetime:
+    """The current time in UTC: what ``{date}`` and ``{time}`` are taken from by default."""
+    return datetime.now(UTC)
+
+
+class WritingSettings(Protocol):
+    """What every file-writing target's settings have."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def filename(self) -> str: ...
+    @property
+    def retry(self) -> RetryPolicy: ...
+    @property
+    def circuit(self) -> CircuitSettings: ...
+
+
+Settings = TypeVar("Settings", bound=WritingSettings)
+
+
+class FileWritingTarget(ABC, Generic[Settings]):
+    """What file and SFTP targets share: naming each request's file and retrying its write in place.
+
+    ``sleep``, ``clock`` and ``now`` are injectable so tests need not wait; ``on_attempt`` counts attempts.
+    """
 
     # How details name this kind of target, e.g. "file target erp: ...".
     kind: ClassVar[str]
 
     def __init__(
         self,
-        name: str,
-        filename: str,
-        retry: RetryPolicy,
-        circuit: CircuitSettings,
+        settings: Settings,
         *,
-        sleep: InterruptibleSleep,
-        clock: Callable[[], float],
-        on_attempt: AttemptHook | None,
-        now: Callable[[], datetime],
+        sleep: InterruptibleSleep = interruptible_sleep,
+        clock: Callable[[], float] = time.monotonic,
+        on_attempt: AttemptHook | None = None,
+        now: Callable[[], datetime] = utc_now,
     ) -> None:
-        self._name = name
-        self._pattern = FilenamePattern(filename)
+        self.settings = settings
+        self._name = settings.name
+        self._pattern = FilenamePattern(settings.filename)
         self._now = now
-        self.circuit = CircuitBreaker(name, circuit, clock=clock)
+        self.circuit = CircuitBreaker(settings.name, settings.circuit, clock=clock)
         self._retrying = RetryInPlace(
-            name, retry, self.circuit, sleep=sleep, clock=clock, on_attempt=on_attempt
+            settings.name, settings.retry, self.circuit, sleep=sleep, clock=clock, on_attempt=on_attempt
         )
 
     def deliver(
@@ -240,36 +262,10 @@ class FileWritingTarget(ABC):
         """Make one attempt to store ``payload`` under ``name`` atomically; never raises for I/O errors."""
 
 
-def utc_now() -> datetime:
-    """The current time in UTC: what ``{date}`` and ``{time}`` are taken from by default."""
-    return datetime.now(UTC)
-
-
-class FileTarget(FileWritingTarget):
+class FileTarget(FileWritingTarget[FileTargetSettings]):
     """Delivers payloads as files in a local folder, written atomically and retried in place."""
 
     kind = "file target"
-
-    def __init__(
-        self,
-        settings: FileTargetSettings,
-        *,
-        sleep: InterruptibleSleep = interruptible_sleep,
-        clock: Callable[[], float] = time.monotonic,
-        on_attempt: AttemptHook | None = None,
-        now: Callable[[], datetime] = utc_now,
-    ) -> None:
-        super().__init__(
-            settings.name,
-            settings.filename,
-            settings.retry,
-            settings.circuit,
-            sleep=sleep,
-            clock=clock,
-            on_attempt=on_attempt,
-            now=now,
-        )
-        self.settings = settings
 
     def write_once(self, name: str, payload: bytes) -> AttemptResult:
         """Write ``payload`` to a hidden temporary file, fsync it, rename it to ``name``, fsync the folder."""

@@ -21,22 +21,19 @@ import logging
 import math
 import posixpath
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
 from connectors.circuit import CircuitSettings
-from connectors.delivery import AttemptHook, AttemptResult, InterruptibleSleep, interruptible_sleep
+from connectors.delivery import AttemptResult
 from connectors.file_target import (
     DEFAULT_FILENAME,
     FileWritingTarget,
     check_filename,
     temporary_name,
-    utc_now,
 )
 from connectors.retry import RetryPolicy
 from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
@@ -90,31 +87,14 @@ class SftpTargetSettings:
         )
 
 
-class SftpTarget(FileWritingTarget):
+class SftpTarget(FileWritingTarget[SftpTargetSettings]):
     """Delivers payloads as files on an SFTP server over one kept-open connection, retrying in place."""
 
     kind = "sftp target"
 
-    def __init__(
-        self,
-        settings: SftpTargetSettings,
-        *,
-        sleep: InterruptibleSleep = interruptible_sleep,
-        clock: Callable[[], float] = time.monotonic,
-        on_attempt: AttemptHook | None = None,
-        now: Callable[[], datetime] = utc_now,
-    ) -> None:
-        super().__init__(
-            settings.name,
-            settings.filename,
-            settings.retry,
-            settings.circuit,
-            sleep=sleep,
-            clock=clock,
-            on_attempt=on_attempt,
-            now=now,
-        )
-        self.settings = settings
+    def __init__(self, settings: SftpTargetSettings, **hooks: Any) -> None:
+        """``hooks`` are FileWritingTarget's injectable sleep, clock, on_attempt and now."""
+        super().__init__(settings, **hooks)
         self._connection = SftpConnection(settings.endpoint)
         self._address = settings.endpoint.address
         # Connection state is shared by whoever delivers through this target.
