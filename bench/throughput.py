@@ -22,9 +22,11 @@ import uuid
 from pathlib import Path
 
 import pika
+from kombu import Connection
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from router.broker import BrokerSettings, Topology
 from router.simulated import SimulatedTarget
 from tests.integration.harness import RouterProcess, wait_until, write_config, write_pos_file
 
@@ -60,6 +62,16 @@ def vm_hwm_kib(pid: int) -> int:
     return 0
 
 
+def _delete_router_queues(amqp_url: str, prefix: str, partitions: int) -> None:
+    """Remove the queues and exchange the benchmark's router declared, so runs leave nothing behind."""
+    topology = Topology(BrokerSettings(url=amqp_url, prefix=prefix))
+    queues = [topology.ingress_queue("pos-sales"), *topology.delivery_queues("erp", partitions)]
+    with Connection(amqp_url) as connection:
+        for queue in queues:
+            queue(connection.default_channel).delete()
+        connection.default_channel.exchange_delete(prefix)
+
+
 def router_run(amqp_url: str, rows: int, batch: int) -> tuple[float, int, float]:
     """(events/s end to end, peak RSS KiB, file size MiB) for one file through `router run`."""
     with tempfile.TemporaryDirectory(prefix="bench-") as folder, SimulatedTarget("erp") as erp:
@@ -90,6 +102,7 @@ def router_run(amqp_url: str, rows: int, batch: int) -> tuple[float, int, float]
             wait_until(done, deadline, f"{rows} events at the target")
             elapsed = time.perf_counter() - started
             router.terminate()
+        _delete_router_queues(amqp_url, prefix, partitions=4)
         return rows / elapsed, hwm, size_mib
 
 
