@@ -8,24 +8,26 @@ file is rejected before anything of it is published), the second publishes chunk
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from connectors.chunks import ChunkSink, SourceChunk, batched
-from transforms.parsers import check_file, iter_records
+from transforms.parsers import CsvDialect, check_file, iter_records
 
 HASH_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
 class FileParsing:
-    """How a route's files are read: route name, source system, format, record path, chunk size."""
+    """How a route's files are read: route name, source system, format, record path, chunk size, and
+    for CSV the delimiter and encoding."""
 
     route: str
     system: str
     format: str
     records: str | None
     chunk_size: int
+    csv: CsvDialect = field(default_factory=CsvDialect)
 
 
 @dataclass
@@ -57,9 +59,10 @@ def publish_file(
     """
     name = name or path.name
     progress.sha256 = file_sha256(path)
-    progress.records = check_file(path, parsing.format, parsing.records)
+    dialect = {"csv_delimiter": parsing.csv.delimiter, "encoding": parsing.csv.encoding}
+    progress.records = check_file(path, parsing.format, parsing.records, **dialect)
     with path.open("rb") as stream:
-        records = iter_records(stream, parsing.format, parsing.records, name)
+        records = iter_records(stream, parsing.format, parsing.records, name, **dialect)
         for number, batch in enumerate(batched(records, parsing.chunk_size), start=1):
             sink(
                 SourceChunk(

@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import IO
 from connectors.chunks import ChunkSink
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
 from ops import metrics
-from transforms.parsers import FileFormatError
+from transforms.parsers import CsvDialect, FileFormatError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class FileDropSettings:
     format: str
     records: str | None
     chunk_size: int
+    csv: CsvDialect = field(default_factory=CsvDialect)
 
 
 class FileOutcome(StrEnum):
@@ -125,7 +126,7 @@ class FileDropSource:
         self._clock = clock
         self._processing = settings.inbox / PROCESSING_DIR
         self._parsing = FileParsing(
-            settings.route, "file", settings.format, settings.records, settings.chunk_size
+            settings.route, "file", settings.format, settings.records, settings.chunk_size, settings.csv
         )
 
     def _stable_files(self) -> list[Path]:

@@ -38,7 +38,7 @@ from connectors.file_ingest import FileParsing, FileProgress, publish_file
 from connectors.file_source import PROCESSING_DIR
 from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
 from ops import metrics
-from transforms.parsers import FileFormatError
+from transforms.parsers import CsvDialect, FileFormatError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class SftpSettings:
     io_timeout: float = 60.0
     claim_ttl: float = 600.0
     reconnect_max: float = 60.0
+    csv: CsvDialect = field(default_factory=CsvDialect)
 
     def __post_init__(self) -> None:
         where = f"sftp source of route {self.route!r}"
@@ -262,7 +263,7 @@ class SftpSource:
         if staging_dir is not None:
             staging_dir.mkdir(parents=True, exist_ok=True)
         self._parsing = FileParsing(
-            settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size
+            settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size, settings.csv
         )
         self._connection = SftpConnection(settings.endpoint)
         self._failures = 0

@@ -34,6 +34,7 @@ from router.workers import DeliverySettings
 from transforms.filters import EventPredicate
 from transforms.lookups import Lookup
 from transforms.mapping import compile_mapping
+from transforms.parsers import CsvDialect
 from transforms.render import PayloadRenderer
 
 
@@ -78,6 +79,11 @@ def build_pipelines(config: RouterConfig, routes: Iterable[RouteConfig]) -> dict
     return pipelines
 
 
+def csv_dialect(route: RouteConfig) -> CsvDialect:
+    """A route's CSV delimiter and encoding (the defaults when it has no ``csv:``)."""
+    return CsvDialect(route.csv.delimiter, route.csv.encoding) if route.csv else CsvDialect()
+
+
 def file_drop_settings(config: RouterConfig, route: RouteConfig) -> FileDropSettings:
     """Resolve a file route's folders against the config file's folder."""
     source = route.source
@@ -93,6 +99,7 @@ def file_drop_settings(config: RouterConfig, route: RouteConfig) -> FileDropSett
         format=route.format,
         records=route.records,
         chunk_size=route.chunk_size,
+        csv=csv_dialect(route),
     )
 
 
@@ -250,4 +257,5 @@ def sftp_settings(config: RouterConfig, route: RouteConfig) -> SftpSettings:
         errors=source.errors,
         poll=source.poll,
         stable_for=source.stable_for,
+        csv=csv_dialect(route),
     )

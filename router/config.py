@@ -10,6 +10,7 @@ a :class:`ConfigProblem` at a line and column; secrets are never echoed.
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import os
 import re
@@ -38,7 +39,7 @@ from router.config_types import Duration, Rate, Size
 from transforms.filters import EventPredicate
 from transforms.lookups import Lookup, LookupTableError
 from transforms.mapping import compile_mapping
-from transforms.parsers import check_records_path
+from transforms.parsers import check_records_path, iter_records
 
 __all__ = [
     "ConfigError",
@@ -352,6 +353,13 @@ class DeliverRule(_Section):
     when: str | None = None
 
 
+class CsvConfig(_Section):
+    """A CSV route's ``csv:``: e.g. ``{delimiter: ";", encoding: cp1252}`` for many European POS exports."""
+
+    delimiter: str = ","
+    encoding: str = "utf-8"
+
+
 class RouteConfig(_Section):
     """An item of ``routes:``: source, format, mapping into the canonical model, and targets."""
 
@@ -360,6 +368,7 @@ class RouteConfig(_Section):
     source: SourceConfig
     format: Literal["csv", "xml", "json", "jsonl"]
     records: str | None = None
+    csv: CsvConfig | None = None
     map: dict[str, Any]
     filter: str | None = None
     sequence_key: list[str] = Field(default_factory=lambda: ["sku", "location"], min_length=1)
@@ -642,6 +651,22 @@ def _check_route(
         check_records_path(route.format, route.records)
     except ValueError as error:
         document.problem((*at, "records"), str(error))
+    if route.csv is not None:
+        if route.format != "csv":
+            document.problem((*at, "csv"), f"csv: applies to format: csv, not format: {route.format}")
+        else:
+            try:
+                csv = route.csv
+                iter_records(
+                    io.BytesIO(b""),
+                    "csv",
+                    route.records,
+                    route.name,
+                    csv_delimiter=csv.delimiter,
+                    encoding=csv.encoding,
+                )
+            except ValueError as error:
+                document.problem((*at, "csv"), str(error))
     _check_event_fields(document, route, at)
     known_lookups = {name: lookups.get(name) or Lookup(name, {}) for name in config.lookups}
     try:

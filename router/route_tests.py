@@ -22,7 +22,7 @@ from ruamel.yaml.error import YAMLError
 
 from connectors.chunks import SourceChunk
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
-from router.assembly import build_pipelines
+from router.assembly import build_pipelines, csv_dialect
 from router.config import RouterConfig
 from router.ingress import chunk_message
 from router.pipeline import RoutePipeline, TransformResult
@@ -107,7 +107,9 @@ def run_test_file(config: RouterConfig, path: Path) -> list[CaseResult]:
     except KeyError as error:
         raise RouteTestFileError(f"{path}: {error.args[0]}") from None
     pipeline = build_pipelines(config, [route])[route.name]
-    parsing = FileParsing(route.name, route.source.type, route.format, route.records, route.chunk_size)
+    parsing = FileParsing(
+        route.name, route.source.type, route.format, route.records, route.chunk_size, csv_dialect(route)
+    )
     return [_run_case(pipeline, parsing, path, case) for case in spec.cases]
 
 
@@ -125,7 +127,8 @@ def _run_case(pipeline: RoutePipeline, parsing: FileParsing, path: Path, case: R
                 result.differences.append(f"input file {source} cannot be read: {error}")
                 return result
         else:
-            staged.write_text(case.input.content or "", encoding="utf-8")
+            # Inline content is text: store it the way the route's files are encoded.
+            staged.write_text(case.input.content or "", encoding=parsing.csv.encoding)
         try:
             publish_file(staged, parsing, chunks.append, FileProgress(), name=name)
         except FileFormatError as error:

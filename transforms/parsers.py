@@ -49,6 +49,14 @@ class RawRecord:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class CsvDialect:
+    """How a route's CSV files are written: the field delimiter and the text encoding."""
+
+    delimiter: str = ","
+    encoding: str = "utf-8"
+
+
 class FileFormatError(Exception):
     """The file as a whole cannot be parsed, so none of it may be ingested."""
 

@@ -280,3 +280,23 @@ def test_file_and_sftp_targets_share_the_target_keys_and_sftp_needs_a_pinned_hos
     assert (drop.type, drop.format, drop.filename) == ("file", "csv", "{target}-{key}.{ext}")
     assert edi.type == "sftp" and edi.location == "sftp://router@127.0.0.1:22/inbound"
     assert "pw" not in repr(edi)
+
+
+def test_csv_dialect_is_checked_and_only_for_csv_routes(tmp_path: Path) -> None:
+    def with_csv(block: str) -> str:
+        return VALID.replace("    format: csv\n", f"    format: csv\n    csv: {block}\n")
+
+    expected = {
+        '{delimiter: ";;"}': "delimiter must be one character",
+        "{encoding: klingon}": "unknown encoding 'klingon'",
+        "{encoding: utf-16}": "not ASCII-compatible",
+    }
+    for block, message in expected.items():
+        [problem] = _problems(_write(tmp_path, with_csv(block)))
+        assert ":17:" in problem and message in problem, problem
+    jsonl = with_csv("{delimiter: ';'}").replace("format: csv", "format: jsonl")
+    problems = _problems(_write(tmp_path, jsonl))
+    assert any("csv: applies to format: csv, not format: jsonl" in p for p in problems), problems
+
+    config = load_config(_write(tmp_path, with_csv("{delimiter: ';'}")), {})
+    assert config.routes[0].csv is not None and config.routes[0].csv.encoding == "utf-8"
