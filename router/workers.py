@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.message import Message
 
 from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget, batch_idempotency_key
-from deadletter.store import DeliveryState, NewDeadLetter, Store, occurred_at_of
+from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, occurred_at_of
 from ops import metrics
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
 from router.consumer import BufferedConsumer, run_reconnecting
@@ -487,50 +487,66 @@ class DeliveryWorker:
         metrics.PARKED_KEYS.labels(target=target).set(self._store.count_parked_keys(target))
 
     def _release_key(self, key: str) -> None:
-        """Release one key under a lease, so two processes never send the same parked event."""
+        """Release one key under a lease, so two processes never send the same parked event.
+
+        Parked events go in the target's micro-batches; a batch the target refuses is retried one event
+        at a time, so only the event it really refuses becomes the key's dead letter again.
+        """
         target = self.settings.target
         ttl = self._target.settings.retry.max_age + self._target.settings.timeout + LEASE_MARGIN
+        size = self.settings.batch_max_events or 1
         released: list[dict[str, Any]] = []
         try:
             while self._store.claim_key(target, key, self._holder, ttl):
-                letters = self._store.releasable_letters(target, key)
+                letters = self._store.releasable_letters(target, key, limit=max(size, 100))
                 if not letters:
                     return
-                for letter in letters:
-                    # Renew the lease before each send: one event may take up to max_age.
+                for start in range(0, len(letters), size):
+                    # Renew the lease before each request: one request may take up to max_age.
                     if self._stop.is_set() or not self._store.claim_key(target, key, self._holder, ttl):
                         return
-                    event = letter.payload
-                    result = self._send([event])
-                    if result.outcome is DeliveryOutcome.interrupted:
+                    if not self._release_group(letters[start : start + size], released):
                         return
-                    if result.outcome is not DeliveryOutcome.delivered:
-                        self._store.fail_release(
-                            letter.id,
-                            reason=result.reason,
-                            detail=result.detail,
-                            attempts=result.attempts,
-                            actor=RELEASE_ACTOR,
-                        )
-                        metrics.DEADLETTERS.labels(
-                            route=letter.route, stage="delivery", reason=result.reason
-                        ).inc()
-                        log.error(
-                            "parked event %s failed again at %s; key stays parked: %s",
-                            letter.event_id,
-                            target,
-                            result.detail,
-                            extra={"target": target, "reason": result.reason},
-                        )
-                        return
-                    self._store.complete_release(letter.id, target, event, actor=RELEASE_ACTOR)
-                    self._count_delivered([event])
-                    released.append(event)
         finally:
             self._store.free_key(target, key, self._holder)
             if released:
                 log.info("released %d parked event(s) of one key at %s", len(released), target)
                 self._update_open_gauges(released)
+
+    def _release_group(self, letters: Sequence[DeadLetter], released: list[dict[str, Any]]) -> bool:
+        """Send parked letters as one request; False when the key must stop (refused again, or a drain)."""
+        result = self._send([letter.payload for letter in letters])
+        if result.outcome is DeliveryOutcome.delivered:
+            target = self.settings.target
+            for letter in letters:
+                self._store.complete_release(letter.id, target, letter.payload, actor=RELEASE_ACTOR)
+                released.append(letter.payload)
+            self._count_delivered([letter.payload for letter in letters])
+            return True
+        if result.outcome is DeliveryOutcome.permanent and len(letters) > 1:
+            return all(self._release_group([letter], released) for letter in letters)
+        if result.outcome is not DeliveryOutcome.interrupted:
+            self._fail_release(letters[0], result)
+        return False
+
+    def _fail_release(self, letter: DeadLetter, result: DeliveryResult) -> None:
+        """A released event failed again: it becomes the key's dead letter and the key stays parked."""
+        target = self.settings.target
+        self._store.fail_release(
+            letter.id,
+            reason=result.reason,
+            detail=result.detail,
+            attempts=result.attempts,
+            actor=RELEASE_ACTOR,
+        )
+        metrics.DEADLETTERS.labels(route=letter.route, stage="delivery", reason=result.reason).inc()
+        log.error(
+            "parked event %s failed again at %s; key stays parked: %s",
+            letter.event_id,
+            target,
+            result.detail,
+            extra={"target": target, "reason": result.reason},
+        )
 
 
 def _parked_detail(event: Mapping[str, Any], target: str) -> str:
