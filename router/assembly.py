@@ -19,6 +19,7 @@ from ops import metrics
 from router.broker import BrokerSettings
 from router.config import (
     AuthConfig,
+    DeliverRule,
     FileTargetConfig,
     RestSourceConfig,
     RouteConfig,
@@ -56,19 +57,22 @@ def load_lookups(config: RouterConfig) -> dict[str, Lookup]:
     }
 
 
+def _delivery_rule(config: RouterConfig, rule: DeliverRule) -> DeliveryRule:
+    target = config.targets[rule.target]
+    return DeliveryRule(
+        target=rule.target,
+        partitions=target.partitions,
+        when=EventPredicate(rule.when) if rule.when else None,
+        accepts=frozenset(target.accepts) if target.accepts else None,
+    )
+
+
 def build_pipelines(config: RouterConfig, routes: Iterable[RouteConfig]) -> dict[str, RoutePipeline]:
     """Compile the transform of each route: mapping, filter, sequence key, delivery rules."""
     lookups = load_lookups(config)
     pipelines: dict[str, RoutePipeline] = {}
     for route in routes:
-        rules = [
-            DeliveryRule(
-                target=rule.target,
-                partitions=config.targets[rule.target].partitions,
-                when=EventPredicate(rule.when) if rule.when else None,
-            )
-            for rule in route.deliver_rules()
-        ]
+        rules = [_delivery_rule(config, rule) for rule in route.deliver_rules()]
         pipelines[route.name] = RoutePipeline(
             route=route.name,
             mapping=compile_mapping(route.map, route.format, lookups),

@@ -31,6 +31,21 @@ class DeliveryRule:
     target: str
     partitions: int
     when: EventPredicate | None = None
+    accepts: frozenset[str] | None = None
+    """The quantity semantics the target takes (``delta``, ``absolute``); None: both."""
+
+    def refusal(self, event: Mapping[str, Any]) -> str | None:
+        """Why the target must not get ``event`` (a level sent to a movements-only target), or None.
+
+        Only reachable when a route maps the event type per record; `router validate` checks the rest.
+        """
+        semantics = event.get("quantity_semantics")
+        if self.accepts is None or semantics in self.accepts:
+            return None
+        return (
+            f"target {self.target!r} accepts only {' and '.join(sorted(self.accepts))} quantities, not this "
+            f"{event.get('type')} ({semantics}); the route's other targets got it"
+        )
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,13 @@ class RecordFailure:
     payload: Any
     source_ref: dict[str, Any]
     event_id: str
+
+    @classmethod
+    def of(
+        cls, reason: str, detail: str, record: RawRecord, source_ref: dict[str, Any], event_id: str
+    ) -> RecordFailure:
+        """A failure whose detail starts with where the record came from (file, line, record)."""
+        return cls(reason, f"{describe_position(source_ref)}: {detail}", record.data, source_ref, event_id)
 
 
 @dataclass
@@ -112,23 +134,35 @@ class RoutePipeline:
                 self.route, message["system"], *origin.values(), identity
             )
             event = self._event(record, source_ref, event_id, recorded_at, result)
-            if event is None:
-                continue
-            try:
-                if self.filter is not None and not self.filter.matches(event):
-                    result.filtered += 1
-                    continue
-                targets = [rule for rule in self.rules if rule.when is None or rule.when.matches(event)]
-            except FilterError as error:
-                # A condition that cannot be evaluated on this event must not stop the whole chunk.
-                detail = f"{describe_position(source_ref)}: {error}"
-                result.failures.append(RecordFailure("filter", detail, record.data, source_ref, event_id))
-                continue
-            result.accepted.append(event)
-            for rule in targets:
-                partition = partition_for(event["sequence_key"], rule.partitions)
-                result.batches.setdefault((rule.target, partition), []).append(event)
+            if event is not None:
+                self._route(event, record, source_ref, result)
         return result
+
+    def _route(
+        self, event: dict[str, Any], record: RawRecord, source_ref: dict[str, Any], result: TransformResult
+    ) -> None:
+        """Apply the filter and the delivery rules: the event goes to its targets' partition queues."""
+
+        def fail(reason: str, detail: str) -> None:
+            result.failures.append(RecordFailure.of(reason, detail, record, source_ref, event["event_id"]))
+
+        try:
+            if self.filter is not None and not self.filter.matches(event):
+                result.filtered += 1
+                return
+            rules = [rule for rule in self.rules if rule.when is None or rule.when.matches(event)]
+        except FilterError as error:
+            # A condition that cannot be evaluated on this event must not stop the whole chunk.
+            fail("filter", str(error))
+            return
+        result.accepted.append(event)
+        for rule in rules:
+            refusal = rule.refusal(event)
+            if refusal is not None:
+                fail("accepts", refusal)
+                continue
+            partition = partition_for(event["sequence_key"], rule.partitions)
+            result.batches.setdefault((rule.target, partition), []).append(event)
 
     def _event(
         self,
@@ -139,9 +173,7 @@ class RoutePipeline:
         result: TransformResult,
     ) -> dict[str, Any] | None:
         def fail(reason: str, detail: str) -> None:
-            where = describe_position(source_ref)
-            failure = RecordFailure(reason, f"{where}: {detail}", record.data, source_ref, event_id)
-            result.failures.append(failure)
+            result.failures.append(RecordFailure.of(reason, detail, record, source_ref, event_id))
 
         if record.error is not None:
             fail("parse", record.error)

@@ -66,3 +66,24 @@ def test_a_condition_that_fails_on_one_event_dead_letters_that_record_and_the_re
     [failure] = result.failures
     assert failure.reason == "filter" and "pos.csv line 3 (record 2)" in failure.detail
     assert failure.payload == _row("LETTERS")
+
+
+def test_a_level_is_not_sent_to_a_movements_only_target_when_the_type_is_mapped_per_record() -> None:
+    spec = {**MAP, "type": {"column": "KIND"}}
+    pipeline = RoutePipeline(
+        route="pos",
+        mapping=compile_mapping(spec, "csv", {}),
+        sequence_fields=["sku", "location"],
+        rules=[DeliveryRule("erp", 4, accepts=frozenset({"delta"})), DeliveryRule("wms", 2)],
+    )
+
+    result = pipeline.transform(
+        _message({**_row("A"), "KIND": "sale"}, {**_row("B"), "KIND": "stock.snapshot"})
+    )
+
+    routed = sorted(
+        (target, event["sku"]) for (target, _), events in result.batches.items() for event in events
+    )
+    assert routed == [("erp", "A"), ("wms", "A"), ("wms", "B")]
+    [failure] = result.failures
+    assert failure.reason == "accepts" and "'erp' accepts only delta" in failure.detail
