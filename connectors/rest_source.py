@@ -24,6 +24,7 @@ a chunk published again after a failure keeps its id, records appended later get
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,13 +44,16 @@ from jmespath.parser import ParsedResult
 from connectors.chunks import ChunkSink, SourceChunk, batched
 from connectors.http_target import USER_AGENT, interruptible_sleep
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
-from deadletter.store import Store
+from deadletter.store import Store, lease_holder
 from ops import metrics
 from transforms.parsers import RawRecord, loads_json
 
 log = logging.getLogger(__name__)
 
 SYSTEM = "rest"
+POLL_LEASE_SCOPE = "poll"
+POLL_LEASE_MIN = 120.0
+"""Seconds a poller holds its route's lease at least (three poll intervals when that is longer)."""
 EXCERPT_CHARS = 300
 # Only this much of an error response is read: enough for the excerpt, the rest is dropped.
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -278,22 +282,34 @@ class RestPollSource:
         return PollResult(progress.pages, progress.records, progress.chunks, caught_up)
 
     def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set; after an error the next poll comes at the poll interval."""
-        up = metrics.SOURCE_UP.labels(route=self.settings.route)
-        while not stop.is_set():
-            try:
-                result = self.poll_once(stop)
-                up.set(1 if result.error is None else 0)
-                # Stopped at max_pages_per_poll with records still coming: go on at once. An API that
-                # hands out new cursors on empty pages waits for the next poll instead of spinning.
-                behind = result.error is None and not result.caught_up and result.records > 0
-            except Exception:
-                up.set(0)
-                log.exception("rest source of route %s failed a poll", self.settings.route)
+        """Poll until ``stop`` is set; after an error the next poll comes at the poll interval.
+
+        Several router processes may run the same route: a lease in the store lets one poll at a time
+        (the others stand by and take over when its lease runs out), so pages are not fetched twice.
+        """
+        route = self.settings.route
+        up = metrics.SOURCE_UP.labels(route=route)
+        holder = lease_holder()
+        lease = max(POLL_LEASE_MIN, 3 * self.settings.poll)
+        try:
+            while not stop.is_set():
                 behind = False
-            # A server's Retry-After holds even when the poll interval is shorter.
-            wait = 0.0 if behind else self.settings.poll
-            stop.wait(max(wait, self._resume_at - time.monotonic()))
+                try:
+                    if self._store.claim_lease(POLL_LEASE_SCOPE, route, holder, lease):
+                        result = self.poll_once(stop)
+                        up.set(1 if result.error is None else 0)
+                        # Stopped at max_pages_per_poll with records still coming: go on at once. An API
+                        # that hands out new cursors on empty pages waits for the next poll instead.
+                        behind = result.error is None and not result.caught_up and result.records > 0
+                except Exception:
+                    up.set(0)
+                    log.exception("rest source of route %s failed a poll", route)
+                # A server's Retry-After holds even when the poll interval is shorter.
+                wait = 0.0 if behind else self.settings.poll
+                stop.wait(max(wait, self._resume_at - time.monotonic()))
+        finally:
+            with contextlib.suppress(Exception):  # the lease runs out by itself if the store is away
+                self._store.free_lease(POLL_LEASE_SCOPE, route, holder)
 
     def close(self) -> None:
         """Close the connection pool, unless the client was handed in by the caller."""

@@ -131,13 +131,17 @@ class SnapshotMarkRow(StoreBase):
     event_id: Mapped[str] = mapped_column(String(200))
 
 
-class KeyLeaseRow(StoreBase):
-    """Which delivery worker is releasing a parked key, until when; stops two processes racing on a key."""
+class LeaseRow(StoreBase):
+    """A named lease: which process does a job that only one may do at a time, until when.
 
-    __tablename__ = "key_leases"
+    Scopes in use: ``release:<target>`` (name: a parked sequence key being released) and ``poll``
+    (name: a REST route being polled).
+    """
 
-    target: Mapped[str] = mapped_column(String(200), primary_key=True)
-    sequence_key: Mapped[str] = mapped_column(String(500), primary_key=True)
+    __tablename__ = "leases"
+
+    scope: Mapped[str] = mapped_column(String(200), primary_key=True)
+    name: Mapped[str] = mapped_column(String(500), primary_key=True)
     holder: Mapped[str] = mapped_column(String(200))
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
 

@@ -12,6 +12,7 @@ import getpass
 import json
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -23,7 +24,7 @@ from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -37,7 +38,7 @@ from deadletter.models import (
     AuditRow,
     DeadLetterRow,
     DeliveredEventRow,
-    KeyLeaseRow,
+    LeaseRow,
     SnapshotMarkRow,
     SourceCursorRow,
     StoreBase,
@@ -93,6 +94,11 @@ def normalize_store_url(url: str) -> URL:
             "the store supports sqlite:///PATH and postgresql://USER@HOST:PORT/DATABASE"
         )
     return parsed
+
+
+def lease_holder() -> str:
+    """Who this process is when it holds a lease: host, process id and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:8]}"
 
 
 def default_actor() -> str:
@@ -806,34 +812,30 @@ class Store:
                 for row in session.scalars(query.order_by(DeadLetterRow.id).limit(limit))
             ]
 
-    def claim_key(self, target: str, sequence_key: str, holder: str, ttl: float) -> bool:
-        """Take (or renew) the lease to release a parked key; False while another holder's lease runs."""
+    def claim_lease(self, scope: str, name: str, holder: str, ttl: float) -> bool:
+        """Take (or renew) lease ``scope``/``name`` for ``ttl`` seconds; False while another holder has it."""
         now = datetime.now(UTC)
-        statement = self._insert(KeyLeaseRow).values(
-            target=target, sequence_key=sequence_key, holder=holder, expires_at=now + timedelta(seconds=ttl)
+        statement = self._insert(LeaseRow).values(
+            scope=scope, name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)
         )
         statement = statement.on_conflict_do_update(
-            index_elements=[KeyLeaseRow.target, KeyLeaseRow.sequence_key],
+            index_elements=[LeaseRow.scope, LeaseRow.name],
             set_={"holder": statement.excluded.holder, "expires_at": statement.excluded.expires_at},
-            where=(KeyLeaseRow.holder == holder) | (KeyLeaseRow.expires_at < now),
+            where=(LeaseRow.holder == holder) | (LeaseRow.expires_at < now),
         )
         with self._transaction() as session:
             session.execute(statement)
             current = session.scalar(
-                select(KeyLeaseRow.holder).where(
-                    KeyLeaseRow.target == target, KeyLeaseRow.sequence_key == sequence_key
-                )
+                select(LeaseRow.holder).where(LeaseRow.scope == scope, LeaseRow.name == name)
             )
             return current == holder
 
-    def free_key(self, target: str, sequence_key: str, holder: str) -> None:
-        """Give up a release lease (only if still ours)."""
+    def free_lease(self, scope: str, name: str, holder: str) -> None:
+        """Give up a lease (only if still ours)."""
         with self._transaction() as session:
             session.execute(
-                delete(KeyLeaseRow).where(
-                    KeyLeaseRow.target == target,
-                    KeyLeaseRow.sequence_key == sequence_key,
-                    KeyLeaseRow.holder == holder,
+                delete(LeaseRow).where(
+                    LeaseRow.scope == scope, LeaseRow.name == name, LeaseRow.holder == holder
                 )
             )
 

@@ -15,11 +15,8 @@ the worker releases the key's parked events in order.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.message import Message
 
 from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget, batch_idempotency_key
-from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, occurred_at_of
+from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, lease_holder, occurred_at_of
 from ops import metrics
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
 from router.consumer import BufferedConsumer, run_reconnecting
@@ -239,7 +236,7 @@ class DeliveryWorker:
         self._renderer = renderer
         self._store = store
         self._stop = stop
-        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._holder = lease_holder()
         self._next_release = 0.0
         self._next_prune = 0.0
 
@@ -493,22 +490,23 @@ class DeliveryWorker:
         at a time, so only the event it really refuses becomes the key's dead letter again.
         """
         target = self.settings.target
+        scope = f"release:{target}"
         ttl = self._target.settings.retry.max_age + self._target.settings.timeout + LEASE_MARGIN
         size = self.settings.batch_max_events or 1
         released: list[dict[str, Any]] = []
         try:
-            while self._store.claim_key(target, key, self._holder, ttl):
+            while self._store.claim_lease(scope, key, self._holder, ttl):
                 letters = self._store.releasable_letters(target, key, limit=max(size, 100))
                 if not letters:
                     return
                 for start in range(0, len(letters), size):
                     # Renew the lease before each request: one request may take up to max_age.
-                    if self._stop.is_set() or not self._store.claim_key(target, key, self._holder, ttl):
+                    if self._stop.is_set() or not self._store.claim_lease(scope, key, self._holder, ttl):
                         return
                     if not self._release_group(letters[start : start + size], released):
                         return
         finally:
-            self._store.free_key(target, key, self._holder)
+            self._store.free_lease(scope, key, self._holder)
             if released:
                 log.info("released %d parked event(s) of one key at %s", len(released), target)
                 self._update_open_gauges(released)

@@ -504,6 +504,34 @@ def test_run_outlives_a_failing_store(
     assert "no such table: source_cursors" in caplog.text
 
 
+def test_two_routers_on_one_route_take_turns_instead_of_both_polling(
+    api: MarketplaceApi, store_url: str, make_source: SourceFactory
+) -> None:
+    three_pages(api)
+    first_sink, second_sink = RecordingSink(), RecordingSink()
+    with Store(store_url) as first_store, Store(store_url) as second_store:
+        first = make_source(first_sink, first_store, poll=0.05)
+        second = make_source(second_sink, second_store, poll=0.05)
+        first_stop, second_stop = threading.Event(), threading.Event()
+        first_thread = threading.Thread(target=first.run, args=(first_stop,), daemon=True)
+        second_thread = threading.Thread(target=second.run, args=(second_stop,), daemon=True)
+        first_thread.start()
+        wait_until(lambda: len(first_sink.record_ids()) == 5, 5.0, "the first router's poll")
+        second_thread.start()
+        time.sleep(0.5)  # ten of the second router's poll intervals: it must stand by
+        assert second_sink.chunks == []
+
+        first_stop.set()  # the first router stops and gives up its lease
+        first_thread.join(timeout=5)
+        api.pages["p3"] = page([stock("C1"), stock("C2")], None)
+        try:
+            wait_until(lambda: second_sink.record_ids() == ["C2"], 5.0, "the second router taking over")
+        finally:
+            second_stop.set()
+            second_thread.join(timeout=5)
+    assert first_sink.record_ids() == ["A1", "A2", "B1", "B2", "C1"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -465,16 +465,16 @@ def test_parking_blocks_a_key_until_its_dead_letter_is_resolved(store: Store) ->
 
 
 def test_one_holder_at_a_time_releases_a_key_and_an_expired_lease_is_taken_over(store: Store) -> None:
-    assert store.claim_key("erp", "A", "host-1", ttl=60)
-    assert store.claim_key("erp", "A", "host-1", ttl=60)  # renewing
-    assert not store.claim_key("erp", "A", "host-2", ttl=60)
-    assert store.claim_key("erp", "B", "host-2", ttl=60)
-    store.free_key("erp", "A", "host-2")  # not its lease: nothing happens
-    assert not store.claim_key("erp", "A", "host-2", ttl=60)
-    store.free_key("erp", "A", "host-1")
-    assert store.claim_key("erp", "A", "host-2", ttl=0)
+    assert store.claim_lease("release:erp", "A", "host-1", ttl=60)
+    assert store.claim_lease("release:erp", "A", "host-1", ttl=60)  # renewing
+    assert not store.claim_lease("release:erp", "A", "host-2", ttl=60)
+    assert store.claim_lease("release:erp", "B", "host-2", ttl=60)
+    store.free_lease("release:erp", "A", "host-2")  # not its lease: nothing happens
+    assert not store.claim_lease("release:erp", "A", "host-2", ttl=60)
+    store.free_lease("release:erp", "A", "host-1")
+    assert store.claim_lease("release:erp", "A", "host-2", ttl=0)
     time.sleep(0.01)
-    assert store.claim_key("erp", "A", "host-3", ttl=60)  # host-2 died: its lease ran out
+    assert store.claim_lease("release:erp", "A", "host-3", ttl=60)  # host-2 died: its lease ran out
 
 
 def test_status_moves_can_require_a_starting_status(store: Store) -> None:
