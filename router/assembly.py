@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from connectors.circuit import CircuitSettings
 from connectors.delivery import DeliveryTarget
@@ -67,9 +67,14 @@ def _delivery_rule(config: RouterConfig, rule: DeliverRule) -> DeliveryRule:
     )
 
 
-def build_pipelines(config: RouterConfig, routes: Iterable[RouteConfig]) -> dict[str, RoutePipeline]:
-    """Compile the transform of each route: mapping, filter, sequence key, delivery rules."""
-    lookups = load_lookups(config)
+def build_pipelines(
+    config: RouterConfig, routes: Iterable[RouteConfig], lookups: Mapping[str, Lookup] | None = None
+) -> dict[str, RoutePipeline]:
+    """Compile the transform of each route: mapping, filter, sequence key, delivery rules.
+
+    ``lookups`` are the loaded tables to share (loaded here when not given).
+    """
+    lookups = load_lookups(config) if lookups is None else lookups
     pipelines: dict[str, RoutePipeline] = {}
     for route in routes:
         rules = [_delivery_rule(config, rule) for rule in route.deliver_rules()]

@@ -141,6 +141,8 @@ class LookupConfig(_Section):
     file: str
     key: str
     value: str
+    refresh: Duration = 10.0
+    """How often the file is checked for changes (a running router reloads it)."""
 
 
 class RetryConfig(_Section):

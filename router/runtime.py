@@ -101,9 +101,17 @@ class RouterRuntime:
         if "delivery" in self.only:
             self._start_delivery()
         if "transform" in self.only:
-            pipelines = assembly.build_pipelines(self.config, self.routes)
-            prefetch = self.config.broker.prefetch
-            worker = TransformWorker(self.broker, pipelines, self._store, self.stop_event, prefetch=prefetch)
+            lookups = assembly.load_lookups(self.config)
+            pipelines = assembly.build_pipelines(self.config, self.routes, lookups)
+            worker = TransformWorker(
+                self.broker,
+                pipelines,
+                self._store,
+                self.stop_event,
+                prefetch=self.config.broker.prefetch,
+                lookups=list(lookups.values()),
+                lookup_refresh=min((t.refresh for t in self.config.lookups.values()), default=10.0),
+            )
             self._spawn("transform", worker.run)
         if "http" in self.only and self.config.http.enabled:
             self._start_http()

@@ -29,6 +29,7 @@ from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, le
 from ops import metrics
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
 from router.consumer import BufferedConsumer, run_reconnecting
+from transforms.lookups import Lookup, LookupTableError
 from transforms.render import PayloadRenderer, RenderError
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class TransformWorker:
         stop: threading.Event,
         *,
         prefetch: int = 4,
+        lookups: Sequence[Lookup] = (),
+        lookup_refresh: float = 10.0,
     ) -> None:
         self._broker = broker
         self._topology = Topology(broker)
@@ -65,6 +68,9 @@ class TransformWorker:
         self._store = store
         self._stop = stop
         self._prefetch = prefetch
+        self._lookups = lookups
+        self._lookup_refresh = lookup_refresh
+        self._next_lookup_check = time.monotonic() + lookup_refresh
 
     def run(self) -> None:
         run_reconnecting("transform worker", self._session, self._stop)
@@ -78,8 +84,22 @@ class TransformWorker:
                 while not self._stop.is_set():
                     for message in consumer.fetch(FETCH_TIMEOUT):
                         self.handle(message, publisher)
+                    self.refresh_lookups()
             finally:
                 consumer.close()
+
+    def refresh_lookups(self) -> None:
+        """When due, reload the lookup tables whose file changed; a file that no longer loads is reported
+        and the table in use stays."""
+        if time.monotonic() < self._next_lookup_check:
+            return
+        self._next_lookup_check = time.monotonic() + self._lookup_refresh
+        for lookup in self._lookups:
+            try:
+                if lookup.refresh():
+                    log.info("lookup %s reloaded: %d entries", lookup.name, len(lookup))
+            except LookupTableError as error:
+                log.error("lookup %s not reloaded; the table in use stays: %s", lookup.name, error)
 
     def handle(self, message: Message, publisher: Publisher) -> None:
         """Transform one chunk, publish its events, store its failures, then acknowledge it."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -188,3 +190,49 @@ def test_validate_reports_every_problem_with_its_position(tmp_path: Path) -> Non
         line.startswith(f"{config}:9:") and "patern" in line and "pattern" in line for line in lines
     ), lines
     assert any(line.startswith(f"{config}:12:") and "eprr" in line and "erp" in line for line in lines), lines
+
+
+def test_a_store_opened_while_running_maps_once_its_code_is_in_the_lookup_and_the_letter_replays(
+    tmp_path: Path, rabbitmq_url: str, rabbitmq_namespace: str
+) -> None:
+    with SimulatedTarget("erp") as erp:
+        config = write_config(
+            tmp_path, broker_url=rabbitmq_url, prefix=rabbitmq_namespace, targets={"erp": erp.url}
+        )
+        document = json.loads(config.read_text(encoding="utf-8"))
+        document["lookups"]["stores"]["refresh"] = "200ms"
+        config.write_text(json.dumps(document), encoding="utf-8")
+        write_pos_file(tmp_path / "inbox" / "pos-0050.csv", 5, bad={3: {"STORE": "S004"}})
+        with RouterProcess(config) as router:
+            wait_until(
+                lambda: len(erp.events) >= 4 and len(_dead_letters(tmp_path)) == 1, 60, "4 events, 1 letter"
+            )
+            [letter] = _dead_letters(tmp_path)
+            assert letter.reason == "lookup" and "S004" in letter.detail
+
+            with (tmp_path / "stores.csv").open("a", encoding="utf-8") as stores:
+                stores.write("S004,0614141000043\n")  # the new store's GLN; no restart
+            time.sleep(1.0)  # a few lookup refresh intervals
+            replay = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "router.cli",
+                    "deadletter",
+                    "replay",
+                    str(letter.id),
+                    "-c",
+                    str(config),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert replay.returncode == 0, replay.stdout + replay.stderr
+            wait_until(lambda: len(erp.events) >= 5, 30, "the replayed sale")
+            assert router.terminate() == 0, router.output()
+
+    replayed = next(event for event in erp.events if event["transaction_id"] == "T0000003")
+    assert replayed["location"] == "0614141000043" and replayed["event_id"] == letter.event_id
+    assert [letter.status for letter in _dead_letters(tmp_path)] == ["replayed"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -337,3 +339,23 @@ def test_event_predicate_uses_jmespath_truthiness(expression: str, expected: boo
 def test_a_bad_condition_is_named() -> None:
     with pytest.raises(ValueError, match=r"condition \"type == 'sale\" is not a valid JMESPath expression"):
         EventPredicate("type == 'sale")
+
+
+def test_a_lookup_table_reloads_when_its_file_changes_and_keeps_the_old_table_if_the_new_is_broken(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "stores.csv"
+    path.write_text("store_code,gln\nS001,0614141000012\n", encoding="utf-8")
+    stores = Lookup.from_csv(path, "store_code", "gln", "stores")
+    assert not stores.refresh()  # unchanged
+
+    path.write_text("store_code,gln\nS001,0614141000012\nS006,0614141000067\n", encoding="utf-8")
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert stores.refresh() and stores.get("S006") == "0614141000067"
+
+    path.write_text("store_code,gln\nS001,0614141000012\nS001,0614141000029\n", encoding="utf-8")
+    os.utime(path, (time.time() + 10, time.time() + 10))
+    with pytest.raises(LookupTableError, match="line 3"):
+        stores.refresh()
+    assert stores.get("S006") == "0614141000067"  # the table in use stays
+    assert not stores.refresh()  # the broken file is reported once, not on every check
