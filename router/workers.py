@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -146,6 +147,15 @@ class TransformWorker:
             for failure in result.failures:
                 metrics.DEADLETTERS.labels(route=route, stage="transform", reason=failure.reason).inc()
             metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
+            reasons = Counter(failure.reason for failure in result.failures)
+            log.warning(
+                "%d record(s) of %s dead-lettered (%s); first: %s",
+                len(result.failures),
+                body.get("message_id"),
+                ", ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items())),
+                result.failures[0].detail,
+                extra={"route": route, "reason": result.failures[0].reason},
+            )
         metrics.EVENTS_TRANSFORMED.labels(route=route).inc(result.events)
         message.ack()
 
