@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from connectors.circuit import CircuitSettings
 from connectors.delivery import DeliveryTarget
@@ -33,7 +33,6 @@ from router.config import (
 from router.pipeline import DeliveryRule, RoutePipeline
 from router.workers import DeliverySettings
 from transforms.filters import EventPredicate
-from transforms.lookups import Lookup
 from transforms.mapping import compile_mapping
 from transforms.parsers import CsvDialect
 from transforms.render import PayloadRenderer
@@ -49,14 +48,6 @@ def broker_settings(config: RouterConfig) -> BrokerSettings:
     )
 
 
-def load_lookups(config: RouterConfig) -> dict[str, Lookup]:
-    """Load every lookup table once; routes share them."""
-    return {
-        name: Lookup.from_csv(config.resolve_path(table.file), table.key, table.value, name)
-        for name, table in config.lookups.items()
-    }
-
-
 def _delivery_rule(config: RouterConfig, rule: DeliverRule) -> DeliveryRule:
     target = config.targets[rule.target]
     return DeliveryRule(
@@ -67,14 +58,9 @@ def _delivery_rule(config: RouterConfig, rule: DeliverRule) -> DeliveryRule:
     )
 
 
-def build_pipelines(
-    config: RouterConfig, routes: Iterable[RouteConfig], lookups: Mapping[str, Lookup] | None = None
-) -> dict[str, RoutePipeline]:
-    """Compile the transform of each route: mapping, filter, sequence key, delivery rules.
-
-    ``lookups`` are the loaded tables to share (loaded here when not given).
-    """
-    lookups = load_lookups(config) if lookups is None else lookups
+def build_pipelines(config: RouterConfig, routes: Iterable[RouteConfig]) -> dict[str, RoutePipeline]:
+    """Compile the transform of each route: mapping, filter, sequence key, delivery rules."""
+    lookups = config.lookup_tables
     pipelines: dict[str, RoutePipeline] = {}
     for route in routes:
         rules = [_delivery_rule(config, rule) for rule in route.deliver_rules()]

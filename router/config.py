@@ -409,11 +409,17 @@ class RouterConfig(_Section):
     routes: list[RouteConfig] = Field(min_length=1)
 
     _path: Path = PrivateAttr(default=Path(DEFAULT_CONFIG))
+    _lookup_tables: dict[str, Lookup] = PrivateAttr(default_factory=dict)
 
     @property
     def path(self) -> Path:
         """The file this configuration was loaded from."""
         return self._path
+
+    @property
+    def lookup_tables(self) -> dict[str, Lookup]:
+        """The lookup tables, loaded once while the configuration was checked; routes share them."""
+        return self._lookup_tables
 
     @property
     def base_dir(self) -> Path:
@@ -627,7 +633,9 @@ def _step(annotation: Any, part: str | int) -> Any:
 
 def _check_semantics(document: ConfigDocument, config: RouterConfig) -> None:
     """What the models cannot see: files load, expressions compile, targets accept what they get."""
-    lookups: dict[str, Lookup] = {}
+    # Loaded once here and kept: the runtime maps with these very tables (a large item master is not
+    # read twice at start).
+    lookups = config._lookup_tables
     for name, table in config.lookups.items():
         try:
             lookups[name] = Lookup.from_csv(config.resolve_path(table.file), table.key, table.value, name)

@@ -101,8 +101,8 @@ class RouterRuntime:
         if "delivery" in self.only:
             self._start_delivery()
         if "transform" in self.only:
-            lookups = assembly.load_lookups(self.config)
-            pipelines = assembly.build_pipelines(self.config, self.routes, lookups)
+            lookups = self.config.lookup_tables
+            pipelines = assembly.build_pipelines(self.config, self.routes)
             worker = TransformWorker(
                 self.broker,
                 pipelines,
