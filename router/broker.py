@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "application/json"
 
 
+class BrokerTopologyMismatch(RuntimeError):
+    """A router queue exists on the broker with other arguments than the configuration declares."""
+
+
 class BrokerUnavailable(RuntimeError):
     """The broker could not be reached or did not confirm a publish in time."""
 
@@ -108,11 +112,23 @@ class Topology:
         return [self.delivery_queue(target, n) for n in range(partitions)]
 
     def declare(self, connection: Connection, queues: Iterable[Queue]) -> None:
-        """Declare the exchange and the given queues (idempotent)."""
+        """Declare the exchange and the given queues (idempotent).
+
+        Raises BrokerTopologyMismatch when a queue already exists with other arguments.
+        """
         channel = connection.default_channel
         self.exchange(channel).declare()
         for queue in queues:
-            queue(channel).declare()
+            try:
+                queue(channel).declare()
+            except connection.channel_errors as error:
+                if "PRECONDITION_FAILED" not in str(error):
+                    raise
+                raise BrokerTopologyMismatch(
+                    f"{error}. A queue of this router exists with other settings than routes.yaml asks for "
+                    "(was broker.queue_type changed?): drain and delete the old queues, or use another "
+                    "broker.prefix"
+                ) from None
 
 
 def connect(settings: BrokerSettings) -> Connection:

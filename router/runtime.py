@@ -88,16 +88,7 @@ class RouterRuntime:
             queues = [self.topology.ingress_queue(r.name) for r in self.config.enabled_routes]
             for name, target in self.config.targets.items():
                 queues.extend(self.topology.delivery_queues(name, target.partitions))
-            try:
-                self.topology.declare(connection, queues)
-            except connection.channel_errors as error:
-                if "PRECONDITION_FAILED" not in str(error):
-                    raise
-                raise RuntimeError(
-                    f"{error}. A queue of this router exists with other settings than routes.yaml asks for "
-                    "(was broker.queue_type changed?): drain and delete the old queues, or use another "
-                    "broker.prefix"
-                ) from None
+            self.topology.declare(connection, queues)
         if "delivery" in self.only:
             self._start_delivery()
         if "transform" in self.only:

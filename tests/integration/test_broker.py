@@ -9,6 +9,7 @@ from kombu import Connection
 
 from router.broker import (
     BrokerSettings,
+    BrokerTopologyMismatch,
     BrokerUnavailable,
     Publisher,
     Topology,
@@ -77,3 +78,15 @@ def test_publish_to_an_unreachable_broker_raises_promptly() -> None:
     with connect(settings) as connection, pytest.raises(BrokerUnavailable, match=r"router\.ingress\.pos"):
         Publisher(connection, topology).publish(topology.ingress_queue("pos"), {"records": []})
     assert time.monotonic() - started < 15
+
+
+def test_a_queue_declared_with_other_settings_says_how_to_fix_it(
+    rabbitmq_url: str, rabbitmq_namespace: str
+) -> None:
+    classic = Topology(_settings(rabbitmq_url, rabbitmq_namespace, "classic"))
+    quorum = Topology(_settings(rabbitmq_url, rabbitmq_namespace, "quorum"))
+    with connect(classic.settings) as connection:
+        classic.declare(connection, [classic.ingress_queue("pos-sales")])
+    with connect(quorum.settings) as connection, pytest.raises(BrokerTopologyMismatch) as caught:
+        quorum.declare(connection, [quorum.ingress_queue("pos-sales")])
+    assert "x-queue-type" in str(caught.value) and "broker.queue_type" in str(caught.value)
