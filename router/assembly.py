@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from connectors.circuit import CircuitSettings
 from connectors.delivery import DeliveryTarget
@@ -24,6 +25,7 @@ from router.config import (
     RestSourceConfig,
     RouteConfig,
     RouterConfig,
+    SftpConnection,
     SftpSourceConfig,
     SftpTargetConfig,
     TargetConfig,
@@ -127,15 +129,9 @@ def delivery_target(config: RouterConfig, name: str, target: TargetConfig) -> De
     if isinstance(target, SftpTargetConfig):
         sftp_settings = SftpTargetSettings(
             name=name,
-            host=target.host,
-            port=target.port,
-            username=target.username,
-            known_hosts=config.resolve_path(target.known_hosts),
+            **_sftp_login(config, target),
             remote_dir=target.remote_dir,
             filename=target.filename,
-            password=target.password,
-            key_file=config.resolve_path(target.key_file) if target.key_file else None,
-            key_passphrase=target.key_passphrase,
             retry=retry,
             circuit=circuit,
             timeout=target.timeout,
@@ -229,24 +225,31 @@ def rest_poll_settings(route: RouteConfig) -> RestPollSettings:
     )
 
 
+def _sftp_login(config: RouterConfig, connection: SftpConnection) -> dict[str, Any]:
+    """Server and login of SFTP source or target settings; key files resolved against the config folder."""
+    return {
+        "host": connection.host,
+        "port": connection.port,
+        "username": connection.username,
+        "known_hosts": config.resolve_path(connection.known_hosts),
+        "password": connection.password,
+        "key_file": config.resolve_path(connection.key_file) if connection.key_file else None,
+        "key_passphrase": connection.key_passphrase,
+    }
+
+
 def sftp_settings(config: RouterConfig, route: RouteConfig) -> SftpSettings:
     """An SFTP route's settings, with its key and known_hosts files resolved against the config folder."""
     source = route.source
     assert isinstance(source, SftpSourceConfig)
     return SftpSettings(
         route=route.name,
-        host=source.host,
-        port=source.port,
-        username=source.username,
-        known_hosts=config.resolve_path(source.known_hosts),
+        **_sftp_login(config, source),
         remote_dir=source.remote_dir,
         pattern=source.pattern,
         format=route.format,
         records=route.records,
         chunk_size=route.chunk_size,
-        password=source.password,
-        key_file=config.resolve_path(source.key_file) if source.key_file else None,
-        key_passphrase=source.key_passphrase,
         archive=source.archive,
         delete=source.delete,
         errors=source.errors,

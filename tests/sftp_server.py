@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -97,6 +98,17 @@ class SftpServer:
         self.log_file = folder / "sshd.log"
         self._config = self._write_config()
         self._process: subprocess.Popen[bytes] | None = None
+
+    def route_login(self) -> dict[str, Any]:
+        """The connection keys of an sftp source or target in routes.yaml for this server (key login)."""
+        return {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "username": self.username,
+            "key_file": str(self.client_key),
+            "key_passphrase": CLIENT_KEY_PASSPHRASE,
+            "known_hosts": str(self.known_hosts),
+        }
 
     def known_hosts_line(self, host_key: Path) -> str:
         """The known_hosts entry saying ``host_key`` belongs to this server's host and port."""

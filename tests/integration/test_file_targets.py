@@ -56,7 +56,7 @@ def test_a_file_target_gets_complete_csv_batches_named_by_their_idempotency_key(
 
 
 def test_an_sftp_target_gets_json_batches_on_the_server(tmp_path: Path) -> None:
-    from tests.sftp_server import CLIENT_KEY_PASSPHRASE, running_sftp_server
+    from tests.sftp_server import running_sftp_server
 
     inbound = tmp_path / "partner" / "inbound"
     inbound.mkdir(parents=True)
@@ -67,12 +67,7 @@ def test_an_sftp_target_gets_json_batches_on_the_server(tmp_path: Path) -> None:
             "edi",
             {
                 "type": "sftp",
-                "host": "127.0.0.1",
-                "port": server.port,
-                "username": server.username,
-                "key_file": str(server.client_key),
-                "key_passphrase": CLIENT_KEY_PASSPHRASE,
-                "known_hosts": str(server.known_hosts),
+                **server.route_login(),
                 "remote_dir": str(inbound),
                 "filename": "stock-{key}.{ext}",
                 "batch": {"max_events": 50, "max_wait": "100ms"},

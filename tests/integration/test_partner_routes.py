@@ -279,7 +279,7 @@ ASN_XML = """<?xml version="1.0" encoding="UTF-8"?>
 def test_supplier_asn_over_sftp_reaches_the_wms_and_is_archived_on_the_server(
     tmp_path: Path, broker: tuple[str, str]
 ) -> None:
-    from tests.sftp_server import CLIENT_KEY_PASSPHRASE, running_sftp_server
+    from tests.sftp_server import running_sftp_server
 
     outbound = tmp_path / "supplier" / "outbound"
     outbound.mkdir(parents=True)
@@ -288,12 +288,7 @@ def test_supplier_asn_over_sftp_reaches_the_wms_and_is_archived_on_the_server(
             "name": "supplier-asn",
             "source": {
                 "type": "sftp",
-                "host": "127.0.0.1",
-                "port": server.port,
-                "username": server.username,
-                "key_file": str(server.client_key),
-                "key_passphrase": CLIENT_KEY_PASSPHRASE,
-                "known_hosts": str(server.known_hosts),
+                **server.route_login(),
                 "remote_dir": str(outbound),
                 "pattern": "*.xml",
                 "archive": str(outbound / "archive"),
