@@ -29,9 +29,10 @@ from router import assembly
 from router.broker import Publisher, Topology, publisher
 from router.config import RouterConfig
 from router.pipeline import validation_detail
-from router.workers import REPLAY_HEADER
+from router.workers import MALFORMED_MESSAGE, REPLAY_HEADER
 
 REPLAY_MESSAGE_EVENTS = 200
+
 Progress = Callable[[int], None]
 
 
@@ -71,8 +72,8 @@ class Replayer:
         report = ReplayReport()
         waiting: list[DeadLetter] = []
         for letter in letters:
-            if letter.status != "dead":
-                report.skipped[letter.id] = _not_dead(letter)
+            if letter.status != "dead" or letter.reason == MALFORMED_MESSAGE:
+                report.skipped[letter.id] = _not_replayable(letter)
                 progress(1)
             elif letter.stage == "delivery":
                 waiting.append(letter)
@@ -85,8 +86,9 @@ class Replayer:
                 if letter.id not in moved:
                     report.skipped[letter.id] = "its status changed while replaying; look at it again"
             progress(len(waiting))
-        needs_broker = [x for x in letters if x.status == "dead" and x.stage == "transform"]
-        for letter in (x for x in letters if x.status == "dead" and x.stage == "ingress"):
+        replayable = [x for x in letters if x.id not in report.skipped]
+        needs_broker = [x for x in replayable if x.stage == "transform"]
+        for letter in (x for x in replayable if x.stage == "ingress"):
             self._return_file(letter, reason, report)
             progress(1)
         if needs_broker:
@@ -151,8 +153,8 @@ class Replayer:
 
     def check_editable(self, letter: DeadLetter) -> None:
         """Raise ReplayError when ``letter`` cannot be edited and replayed (its status or stage)."""
-        if letter.status != "dead":
-            raise ReplayError(f"dead letter {letter.id}: {_not_dead(letter)}")
+        if letter.status != "dead" or letter.reason == MALFORMED_MESSAGE:
+            raise ReplayError(f"dead letter {letter.id}: {_not_replayable(letter)}")
         if letter.stage == "ingress":
             raise ReplayError(
                 f"dead letter {letter.id} is a rejected file ({letter.detail}); fix the file in the errors "
@@ -228,7 +230,9 @@ class Replayer:
         self.store.audit("replay", f"target:{target}", {**why, "events": len(entries)}, actor=self.actor)
 
 
-def _not_dead(letter: DeadLetter) -> str:
+def _not_replayable(letter: DeadLetter) -> str:
+    if letter.reason == MALFORMED_MESSAGE:
+        return "it holds a queue message the router could not read, not a record: see `show`, then discard"
     if letter.status == "parked":
         return "it is parked behind an earlier dead letter of its key; replay or discard that one"
     return f"it is already {letter.status}"

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 0.25
+MALFORMED_MESSAGE = "malformed_message"
+"""Dead-letter reason of a whole queue message the router cannot read: kept to inspect, not to replay."""
 # Set by `router replay` on re-sent journal events: they bypass the ledger and the stale guard, which
 # would otherwise refuse exactly the events a restored target needs again.
 REPLAY_HEADER = "x-router-replay"
@@ -107,7 +109,7 @@ class TransformWorker:
         try:
             body = decode_body(message.body)
         except ValueError as error:
-            self._reject(message, "?", "malformed_message", f"ingress message is not JSON: {error}")
+            self._reject(message, "?", MALFORMED_MESSAGE, f"ingress message is not JSON: {error}")
             return
         route = body.get("route", "?")
         pipeline = self._pipelines.get(route)
@@ -121,7 +123,7 @@ class TransformWorker:
             # The transform is a pure function of the message, so a failure here would repeat on every
             # redelivery and hold up the route's queue: keep the message as a dead letter instead.
             detail = f"ingress message {body.get('message_id')!r} cannot be transformed: {error!r}"
-            self._reject(message, route, "malformed_message", detail)
+            self._reject(message, route, MALFORMED_MESSAGE, detail)
             return
         for (target, partition), events in result.batches.items():
             publisher.publish(
@@ -303,13 +305,13 @@ class DeliveryWorker:
                 route="?",
                 stage="delivery",
                 target=target,
-                reason="malformed_message",
+                reason=MALFORMED_MESSAGE,
                 detail=detail,
                 payload=_raw_text(message),
             )
             self._store.add_dead_letters([letter])
-            metrics.DEADLETTERS.labels(route="?", stage="delivery", reason="malformed_message").inc()
-            log.error("%s", detail, extra={"target": target, "reason": "malformed_message"})
+            metrics.DEADLETTERS.labels(route="?", stage="delivery", reason=MALFORMED_MESSAGE).inc()
+            log.error("%s", detail, extra={"target": target, "reason": MALFORMED_MESSAGE})
             message.ack()
             return None
 

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from kombu import Connection
 
 from deadletter.store import Store
 from router.broker import BrokerSettings, Topology
+from router.deadletter_cli import deadletter
 from router.simulated import SimulatedTarget
 from tests.integration.harness import RouterProcess, wait_until, write_config, write_pos_file
 
@@ -54,6 +56,10 @@ def test_garbage_on_the_ingress_and_partition_queues_is_dead_lettered_and_the_re
     ]
     assert any("not json" in str(letter.payload) for letter in letters)
     assert len({event["event_id"] for event in erp.events}) == 20
+    # There is nothing to replay in a message the router did not write: the operator is told to discard it.
+    replay = CliRunner().invoke(deadletter, ["replay", str(letters[0].id), "-c", str(config)])
+    assert replay.exit_code == 1 and "could not read" in replay.output and "discard" in replay.output
+    assert _letters(tmp_path)[0].status == "dead"
 
 
 def test_an_event_the_target_body_cannot_shape_is_dead_lettered_and_its_neighbours_delivered(
