@@ -63,6 +63,8 @@ DEFAULT_SIGNATURE_FAILURES = (20, 60.0)
 """Requests with invalid signatures one peer address may send per minute before it is refused unread."""
 UNKNOWN_ROUTE = "_unknown"
 """The ``route`` label of rejections of requests for no configured route (keeps the label bounded)."""
+LISTENER_ROUTE = "_listener"
+"""The ``route`` label of requests the listener refused before any route was chosen (no connection free)."""
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 

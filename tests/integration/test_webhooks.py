@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import select
 import socket
 import threading
 import time
@@ -19,9 +21,11 @@ from starlette.applications import Starlette
 
 from connectors.chunks import SourceChunk
 from connectors.signatures import sign
-from connectors.webhook import WebhookSettings, webhook_routes
+from connectors.webhook import LISTENER_ROUTE, WebhookSettings, webhook_routes
 from ops.metrics import REGISTRY
 from router.broker import encode_body
+from router.config import HttpConfig
+from router.http_server import HttpListener
 from router.ingress import chunk_message
 
 SECRET = "whsec_c3RvY2stZXZlbnRzLXNlY3JldC0xMjM0NQ=="
@@ -664,3 +668,102 @@ def test_a_fault_of_the_router_is_a_problem_json_500_never_plain_text(receiver: 
 
     problem = assert_problem(response, 500, "nothing was accepted")
     assert problem["type"].endswith("internal-error")
+
+
+@pytest.fixture
+def guarded_listener() -> Iterator[tuple[HttpListener, RecordingSink]]:
+    """The router's own listener, with small limits so slow clients hit them within seconds."""
+    sink = RecordingSink()
+    # The body deadline is the receiver's (http.body_timeout reaches it through the route's settings).
+    settings = dataclasses.replace(RECEIVERS["partner-orders"], body_timeout=1.0)
+    app = Starlette(routes=webhook_routes({"partner-orders": settings}, sink, MemoryLedger()))
+    listener = HttpListener(
+        app, "127.0.0.1", 0, HttpConfig(max_connections=50, header_timeout="1s", keep_alive="1s")
+    )
+    listener.start()
+    yield listener, sink
+    listener.stop()
+
+
+def closed_by_server(connections: list[socket.socket], within: float) -> list[socket.socket]:
+    """The connections the server closed (EOF or reset) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    waiting, closed = list(connections), []
+    while waiting and time.monotonic() < deadline:
+        readable, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
+        for connection in readable:
+            try:
+                data = connection.recv(4096)
+            except ConnectionError:
+                data = b""
+            if not data:
+                waiting.remove(connection)
+                closed.append(connection)
+    return closed
+
+
+@pytest.mark.slow
+def test_slow_clients_are_cut_off_and_connections_beyond_the_limit_get_a_problem_503(
+    guarded_listener: tuple[HttpListener, RecordingSink],
+) -> None:
+    listener, sink = guarded_listener
+    url = f"http://127.0.0.1:{listener.port}"
+    body = b'{"order": "SL1"}'
+    slow: list[socket.socket] = []
+    try:
+        for number in range(120):
+            connection = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+            if number % 3 == 0:
+                connection.sendall(
+                    b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\n"
+                )  # never ends
+            elif number % 3 == 1:
+                headers = signed_headers(body)
+                connection.sendall(  # complete headers, half the body, to a route that reads it
+                    b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\nContent-Length: 100\r\n"
+                    + b"".join(f"{name}: {value}\r\n".encode() for name, value in headers.items())
+                    + b"\r\n{"
+                )
+            slow.append(connection)  # the rest send nothing at all
+        with httpx.Client(base_url=url, timeout=5) as client:
+            refused = client.post("/webhooks/partner-orders", content=body, headers=signed_headers(body))
+
+            closed = closed_by_server(slow, within=5.0)
+
+            assert_problem(refused, 503, "already serves 50 connections")
+            assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+            assert len(closed) == len(slow)
+            deadline = time.monotonic() + 5
+            while listener.open_connections and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert listener.open_connections == 0
+            accepted = client.post("/webhooks/partner-orders", content=body, headers=signed_headers(body))
+        assert accepted.status_code == 202, accepted.text
+        assert [chunk.records[0].data for chunk in sink.chunks] == [{"order": "SL1"}]
+        assert rejections(LISTENER_ROUTE, 503) >= 1
+    finally:
+        for connection in slow:
+            connection.close()
+
+
+@pytest.mark.slow
+def test_a_second_request_trickled_on_a_kept_alive_connection_is_cut_off(
+    guarded_listener: tuple[HttpListener, RecordingSink],
+) -> None:
+    listener, _ = guarded_listener
+    body = b'{"order": "KA1"}'
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as connection:
+        connection.sendall(
+            b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\nContent-Length: %d\r\n" % len(body)
+            + b"".join(f"{name}: {value}\r\n".encode() for name, value in signed_headers(body).items())
+            + b"\r\n"
+            + body
+        )
+        assert connection.recv(4096).startswith(b"HTTP/1.1 202 ")
+        started = time.monotonic()
+        for piece in (b"POST /webhooks/", b"partner-orders HTTP/1.1\r\n", b"Host: router\r\n"):
+            connection.sendall(piece)
+            time.sleep(0.4)
+
+        assert closed_by_server([connection], within=3.0) == [connection]
+        assert time.monotonic() - started < 3.0
