@@ -61,6 +61,8 @@ DEFAULT_BODY_TIMEOUT = 30.0
 """Seconds a client has to send the whole body once its headers arrived (slow senders hold resources)."""
 DEFAULT_SIGNATURE_FAILURES = (20, 60.0)
 """Requests with invalid signatures one peer address may send per minute before it is refused unread."""
+MAX_WEBHOOK_ID = 200
+"""Longest webhook-id accepted: the id ledger keeps it (and the message id made of it) in bounded columns."""
 UNKNOWN_ROUTE = "_unknown"
 """The ``route`` label of rejections of requests for no configured route (keeps the label bounded)."""
 LISTENER_ROUTE = "_listener"
@@ -379,6 +381,10 @@ class WebhookReceiver:
                 "Missing webhook-id",
                 f"the {ID_HEADER} header is required (idempotency key)",
             )
+        if len(webhook_id) > MAX_WEBHOOK_ID:
+            raise _malformed_request(
+                f"the {ID_HEADER} header has {len(webhook_id)} characters; at most {MAX_WEBHOOK_ID} are kept"
+            )
         message_id = f"webhook:{settings.route}:{webhook_id}"
         body_sha256 = hashlib.sha256(body).hexdigest()
         try:
@@ -582,7 +588,7 @@ def _operation(receiver: WebhookReceiver) -> dict[str, Any]:
             "in": "header",
             "required": True,
             "description": "Unique id of this message; a redelivery reuses it (idempotency key).",
-            "schema": {"type": "string", "minLength": 1},
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_WEBHOOK_ID},
         }
     ]
     responses: dict[str, Any] = {

@@ -767,3 +767,30 @@ def test_a_second_request_trickled_on_a_kept_alive_connection_is_cut_off(
 
         assert closed_by_server([connection], within=3.0) == [connection]
         assert time.monotonic() - started < 3.0
+
+
+def test_a_webhook_id_longer_than_the_ledger_keeps_is_400(receiver: Receiver) -> None:
+    body = b'{"order": "W1"}'
+    webhook_id = "m" * 201
+
+    response = receiver.client.post(
+        "/webhooks/partner-orders", content=body, headers=signed_headers(body, webhook_id=webhook_id)
+    )
+
+    assert_problem(response, 400, "201 characters; at most 200")
+    assert receiver.sink.chunks == []
+
+
+def test_an_unfinished_request_head_over_max_header_size_is_refused_400_by_the_http_layer(
+    guarded_listener: tuple[HttpListener, RecordingSink],
+) -> None:
+    listener, sink = guarded_listener
+    head = b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\nX-Padding: "
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as connection:
+        connection.sendall(head + b"a" * (HttpConfig().max_header_size + 1024))  # and no end of the head
+
+        answer = connection.recv(4096)
+
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert closed_by_server([connection], within=2.0) == [connection]
+    assert sink.chunks == []
