@@ -6,8 +6,10 @@ partner's retry (same ``webhook-id``) is taken in full. A ``webhook-id`` already
 and publishes nothing, or 409 when it comes with a different body (a sender reusing ids would
 otherwise lose messages silently). Two concurrent deliveries of one id may both publish; that is
 harmless because event ids derive from the webhook id, so downstream deduplicates them. Every
-rejection is an RFC 9457 ``application/problem+json`` body. ``GET /openapi.json`` describes the
-configured receivers.
+rejection is an RFC 9457 ``application/problem+json`` body, counted in
+``router_webhook_rejections_total``; what needs no body is checked before the body is read, and the
+signature before the rate limit is spent. Bodies must be interoperable JSON (RFC 7493).
+``GET /openapi.json`` describes the configured receivers.
 """
 
 from __future__ import annotations
