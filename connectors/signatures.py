@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
 from enum import StrEnum
 
@@ -26,6 +27,8 @@ ID_HEADER = "webhook-id"
 TIMESTAMP_HEADER = "webhook-timestamp"
 STANDARD_SIGNATURE_HEADER = "webhook-signature"
 PREFIXED_SIGNATURE_HEADER = "x-hub-signature-256"
+# ASCII digits, at most 15: int() would also take "1_0", " 10", non-ASCII digits or 4,000 digits.
+_TIMESTAMP = re.compile(r"[0-9]{1,15}")
 
 
 class SignatureScheme(StrEnum):
@@ -88,12 +91,11 @@ def sign(secret: str, webhook_id: str, timestamp: int | str, body: bytes, scheme
 def _check_timestamp(timestamp: str | None, tolerance: float, now: float) -> None:
     if not timestamp:
         raise SignatureError(f"missing {TIMESTAMP_HEADER} header")
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
+    if not _TIMESTAMP.fullmatch(timestamp):
         raise SignatureError(
             f"{TIMESTAMP_HEADER} {timestamp[:40]!r} is not an integer number of seconds since the epoch"
-        ) from None
+        )
+    sent_at = int(timestamp)
     skew = now - sent_at
     if skew > tolerance:
         raise SignatureError(
@@ -135,6 +137,56 @@ def _candidates(scheme: SignatureScheme, header: str, value: str) -> list[bytes]
     return offered
 
 
+def check_headers(
+    *,
+    webhook_id: str | None,
+    timestamp: str | None,
+    signature: str | None,
+    scheme: str = "standard",
+    header: str | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    now: float | None = None,
+) -> list[bytes]:
+    """The signatures offered, once the headers are present, well-formed and fresh; else SignatureError.
+
+    Needs neither the secret nor the body, so a request can be refused before its body is read.
+    ``header`` names the signature header in messages (the scheme's default when None); ``now`` is
+    the server clock in epoch seconds (the current time when None).
+    """
+    chosen = SignatureScheme(scheme)
+    header_name = signature_header(chosen, header)
+    if not signature:
+        raise SignatureError(f"missing {header_name} header")
+    if signs_timestamp(chosen):
+        if not webhook_id:
+            raise SignatureError(f"missing {ID_HEADER} header")
+        _check_timestamp(timestamp, tolerance, time.time() if now is None else now)
+    return _candidates(chosen, header_name, signature)
+
+
+def check_match(
+    secret: str,
+    body: bytes,
+    offered: list[bytes],
+    *,
+    webhook_id: str | None,
+    timestamp: str | None,
+    scheme: str = "standard",
+    header: str | None = None,
+) -> None:
+    """Accept when one of the ``offered`` signatures (from :func:`check_headers`) signs this request."""
+    chosen = SignatureScheme(scheme)
+    expected = _digest(secret_key(secret), chosen, webhook_id or "", timestamp or "", body)
+    # Every candidate is compared, matched or not, so timing does not reveal which entry was close.
+    matched = [hmac.compare_digest(expected, candidate) for candidate in offered]
+    if not any(matched):
+        count = len(offered)
+        raise SignatureError(
+            f"none of the {count} signature{'s' if count != 1 else ''} in "
+            f"{signature_header(chosen, header)} matches the request body signed with this route's secret"
+        )
+
+
 def verify(
     secret: str,
     body: bytes,
@@ -147,26 +199,16 @@ def verify(
     tolerance: float = DEFAULT_TOLERANCE,
     now: float | None = None,
 ) -> None:
-    """Accept a signed request or raise SignatureError saying which check failed.
-
-    ``header`` names the signature header in messages (the scheme's default when None); ``now`` is
-    the server clock in epoch seconds (the current time when None).
-    """
-    chosen = SignatureScheme(scheme)
-    header_name = signature_header(chosen, header)
-    if not signature:
-        raise SignatureError(f"missing {header_name} header")
-    if signs_timestamp(chosen):
-        if not webhook_id:
-            raise SignatureError(f"missing {ID_HEADER} header")
-        _check_timestamp(timestamp, tolerance, time.time() if now is None else now)
-    offered = _candidates(chosen, header_name, signature)
-    expected = _digest(secret_key(secret), chosen, webhook_id or "", timestamp or "", body)
-    # Every candidate is compared, matched or not, so timing does not reveal which entry was close.
-    matched = [hmac.compare_digest(expected, candidate) for candidate in offered]
-    if not any(matched):
-        count = len(offered)
-        raise SignatureError(
-            f"none of the {count} signature{'s' if count != 1 else ''} in {header_name} matches "
-            f"the request body signed with this route's secret"
-        )
+    """Accept a signed request or raise SignatureError saying which check failed (both steps above)."""
+    offered = check_headers(
+        webhook_id=webhook_id,
+        timestamp=timestamp,
+        signature=signature,
+        scheme=scheme,
+        header=header,
+        tolerance=tolerance,
+        now=now,
+    )
+    check_match(
+        secret, body, offered, webhook_id=webhook_id, timestamp=timestamp, scheme=scheme, header=header
+    )

@@ -6,18 +6,22 @@ partner's retry (same ``webhook-id``) is taken in full. A ``webhook-id`` already
 and publishes nothing, or 409 when it comes with a different body (a sender reusing ids would
 otherwise lose messages silently). Two concurrent deliveries of one id may both publish; that is
 harmless because event ids derive from the webhook id, so downstream deduplicates them. Every
-rejection is an RFC 9457 ``application/problem+json`` body. ``GET /openapi.json`` describes the
-configured receivers.
+rejection is an RFC 9457 ``application/problem+json`` body, counted in
+``router_webhook_rejections_total``; what needs no body is checked before the body is read, and the
+signature before the rate limit is spent. Bodies must be interoperable JSON (RFC 7493).
+``GET /openapi.json`` describes the configured receivers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,12 +42,15 @@ from connectors.signatures import (
     TIMESTAMP_HEADER,
     SignatureError,
     SignatureScheme,
+    check_headers,
+    check_match,
     secret_key,
     signature_header,
     signs_timestamp,
-    verify,
 )
-from transforms.parsers import RawRecord, loads_json
+from ops import metrics
+from transforms.interop_json import MAX_DEPTH, JsonRefused, loads_interoperable, printable
+from transforms.parsers import RawRecord
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,16 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:retail-router:problem:"
 BROKER_RETRY_AFTER = 5
 """Seconds a partner is asked to wait after a 503 (broker unreachable) before retrying."""
+DEFAULT_BODY_TIMEOUT = 30.0
+"""Seconds a client has to send the whole body once its headers arrived (slow senders hold resources)."""
+DEFAULT_SIGNATURE_FAILURES = (20, 60.0)
+"""Requests with invalid signatures one peer address may send per minute before it is refused unread."""
+MAX_WEBHOOK_ID = 200
+"""Longest webhook-id accepted: the id ledger keeps it (and the message id made of it) in bounded columns."""
+UNKNOWN_ROUTE = "_unknown"
+"""The ``route`` label of rejections of requests for no configured route (keeps the label bounded)."""
+LISTENER_ROUTE = "_listener"
+"""The ``route`` label of requests the listener refused before any route was chosen (no connection free)."""
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -63,7 +80,9 @@ class WebhookSettings:
     ``schema`` is the loaded JSON Schema of the payload (None: any JSON); ``rate_limit`` is
     (requests, per seconds) or None; ``records`` is a JMESPath selecting the record list (None: the
     payload is one record, or a list of records if it is an array); ``signature_header`` overrides the
-    scheme's header name (for ``sha256-prefixed`` partners such as GitHub-style senders).
+    scheme's header name (for ``sha256-prefixed`` partners such as GitHub-style senders);
+    ``body_timeout`` bounds the time to receive the body; ``signature_failures`` is the allowance
+    (failures, per seconds) of requests with invalid signatures one peer address may send.
     """
 
     route: str
@@ -75,6 +94,8 @@ class WebhookSettings:
     records: str | None = None
     signature: str = "standard"
     signature_header: str | None = None
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    signature_failures: tuple[int, float] = DEFAULT_SIGNATURE_FAILURES
 
 
 class WebhookIdLedger(Protocol):
@@ -99,15 +120,48 @@ class TokenBucket:
         self._clock = clock
         self._updated = clock()
 
-    def take(self) -> float:
-        """Take a token and return 0, or return the seconds until one will be available."""
+    def wait(self) -> float:
+        """Seconds until a token will be available (0: one is available now); takes nothing."""
         now = self._clock()
         self._tokens = min(self._capacity, self._tokens + (now - self._updated) * self._rate)
         self._updated = now
-        if self._tokens >= 1.0:
+        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self._rate
+
+    def take(self) -> float:
+        """Take a token and return 0, or return the seconds until one will be available."""
+        wait = self.wait()
+        if wait == 0.0:
             self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / self._rate
+        return wait
+
+
+class FailureAllowance:
+    """Requests with invalid signatures allowed per peer address; a peer past it is refused unread.
+
+    Kept apart from the route's rate limit, so strangers' bad requests never spend the partner's
+    allowance. At most ``MAX_PEERS`` addresses are tracked (least recently failing forgotten first),
+    so a flood from many addresses cannot grow memory without bound.
+    """
+
+    MAX_PEERS = 4096
+
+    def __init__(self, count: int, seconds: float) -> None:
+        self._count = count
+        self._seconds = seconds
+        self._peers: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def wait(self, peer: str) -> float:
+        """Seconds until ``peer`` may be heard again (0: now)."""
+        bucket = self._peers.get(peer)
+        return 0.0 if bucket is None else bucket.wait()
+
+    def spend(self, peer: str) -> None:
+        """Count one invalid request from ``peer``."""
+        bucket = self._peers.pop(peer, None) or TokenBucket(self._count, self._seconds)
+        bucket.take()
+        self._peers[peer] = bucket
+        if len(self._peers) > self.MAX_PEERS:
+            self._peers.popitem(last=False)
 
 
 class WebhookRejected(Exception):
@@ -132,6 +186,15 @@ class WebhookRejected(Exception):
         self.headers = headers or {}
 
 
+class ProblemResponse(JSONResponse):
+    """An ``application/problem+json`` answer, ASCII-only so no echoed input can fail to encode."""
+
+    media_type = PROBLEM_MEDIA_TYPE
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def problem_response(rejection: WebhookRejected, instance: str) -> Response:
     """The RFC 9457 problem+json response for a rejection."""
     body: dict[str, Any] = {
@@ -139,11 +202,23 @@ def problem_response(rejection: WebhookRejected, instance: str) -> Response:
         "title": rejection.title,
         "status": rejection.status,
         "detail": rejection.detail,
-        "instance": instance,
+        "instance": printable(instance),
     }
     if rejection.errors is not None:
         body["errors"] = rejection.errors
-    return JSONResponse(body, rejection.status, headers=rejection.headers, media_type=PROBLEM_MEDIA_TYPE)
+    return ProblemResponse(body, rejection.status, headers=rejection.headers)
+
+
+def _malformed_request(detail: str) -> WebhookRejected:
+    return WebhookRejected(400, "malformed-request", "Malformed request", detail)
+
+
+def _check_framing(request: Request) -> None:
+    """Refuse a body framed two ways: proxies may disagree on where it ends (request smuggling)."""
+    if "transfer-encoding" in request.headers and "content-length" in request.headers:
+        raise _malformed_request(
+            "both Content-Length and Transfer-Encoding are set; send exactly one (RFC 9112 section 6.3)"
+        )
 
 
 def _check_media_type(content_type: str | None) -> None:
@@ -158,7 +233,7 @@ def _check_media_type(content_type: str | None) -> None:
             415,
             "unsupported-media-type",
             "Unsupported media type",
-            f"Content-Type {media_type!r} is not accepted; send application/json or application/*+json",
+            f"Content-Type {media_type[:80]!r} is not accepted; send application/json or application/*+json",
         )
     for parameter in parameters:
         name, _, value = parameter.partition("=")
@@ -168,7 +243,7 @@ def _check_media_type(content_type: str | None) -> None:
                 415,
                 "unsupported-media-type",
                 "Unsupported media type",
-                f"charset {charset!r} is not accepted; JSON is UTF-8",
+                f"charset {charset[:40]!r} is not accepted; JSON is UTF-8",
             )
 
 
@@ -176,57 +251,35 @@ def _too_large(detail: str) -> WebhookRejected:
     return WebhookRejected(413, "payload-too-large", "Payload too large", detail)
 
 
-async def _read_body(request: Request, max_body: int) -> bytes:
-    """The request body, refused once it is known to exceed ``max_body`` (by header or while streaming)."""
+async def _read_body(request: Request, max_body: int, timeout: float) -> bytes:
+    """The request body, refused beyond ``max_body`` (by header or while streaming) or ``timeout`` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise WebhookRejected(
-                400,
-                "malformed-request",
-                "Malformed request",
-                f"Content-Length {declared[:40]!r} is not a number",
-            ) from None
-        if length > max_body:
-            raise _too_large(f"Content-Length {length} exceeds the limit of {max_body} bytes")
+        if not declared.isascii() or not declared.isdigit():
+            raise _malformed_request(f"Content-Length {declared[:40]!r} is not a number")
+        # The length test first: int() of thousands of digits is slow, or refused outright.
+        if len(declared.lstrip("0")) > len(str(max_body)) or int(declared) > max_body:
+            raise _too_large(f"Content-Length {declared[:40]} exceeds the limit of {max_body} bytes")
     received = bytearray()
     try:
-        async for part in request.stream():
-            # Keep at most one byte beyond the limit: enough to know it was exceeded.
-            received += part[: max_body + 1 - len(received)]
-            if len(received) > max_body:
-                raise _too_large(f"body exceeds the limit of {max_body} bytes")
+        async with asyncio.timeout(timeout):
+            async for part in request.stream():
+                # Keep at most one byte beyond the limit: enough to know it was exceeded.
+                received += part[: max_body + 1 - len(received)]
+                if len(received) > max_body:
+                    raise _too_large(f"body exceeds the limit of {max_body} bytes")
+    except TimeoutError:
+        raise WebhookRejected(
+            408,
+            "request-timeout",
+            "Request timeout",
+            f"the body did not arrive within {timeout:g} s ({len(received)} bytes received); "
+            "nothing was accepted",
+        ) from None
     except ClientDisconnect:
-        raise WebhookRejected(
-            400, "malformed-request", "Malformed request", "client disconnected mid-body"
-        ) from None
+        raise _malformed_request("client disconnected mid-body") from None
+    request.state.body_read = True
     return bytes(received)
-
-
-def _parse_json(body: bytes, *, exact_numbers: bool) -> Any:
-    """The decoded payload; non-integer numbers are Decimal when ``exact_numbers`` (no float quantities)."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise WebhookRejected(
-            400,
-            "malformed-json",
-            "Malformed JSON",
-            f"body is not UTF-8: invalid byte at offset {error.start}",
-        ) from None
-    try:
-        return loads_json(text, exact=exact_numbers)
-    except json.JSONDecodeError as error:
-        raise WebhookRejected(
-            400,
-            "malformed-json",
-            "Malformed JSON",
-            f"line {error.lineno} column {error.colno} (char {error.pos}): {error.msg}",
-        ) from None
-    except ValueError as error:
-        raise WebhookRejected(400, "malformed-json", "Malformed JSON", str(error)) from None
 
 
 def _schema_errors(validator: Draft202012Validator, payload: Any) -> list[dict[str, str]]:
@@ -235,6 +288,41 @@ def _schema_errors(validator: Draft202012Validator, payload: Any) -> list[dict[s
         {"path": error.json_path, "message": error.message, "keyword": str(error.validator)}
         for error in errors
     ]
+
+
+def _payload(body: bytes, *, exact_numbers: bool) -> Any:
+    """The decoded payload; non-integer numbers are Decimal when ``exact_numbers`` (no float quantities)."""
+    try:
+        return loads_interoperable(body, exact=exact_numbers)
+    except JsonRefused as refused:
+        raise WebhookRejected(
+            400,
+            "malformed-json",
+            "Malformed JSON",
+            str(refused),
+            errors=[
+                {"path": issue.path, "message": issue.message, "keyword": str(issue.problem)}
+                for issue in refused.issues
+            ],
+        ) from None
+
+
+def _unavailable(kind: str, what: str) -> WebhookRejected:
+    return WebhookRejected(
+        503,
+        kind,
+        "Service unavailable",
+        f"{what} could not be reached; nothing was accepted; retry with the same webhook-id",
+        headers={"Retry-After": str(BROKER_RETRY_AFTER)},
+    )
+
+
+def _peer(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _retry_after(wait: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(wait)))}
 
 
 class WebhookReceiver:
@@ -254,6 +342,7 @@ class WebhookReceiver:
             count, seconds = settings.rate_limit
             self._bucket = TokenBucket(count, seconds)
             self._rate_detail = f"route {settings.route!r} accepts {count} requests per {seconds:g} s"
+        self._failures = FailureAllowance(*settings.signature_failures)
         self._validator: Draft202012Validator | None = None
         if settings.schema is not None:
             try:
@@ -271,21 +360,22 @@ class WebhookReceiver:
             ) from None
 
     async def receive(self, request: Request) -> Response:
-        """Answer one request: 202 published, 200 already accepted, or a problem+json rejection."""
+        """Answer one request: 202 published, 200 already accepted, or a problem+json rejection.
+
+        Everything that needs no body is checked before the body is read, and the signature before
+        the rate limit is spent: only the partner's own requests use up its allowance.
+        """
         settings = self.settings
+        _check_media_type(request.headers.get("content-type"))
+        webhook_id = request.headers.get(ID_HEADER)
+        offered = self._signature_headers(request, webhook_id) if settings.secret is not None else []
+        body = await _read_body(request, settings.max_body, settings.body_timeout)
+        if settings.secret is not None:
+            self._signature_match(request, body, offered, webhook_id)
         if self._bucket is not None and (wait := self._bucket.take()) > 0:
             raise WebhookRejected(
-                429,
-                "rate-limited",
-                "Too many requests",
-                self._rate_detail,
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                429, "rate-limited", "Too many requests", self._rate_detail, headers=_retry_after(wait)
             )
-        _check_media_type(request.headers.get("content-type"))
-        body = await _read_body(request, settings.max_body)
-        webhook_id = request.headers.get(ID_HEADER)
-        if settings.secret is not None:
-            self._verify(request, body, webhook_id)
         if not webhook_id:
             raise WebhookRejected(
                 400,
@@ -293,9 +383,17 @@ class WebhookReceiver:
                 "Missing webhook-id",
                 f"the {ID_HEADER} header is required (idempotency key)",
             )
+        if len(webhook_id) > MAX_WEBHOOK_ID:
+            raise _malformed_request(
+                f"the {ID_HEADER} header has {len(webhook_id)} characters; at most {MAX_WEBHOOK_ID} are kept"
+            )
         message_id = f"webhook:{settings.route}:{webhook_id}"
         body_sha256 = hashlib.sha256(body).hexdigest()
-        accepted = await run_in_threadpool(self._ledger.accepted, settings.route, webhook_id)
+        try:
+            accepted = await run_in_threadpool(self._ledger.accepted, settings.route, webhook_id)
+        except Exception as error:
+            log.warning("webhook %s on route %s: store unavailable: %s", webhook_id, settings.route, error)
+            raise _unavailable("store-unavailable", "the state store") from None
         if accepted == body_sha256:
             return JSONResponse({"message_id": message_id, "duplicate": True}, 200)
         if accepted is not None:
@@ -325,13 +423,7 @@ class WebhookReceiver:
                 error,
                 extra={"route": settings.route, "webhook_id": webhook_id},
             )
-            raise WebhookRejected(
-                503,
-                "broker-unavailable",
-                "Service unavailable",
-                "the broker could not store it; nothing was accepted; retry with the same webhook-id",
-                headers={"Retry-After": str(BROKER_RETRY_AFTER)},
-            ) from None
+            raise _unavailable("broker-unavailable", "the broker") from None
         try:
             await run_in_threadpool(
                 self._ledger.remember, settings.route, webhook_id, message_id, body_sha256
@@ -350,11 +442,21 @@ class WebhookReceiver:
         )
         return JSONResponse({"message_id": message_id, "records": len(records)}, 202)
 
-    def _verify(self, request: Request, body: bytes, webhook_id: str | None) -> None:
+    def _signature_headers(self, request: Request, webhook_id: str | None) -> list[bytes]:
+        """The offered signatures, from headers alone: a peer over its failure allowance is not read."""
+        peer = _peer(request)
+        if (wait := self._failures.wait(peer)) > 0:
+            count, seconds = self.settings.signature_failures
+            raise WebhookRejected(
+                429,
+                "too-many-invalid-signatures",
+                "Too many invalid signatures",
+                f"more than {count} requests with invalid signatures per {seconds:g} s from {peer}; "
+                "fix the signing before retrying",
+                headers=_retry_after(wait),
+            )
         try:
-            verify(
-                self.settings.secret or "",
-                body,
+            return check_headers(
                 webhook_id=webhook_id,
                 timestamp=request.headers.get(TIMESTAMP_HEADER),
                 signature=request.headers.get(self.signature_header),
@@ -363,19 +465,40 @@ class WebhookReceiver:
                 tolerance=self.settings.tolerance,
             )
         except SignatureError as error:
-            log.warning(
-                "webhook on route %s refused: %s",
-                self.settings.route,
-                error,
-                extra={"route": self.settings.route, "webhook_id": webhook_id},
+            raise self._invalid_signature(peer, webhook_id, error) from None
+
+    def _signature_match(
+        self, request: Request, body: bytes, offered: list[bytes], webhook_id: str | None
+    ) -> None:
+        try:
+            check_match(
+                self.settings.secret or "",
+                body,
+                offered,
+                webhook_id=webhook_id,
+                timestamp=request.headers.get(TIMESTAMP_HEADER),
+                scheme=self._scheme,
+                header=self.signature_header,
             )
-            raise WebhookRejected(401, "invalid-signature", "Invalid signature", str(error)) from None
+        except SignatureError as error:
+            raise self._invalid_signature(_peer(request), webhook_id, error) from None
+
+    def _invalid_signature(self, peer: str, webhook_id: str | None, error: SignatureError) -> WebhookRejected:
+        self._failures.spend(peer)
+        log.warning(
+            "webhook on route %s from %s refused: %s",
+            self.settings.route,
+            peer,
+            error,
+            extra={"route": self.settings.route, "webhook_id": webhook_id},
+        )
+        return WebhookRejected(401, "invalid-signature", "Invalid signature", str(error))
 
     def _records_of(self, body: bytes) -> list[Any]:
-        payload = _parse_json(body, exact_numbers=True)
+        payload = _payload(body, exact_numbers=True)
         if self._validator is not None and not self._validator.is_valid(payload):
             # Re-read with float numbers only to word the errors: "-1 is less than..." not "Decimal('-1')...".
-            errors = _schema_errors(self._validator, _parse_json(body, exact_numbers=False))
+            errors = _schema_errors(self._validator, _payload(body, exact_numbers=False))
             count = len(errors)
             raise WebhookRejected(
                 422,
@@ -387,7 +510,13 @@ class WebhookReceiver:
         if self._records is None:
             selected = payload
         else:
-            selected = self._records.search(payload)
+            try:
+                selected = self._records.search(payload)
+            except JMESPathError as error:
+                # A function in the path met a value of another type: the payload's shape is wrong.
+                raise self._no_records(
+                    f"records path {self.settings.records!r} fails on this payload: {error}"
+                ) from None
             if selected is None:
                 raise self._no_records(
                     f"records path {self.settings.records!r} selects nothing in the payload"
@@ -461,7 +590,7 @@ def _operation(receiver: WebhookReceiver) -> dict[str, Any]:
             "in": "header",
             "required": True,
             "description": "Unique id of this message; a redelivery reuses it (idempotency key).",
-            "schema": {"type": "string", "minLength": 1},
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_WEBHOOK_ID},
         }
     ]
     responses: dict[str, Any] = {
@@ -473,7 +602,12 @@ def _operation(receiver: WebhookReceiver) -> dict[str, Any]:
             "description": "Accepted: the message is stored durably in the broker.",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
         },
-        "400": problem("Malformed JSON, or a missing webhook-id header."),
+        "400": problem(
+            "Not interoperable JSON (RFC 7493: bad UTF-8 or syntax, a lone surrogate, a duplicate key, "
+            f"a number beyond a double, NaN/Infinity, nesting over {MAX_DEPTH}; errors names each path), "
+            "a missing webhook-id header, or a body framed by both Content-Length and Transfer-Encoding."
+        ),
+        "408": problem(f"The body did not arrive within {settings.body_timeout:g} s; nothing was accepted."),
         "409": problem("This webhook-id was already accepted with a different body; use a new webhook-id."),
     }
     if settings.secret is not None:
@@ -504,13 +638,20 @@ def _operation(receiver: WebhookReceiver) -> dict[str, Any]:
     responses["422"] = problem(
         "The payload violates the route's JSON Schema; every violation is listed in errors."
     )
+    limits = []
     if settings.rate_limit is not None:
         count, seconds = settings.rate_limit
-        responses["429"] = problem(
-            f"More than {count} requests per {seconds:g} s; retry after Retry-After.", retry_after
+        limits.append(f"More than {count} requests per {seconds:g} s")
+    if settings.secret is not None:
+        count, seconds = settings.signature_failures
+        limits.append(
+            f"more than {count} requests with invalid signatures per {seconds:g} s from one address"
         )
+    if limits:
+        responses["429"] = problem(f"{'; or '.join(limits)}; retry after Retry-After.", retry_after)
     responses["503"] = problem(
-        "The broker is unreachable; nothing was accepted; retry after Retry-After.", retry_after
+        "The broker or the state store is unreachable; nothing was accepted; retry after Retry-After.",
+        retry_after,
     )
     return {
         "operationId": f"webhook_{settings.route}",
@@ -573,11 +714,12 @@ def webhook_routes(
 
     async def webhook(request: Request) -> Response:
         name = request.path_params["route"]
+        receiver = by_route.get(name)
         try:
-            receiver = by_route.get(name)
+            _check_framing(request)
             if receiver is None:
                 raise WebhookRejected(
-                    404, "unknown-route", "Unknown route", f"no webhook route named {name!r}"
+                    404, "unknown-route", "Unknown route", f"no webhook route named {printable(name)[:80]!r}"
                 )
             if request.method != "POST":
                 raise WebhookRejected(
@@ -589,7 +731,26 @@ def webhook_routes(
                 )
             return await receiver.receive(request)
         except WebhookRejected as rejection:
-            return problem_response(rejection, request.url.path)
+            refused = rejection
+        except Exception:
+            # Every input-caused refusal is a WebhookRejected; reaching here is a fault of the router.
+            log.exception("webhook request to %s failed", request.url.path)
+            refused = WebhookRejected(
+                500,
+                "internal-error",
+                "Internal error",
+                "the router failed to handle this request; nothing was accepted; retry with the same "
+                "webhook-id",
+            )
+        metrics.WEBHOOK_REJECTIONS.labels(
+            route=name if receiver is not None else UNKNOWN_ROUTE, status=str(refused.status)
+        ).inc()
+        response = problem_response(refused, request.url.path)
+        if not getattr(request.state, "body_read", False):
+            # The unread body would have to be received and discarded; closing is cheaper and leaves no
+            # doubt about where a doubly framed body ends.
+            response.headers["Connection"] = "close"
+        return response
 
     async def openapi(_: Request) -> Response:
         return JSONResponse(document)

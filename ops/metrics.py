@@ -126,6 +126,13 @@ FILES_INGESTED = Counter(
     registry=REGISTRY,
 )
 
+WEBHOOK_REJECTIONS = Counter(
+    "router_webhook_rejections",
+    "Webhook requests refused, by route (a configured route, or _unknown / _listener) and HTTP status.",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+
 
 def render_latest() -> tuple[bytes, str]:
     """The scrape body in the Prometheus text format, and its content type, for ``GET /metrics``."""

@@ -188,6 +188,8 @@ def webhook_settings(config: RouterConfig, route: RouteConfig) -> WebhookSetting
         records=route.records,
         signature=source.signature,
         signature_header=source.signature_header,
+        body_timeout=config.http.body_timeout,
+        signature_failures=config.http.signature_failures,
     )
 
 

@@ -107,10 +107,20 @@ class StoreConfig(_Section):
 
 
 class HttpConfig(_Section):
-    """``http:``: the one listener for webhooks, /metrics, /healthz and /readyz."""
+    """``http:``: the one listener for webhooks, /metrics, /healthz and /readyz.
+
+    The limits bound what slow or hostile clients can hold: connections, the time to send headers
+    and body, idle keep-alive time, header size, and invalid signatures per peer address.
+    """
 
     listen: str = "127.0.0.1:8080"
     enabled: bool = True
+    max_connections: int = Field(1000, gt=0)
+    header_timeout: Duration = Field(10.0, gt=0)
+    body_timeout: Duration = Field(30.0, gt=0)
+    keep_alive: Duration = Field(5.0, gt=0)
+    max_header_size: Size = Field(16 * 1024, ge=1024)
+    signature_failures: Rate = (20, 60.0)
 
     @field_validator("listen")
     @classmethod

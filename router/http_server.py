@@ -1,23 +1,118 @@
-"""The router's one HTTP listener (webhooks, /metrics, /healthz, /readyz), served by uvicorn in a thread."""
+"""The router's one HTTP listener (webhooks, /metrics, /healthz, /readyz), served by uvicorn in a thread.
+
+uvicorn alone lets a client hold a connection forever by sending its headers, or the rest of a body
+nobody reads, a byte at a time, and it answers connections beyond its limit in plain text. The
+listener's protocol closes a connection whose client has kept it waiting longer than
+``http.header_timeout``, and answers requests on connections beyond ``http.max_connections`` with a
+problem+json 503; the webhook receiver bounds the body read itself (``http.body_timeout``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from typing import ClassVar
 
+import h11
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from connectors.webhook import LISTENER_ROUTE, WebhookRejected, problem_response
+from ops import metrics
+from router.config import HttpConfig
 
 log = logging.getLogger(__name__)
 
+OVER_CAPACITY_RETRY_AFTER = 1
+"""Seconds a client refused for lack of connections is asked to wait: slots free up quickly."""
+
+
+def _over_capacity(limit: int) -> ASGIApp:
+    """The app answering every request on a connection beyond ``limit``: 503, then the connection closes."""
+
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        if str(scope.get("path", "")).startswith("/webhooks/"):
+            metrics.WEBHOOK_REJECTIONS.labels(route=LISTENER_ROUTE, status="503").inc()
+        rejection = WebhookRejected(
+            503,
+            "over-capacity",
+            "Service unavailable",
+            f"the router already serves {limit} connections; nothing was accepted; retry after Retry-After",
+            headers={"Retry-After": str(OVER_CAPACITY_RETRY_AFTER), "Connection": "close"},
+        )
+        await problem_response(rejection, str(scope.get("path", "")))(scope, receive, send)
+
+    return refuse
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline on the client and a bound on connections (``limits``)."""
+
+    limits: ClassVar[HttpConfig] = HttpConfig()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._client_deadline: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self.app = _over_capacity(self.limits.max_connections)
+        self._watch_client()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_client()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_client()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def _waiting_for_client(self) -> bool:
+        """Whether the connection waits on the client alone: for request headers, or an unread body."""
+        theirs, ours = self.conn.their_state, self.conn.our_state
+        return theirs is h11.IDLE or (theirs is h11.SEND_BODY and ours in (h11.DONE, h11.MUST_CLOSE))
+
+    def _watch_client(self) -> None:
+        if self.transport.is_closing() or not self._waiting_for_client():
+            self._cancel_deadline()
+        elif self._client_deadline is None:
+            # Armed once per wait, not per byte: a client trickling data does not extend it.
+            self._client_deadline = self.loop.call_later(self.limits.header_timeout, self._client_too_slow)
+
+    def _cancel_deadline(self) -> None:
+        if self._client_deadline is not None:
+            self._client_deadline.cancel()
+            self._client_deadline = None
+
+    def _client_too_slow(self) -> None:
+        self._client_deadline = None
+        if self._waiting_for_client() and not self.transport.is_closing():
+            log.debug("closing a connection idle or incomplete for %g s", self.limits.header_timeout)
+            self.transport.close()
+
 
 class HttpListener:
-    """Runs an ASGI app on host:port in a background thread until stopped."""
+    """Runs an ASGI app on host:port in a background thread until stopped, within ``limits``."""
 
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
+    def __init__(self, app: Starlette, host: str, port: int, limits: HttpConfig | None = None) -> None:
+        limits = limits or HttpConfig()
+        protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http=protocol,
+            timeout_keep_alive=max(1, round(limits.keep_alive)),
+            h11_max_incomplete_event_size=limits.max_header_size,
         )
         self._server = uvicorn.Server(config)
         # Run off the main thread: uvicorn then leaves SIGTERM to the router, which drains first.
@@ -31,6 +126,11 @@ class HttpListener:
             for sock in server.sockets:
                 return int(sock.getsockname()[1])
         return self._server.config.port
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections currently open."""
+        return len(self._server.server_state.connections)
 
     def start(self, timeout: float = 10.0) -> None:
         self._thread.start()

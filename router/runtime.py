@@ -202,7 +202,7 @@ class RouterRuntime:
             routes += webhook_routes(receivers, sink, assembly.StoreWebhookLedger(self._store))
         app = Starlette(routes=routes)
         port = self.config.http.port if self.http_port is None else self.http_port
-        self._listener = HttpListener(app, self.config.http.host, port)
+        self._listener = HttpListener(app, self.config.http.host, port, self.config.http)
         self._listener.start()
         log.info("HTTP listener on %s:%d", self.config.http.host, self._listener.port)
         if not self.broker.is_memory:

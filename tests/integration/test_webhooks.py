@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +21,12 @@ from starlette.applications import Starlette
 
 from connectors.chunks import SourceChunk
 from connectors.signatures import sign
-from connectors.webhook import WebhookSettings, webhook_routes
+from connectors.webhook import LISTENER_ROUTE, WebhookSettings, webhook_routes
+from ops.metrics import REGISTRY
+from router.broker import encode_body
+from router.config import HttpConfig
+from router.http_server import HttpListener
+from router.ingress import chunk_message
 
 SECRET = "whsec_c3RvY2stZXZlbnRzLXNlY3JldC0xMjM0NQ=="
 STOCK_SCHEMA: dict[str, Any] = {
@@ -46,7 +54,7 @@ STOCK_SCHEMA: dict[str, Any] = {
 
 @dataclass
 class RecordingSink:
-    """Stands in for the broker: keeps confirmed chunks, or raises while ``down``."""
+    """Stands in for the broker: serialises a chunk as the broker does, keeps it, or raises while ``down``."""
 
     chunks: list[SourceChunk] = field(default_factory=list)
     down: bool = False
@@ -54,6 +62,7 @@ class RecordingSink:
     def __call__(self, chunk: SourceChunk) -> None:
         if self.down:
             raise ConnectionError("broker unreachable")
+        encode_body(chunk_message(chunk))
         self.chunks.append(chunk)
 
 
@@ -92,7 +101,7 @@ RECEIVERS = {
         route="partner-orders",
         secret=SECRET,
         schema=None,
-        max_body=1024,
+        max_body=4096,
         rate_limit=None,
         tolerance=300.0,
         records=None,
@@ -105,6 +114,25 @@ RECEIVERS = {
         rate_limit=(2, 60.0),
         tolerance=300.0,
         records=None,
+    ),
+    "partner-limited": WebhookSettings(
+        route="partner-limited",
+        secret=SECRET,
+        schema=None,
+        max_body=1024,
+        rate_limit=(2, 60.0),
+        signature_failures=(3, 60.0),
+    ),
+    "partner-slow": WebhookSettings(
+        route="partner-slow", secret=SECRET, schema=None, max_body=1024, rate_limit=None, body_timeout=1.0
+    ),
+    "misconfigured": WebhookSettings(
+        route="misconfigured",
+        secret=None,
+        # A reference to nowhere passes the schema check but fails at validation: a fault of the setup.
+        schema={"type": "object", "properties": {"sku": {"$ref": "urn:retail-router:nowhere"}}},
+        max_body=1024,
+        rate_limit=None,
     ),
     "legacy-hex": WebhookSettings(
         route="legacy-hex",
@@ -427,7 +455,19 @@ def test_openapi_document_describes_every_route_and_status(receiver: Receiver) -
     }
     payload_schema = stock["requestBody"]["content"]["application/json"]["schema"]
     assert payload_schema["$defs"] == STOCK_SCHEMA["$defs"] and payload_schema["$id"]
-    assert set(stock["responses"]) == {"200", "202", "400", "401", "409", "413", "415", "422", "503"}
+    assert set(stock["responses"]) == {
+        "200",
+        "202",
+        "400",
+        "401",
+        "408",
+        "409",
+        "413",
+        "415",
+        "422",
+        "429",
+        "503",
+    }
     assert "429" in document["paths"]["/webhooks/partner-throttled"]["post"]["responses"]
     for operation in (path["post"] for path in document["paths"].values()):
         assert operation["operationId"]
@@ -439,3 +479,318 @@ def test_openapi_document_describes_every_route_and_status(receiver: Receiver) -
                 }
     for reference in ("Problem", "Accepted", "Duplicate"):
         assert reference in document["components"]["schemas"]
+
+
+def rejections(route: str, status: int) -> float:
+    value = REGISTRY.get_sample_value(
+        "router_webhook_rejections_total", {"route": route, "status": str(status)}
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "keyword", "message"),
+    [
+        (
+            b'{"events": [{"sku": "\\ud800", "store": "S001", "qty": 1}]}',
+            "$.events[0].sku",
+            "lone-surrogate",
+            "\\ud800",
+        ),
+        (b'{"events": [], "\\udfff": 1}', "$['\\udfff']", "lone-surrogate", "the key"),
+        (
+            b'{"events": [{"sku": "A", "sku": "B", "store": "S001", "qty": 1}]}',
+            "$.events[0].sku",
+            "duplicate-key",
+            "'sku'",
+        ),
+        (
+            b'{"events": [{"sku": "A", "store": "S001", "qty": 1e400}]}',
+            "$.events[0].qty",
+            "number-range",
+            "1e400",
+        ),
+        (
+            b'{"events": [{"sku": "A", "store": "S001", "qty": -' + b"9" * 400 + b"}]}",
+            "$.events[0].qty",
+            "number-range",
+            "range",
+        ),
+        (b'{"events": [{"sku": "A", "store": "S001", "qty": NaN}]}', "$.events[0].qty", "non-finite", "NaN"),
+        (
+            b'{"events": [{"sku": "A", "store": "S001", "qty": Infinity}]}',
+            "$.events[0].qty",
+            "non-finite",
+            "Infinity",
+        ),
+        (b'{"events": ' + b"[" * 990 + b"]" * 990 + b"}", "$", "max-depth", "deeper than 64 levels"),
+    ],
+)
+def test_json_other_systems_would_misread_is_400_naming_the_path_and_nothing_is_enqueued(
+    receiver: Receiver, body: bytes, path: str, keyword: str, message: str
+) -> None:
+    response = receiver.client.post("/webhooks/partner-orders", content=body, headers=signed_headers(body))
+
+    problem = assert_problem(response, 400, path)
+    [error] = problem["errors"]
+    assert (error["path"], error["keyword"]) == (path, keyword)
+    assert message in error["message"]
+    assert receiver.sink.chunks == []
+
+
+def test_every_rejection_is_counted_by_route_and_status_with_unknown_routes_under_one_label(
+    receiver: Receiver,
+) -> None:
+    before = rejections("partner-stock", 400), rejections("_unknown", 404)
+    body = b'{"events": [{"sku": "\\ud800"}]}'
+
+    receiver.client.post("/webhooks/partner-stock", content=body, headers=signed_headers(body))
+    receiver.client.post("/webhooks/no-such-route-1", content=body)
+    receiver.client.post("/webhooks/no-such-route-2", content=body)
+
+    assert (rejections("partner-stock", 400), rejections("_unknown", 404)) == (before[0] + 1, before[1] + 2)
+    assert (
+        REGISTRY.get_sample_value(
+            "router_webhook_rejections_total", {"route": "no-such-route-1", "status": "404"}
+        )
+        is None
+    )
+
+
+def test_unsigned_traffic_does_not_spend_the_partners_rate_limit(receiver: Receiver) -> None:
+    body = b'{"order": "L1"}'
+    forged = signed_headers(body, secret="whsec_d3Jvbmcta2V5")
+    unsigned = {"content-type": "application/json", "webhook-id": "msg_unsigned"}
+    with httpx.Client(
+        base_url=receiver.url, timeout=5, transport=httpx.HTTPTransport(local_address="127.0.0.3")
+    ) as stranger:
+        refused = [stranger.post("/webhooks/partner-limited", content=body, headers=forged).status_code]
+        refused.append(stranger.post("/webhooks/partner-limited", content=body, headers=unsigned).status_code)
+
+    accepted = [
+        receiver.client.post(
+            "/webhooks/partner-limited", content=body, headers=signed_headers(body)
+        ).status_code
+        for _ in range(2)
+    ]
+
+    assert refused == [401, 401]
+    assert accepted == [202, 202]
+
+
+def test_a_peer_sending_bad_signatures_is_refused_unread_while_the_partner_is_served(
+    receiver: Receiver,
+) -> None:
+    body = b'{"order": "G1"}'
+    with httpx.Client(
+        base_url=receiver.url, timeout=5, transport=httpx.HTTPTransport(local_address="127.0.0.2")
+    ) as attacker:
+        statuses = [
+            attacker.post(
+                "/webhooks/partner-limited",
+                content=body,
+                headers=signed_headers(body, secret="whsec_d3Jvbmcta2V5"),
+            ).status_code
+            for _ in range(4)
+        ]
+        refused = attacker.post("/webhooks/partner-limited", content=body, headers=signed_headers(body))
+
+    assert statuses == [401, 401, 401, 429]
+    problem = assert_problem(refused, 429, "invalid signatures")
+    assert refused.headers["connection"] == "close"
+    assert int(refused.headers["retry-after"]) >= 1
+    partner = receiver.client.post("/webhooks/partner-limited", content=body, headers=signed_headers(body))
+    assert partner.status_code in (202, 429), partner.text
+    assert problem["type"].endswith("too-many-invalid-signatures")
+
+
+def raw_request(url: str, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send bytes as they are (no client would frame a request twice) and read the answer to the end."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_content_length_together_with_transfer_encoding_is_refused_400(receiver: Receiver) -> None:
+    body = b'{"order": "S1"}'
+    headers = signed_headers(body)
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    request = (
+        b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\n"
+        + b"".join(f"{name}: {value}\r\n".encode() for name, value in headers.items())
+        + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(chunked)
+        + chunked
+    )
+
+    answer = raw_request(receiver.url, request)
+
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/problem+json" in head.lower()
+    assert b"connection: close" in head.lower()
+    assert b"Content-Length and Transfer-Encoding" in payload
+    assert receiver.sink.chunks == []
+
+
+def test_a_body_slower_than_the_body_timeout_is_408_and_nothing_is_enqueued(receiver: Receiver) -> None:
+    body = b'{"order": "T1"}'
+
+    def slowly() -> Iterator[bytes]:
+        yield body[:5]
+        time.sleep(1.6)
+        yield body[5:]
+
+    request = receiver.client.build_request(
+        "POST", "/webhooks/partner-slow", content=slowly(), headers=signed_headers(body)
+    )
+    started = time.monotonic()
+    try:
+        response = receiver.client.send(request)
+    except httpx.TransportError:
+        pytest.fail("the receiver closed without answering")
+
+    assert_problem(response, 408, "did not arrive within 1 s")
+    assert time.monotonic() - started < 3
+    assert receiver.sink.chunks == []
+
+
+def test_a_fault_of_the_router_is_a_problem_json_500_never_plain_text(receiver: Receiver) -> None:
+    body = b'{"sku": "A"}'
+    response = receiver.client.post(
+        "/webhooks/misconfigured",
+        content=body,
+        headers={"content-type": "application/json", "webhook-id": "m1"},
+    )
+
+    problem = assert_problem(response, 500, "nothing was accepted")
+    assert problem["type"].endswith("internal-error")
+
+
+@pytest.fixture
+def guarded_listener() -> Iterator[tuple[HttpListener, RecordingSink]]:
+    """The router's own listener, with small limits so slow clients hit them within seconds."""
+    sink = RecordingSink()
+    # The body deadline is the receiver's (http.body_timeout reaches it through the route's settings).
+    settings = dataclasses.replace(RECEIVERS["partner-orders"], body_timeout=1.0)
+    app = Starlette(routes=webhook_routes({"partner-orders": settings}, sink, MemoryLedger()))
+    listener = HttpListener(
+        app, "127.0.0.1", 0, HttpConfig(max_connections=50, header_timeout="1s", keep_alive="1s")
+    )
+    listener.start()
+    yield listener, sink
+    listener.stop()
+
+
+def closed_by_server(connections: list[socket.socket], within: float) -> list[socket.socket]:
+    """The connections the server closed (EOF or reset) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    waiting, closed = list(connections), []
+    while waiting and time.monotonic() < deadline:
+        readable, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
+        for connection in readable:
+            try:
+                data = connection.recv(4096)
+            except ConnectionError:
+                data = b""
+            if not data:
+                waiting.remove(connection)
+                closed.append(connection)
+    return closed
+
+
+@pytest.mark.slow
+def test_slow_clients_are_cut_off_and_connections_beyond_the_limit_get_a_problem_503(
+    guarded_listener: tuple[HttpListener, RecordingSink],
+) -> None:
+    listener, sink = guarded_listener
+    url = f"http://127.0.0.1:{listener.port}"
+    body = b'{"order": "SL1"}'
+    slow: list[socket.socket] = []
+    try:
+        for number in range(120):
+            connection = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+            if number % 3 == 0:
+                connection.sendall(
+                    b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\n"
+                )  # never ends
+            elif number % 3 == 1:
+                headers = signed_headers(body)
+                connection.sendall(  # complete headers, half the body, to a route that reads it
+                    b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\nContent-Length: 100\r\n"
+                    + b"".join(f"{name}: {value}\r\n".encode() for name, value in headers.items())
+                    + b"\r\n{"
+                )
+            slow.append(connection)  # the rest send nothing at all
+        with httpx.Client(base_url=url, timeout=5) as client:
+            refused = client.post("/webhooks/partner-orders", content=body, headers=signed_headers(body))
+
+            closed = closed_by_server(slow, within=5.0)
+
+            assert_problem(refused, 503, "already serves 50 connections")
+            assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+            assert len(closed) == len(slow)
+            deadline = time.monotonic() + 5
+            while listener.open_connections and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert listener.open_connections == 0
+            accepted = client.post("/webhooks/partner-orders", content=body, headers=signed_headers(body))
+        assert accepted.status_code == 202, accepted.text
+        assert [chunk.records[0].data for chunk in sink.chunks] == [{"order": "SL1"}]
+        assert rejections(LISTENER_ROUTE, 503) >= 1
+    finally:
+        for connection in slow:
+            connection.close()
+
+
+@pytest.mark.slow
+def test_a_second_request_trickled_on_a_kept_alive_connection_is_cut_off(
+    guarded_listener: tuple[HttpListener, RecordingSink],
+) -> None:
+    listener, _ = guarded_listener
+    body = b'{"order": "KA1"}'
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as connection:
+        connection.sendall(
+            b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\nContent-Length: %d\r\n" % len(body)
+            + b"".join(f"{name}: {value}\r\n".encode() for name, value in signed_headers(body).items())
+            + b"\r\n"
+            + body
+        )
+        assert connection.recv(4096).startswith(b"HTTP/1.1 202 ")
+        started = time.monotonic()
+        for piece in (b"POST /webhooks/", b"partner-orders HTTP/1.1\r\n", b"Host: router\r\n"):
+            connection.sendall(piece)
+            time.sleep(0.4)
+
+        assert closed_by_server([connection], within=3.0) == [connection]
+        assert time.monotonic() - started < 3.0
+
+
+def test_a_webhook_id_longer_than_the_ledger_keeps_is_400(receiver: Receiver) -> None:
+    body = b'{"order": "W1"}'
+    webhook_id = "m" * 201
+
+    response = receiver.client.post(
+        "/webhooks/partner-orders", content=body, headers=signed_headers(body, webhook_id=webhook_id)
+    )
+
+    assert_problem(response, 400, "201 characters; at most 200")
+    assert receiver.sink.chunks == []
+
+
+def test_an_unfinished_request_head_over_max_header_size_is_refused_400_by_the_http_layer(
+    guarded_listener: tuple[HttpListener, RecordingSink],
+) -> None:
+    listener, sink = guarded_listener
+    head = b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\nX-Padding: "
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as connection:
+        connection.sendall(head + b"a" * (HttpConfig().max_header_size + 1024))  # and no end of the head
+
+        answer = connection.recv(4096)
+
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert closed_by_server([connection], within=2.0) == [connection]
+    assert sink.chunks == []

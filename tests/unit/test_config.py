@@ -300,3 +300,37 @@ def test_csv_dialect_is_checked_and_only_for_csv_routes(tmp_path: Path) -> None:
 
     config = load_config(_write(tmp_path, with_csv("{delimiter: ';'}")), {})
     assert config.routes[0].csv is not None and config.routes[0].csv.encoding == "utf-8"
+
+
+def test_http_limits_have_defaults_and_are_validated_at_their_position(tmp_path: Path) -> None:
+    defaults = load_config(_write(tmp_path, VALID), {}).http
+    assert (defaults.max_connections, defaults.header_timeout, defaults.body_timeout) == (1000, 10.0, 30.0)
+    assert (defaults.keep_alive, defaults.max_header_size, defaults.signature_failures) == (
+        5.0,
+        16384,
+        (20, 60.0),
+    )
+    set_limits = (
+        "http: {max_connections: 200, header_timeout: 5s, body_timeout: 1m, signature_failures: 5/m}\n"
+    )
+    tuned = load_config(_write(tmp_path, VALID + set_limits), {}).http
+    assert (tuned.max_connections, tuned.header_timeout, tuned.body_timeout) == (200, 5.0, 60.0)
+    assert tuned.signature_failures == (5, 60.0)
+
+    path = _write(
+        tmp_path,
+        VALID
+        + "http:\n  max_connections: 0\n  header_timeout: 0s\n  keep_alive: never\n  max_header_size: 100\n",
+    )
+
+    problems = _problems(path)
+    for line, field in [
+        (25, "max_connections"),
+        (26, "header_timeout"),
+        (27, "keep_alive"),
+        (28, "max_header_size"),
+    ]:
+        assert any(p.startswith(f"{path}:{line}:") and f"http.{field}" in p for p in problems), (
+            field,
+            problems,
+        )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from connectors.signatures import SignatureError, secret_key, sign, verify
 
@@ -127,3 +131,68 @@ def test_secret_without_prefix_is_used_as_raw_bytes() -> None:
 def test_whsec_secret_that_is_not_base64_is_refused() -> None:
     with pytest.raises(ValueError, match="not base64"):
         secret_key("whsec_***")
+
+
+def _flip(text: str, position: int, bit: int) -> str:
+    """``text`` (ASCII) with one of the low seven bits of one character inverted, so it stays ASCII."""
+    index = position % len(text)
+    return text[:index] + chr(ord(text[index]) ^ (1 << bit)) + text[index + 1 :]
+
+
+ascii_text = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40)
+
+
+@settings(max_examples=300)
+@given(
+    key=st.binary(min_size=1, max_size=64),
+    webhook_id=ascii_text,
+    body=st.binary(min_size=1, max_size=200),
+    skew=st.integers(-300, 300),
+    scheme=st.sampled_from(["standard", "hex", "sha256-prefixed"]),
+    part=st.sampled_from(["webhook_id", "timestamp", "body", "signature"]),
+    position=st.integers(0, 10_000),
+    bit=st.integers(0, 6),
+)
+def test_valid_signatures_verify_and_any_bit_flip_is_refused_with_a_signature_error(
+    key: bytes,
+    webhook_id: str,
+    body: bytes,
+    skew: int,
+    scheme: str,
+    part: str,
+    position: int,
+    bit: int,
+) -> None:
+    secret = "whsec_" + base64.b64encode(key).decode()
+    timestamp = "1700000000"
+    signature = sign(secret, webhook_id, timestamp, body, scheme)
+    request = {"webhook_id": webhook_id, "timestamp": timestamp, "signature": signature, "body": body}
+    verify(
+        secret,
+        body,
+        webhook_id=webhook_id,
+        timestamp=timestamp,
+        signature=signature,
+        scheme=scheme,
+        now=1700000000 + skew,
+    )
+
+    if part == "body":
+        index = position % len(body)
+        request["body"] = body[:index] + bytes([body[index] ^ (1 << bit)]) + body[index + 1 :]
+    else:
+        assume(part == "signature" or scheme != "sha256-prefixed")  # that scheme signs the body only
+        request[part] = _flip(str(request[part]), position, bit)
+        # Hex digests are case-insensitive: a flipped case bit is the same signature.
+        assume(part != "signature" or scheme == "standard" or request[part].lower() != signature.lower())
+
+    with pytest.raises(SignatureError):
+        verify(
+            secret,
+            bytes(request["body"]),  # type: ignore[arg-type]
+            webhook_id=str(request["webhook_id"]),
+            timestamp=str(request["timestamp"]),
+            signature=str(request["signature"]),
+            scheme=scheme,
+            now=1700000000 + skew,
+        )
