@@ -18,6 +18,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
+from ops.secrets import SECRETS
+
 ConfigPath = tuple[str | int, ...]
 
 _VARIABLE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
@@ -64,9 +66,12 @@ class ConfigDocument:
     problems: list[ConfigProblem] = field(default_factory=list)
 
     def problem(self, path: ConfigPath, message: str, *, at_key: bool = False) -> None:
-        """Record a problem at ``path``: its value (or key), else the nearest enclosing entry found."""
+        """Record a problem at ``path``: its value (or key), else the nearest enclosing entry found.
+
+        Known secrets in the message are masked: a problem may quote the value it is about.
+        """
         line, column = self.locate(path, at_key=at_key)
-        self.problems.append(ConfigProblem(self.file, line, column, message))
+        self.problems.append(ConfigProblem(self.file, line, column, SECRETS.mask(message)))
 
     def locate(self, path: ConfigPath, *, at_key: bool = False) -> tuple[int, int]:
         for depth in range(len(path), 0, -1):

@@ -16,8 +16,10 @@ class HttpListener:
     """Runs an ASGI app on host:port in a background thread until stopped."""
 
     def __init__(self, app: Starlette, host: str, port: int) -> None:
+        # log_config=None: uvicorn's records go through the root logger's redacting handler instead
+        # of handlers of its own that would print them unredacted.
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", log_config=None
         )
         self._server = uvicorn.Server(config)
         # Run off the main thread: uvicorn then leaves SIGTERM to the router, which drains first.
