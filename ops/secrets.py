@@ -29,12 +29,13 @@ CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|signature|cookie|session"
 
 _CONFIG_SECRET_KEY = re.compile(r"secret|token|password|passwd|passphrase|auth", re.IGNORECASE)
 _SECRET_WORD = r"password|passwd|passphrase|secret|token|authorization|api[_-]?key|credentials?"
+_AUTH_SCHEMES = "basic|bearer|digest|token|negotiate"
 _SECRET_FIELD = re.compile(_SECRET_WORD, re.IGNORECASE)
 # Bounded repetitions keep every pattern linear on long unbroken text such as a base64 body.
 _URL = re.compile(r"\b(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,30}://)(?P<rest>[^\s\"'<>`]+)")
 _SECRET_ASSIGNMENT = re.compile(
     rf"(?P<name>(?:{_SECRET_WORD})[\w-]{{0,40}})(?P<sep>[\"']?\s*[=:]\s*[\"']?)"
-    r"(?P<scheme>(?:basic|bearer|digest|token|negotiate)\s+)?(?!\*\*\*)[^\s&,;\"']+",
+    rf"(?!(?:{_AUTH_SCHEMES})\s+\*\*\*)(?P<scheme>(?:{_AUTH_SCHEMES})\s+)?(?!\*\*\*)[^\s&,;\"']+",
     re.IGNORECASE,
 )
 _BEARER = re.compile(r"\b(?P<scheme>[Bb]earer)\s+[A-Za-z0-9._~+/=-]+")
