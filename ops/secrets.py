@@ -1,7 +1,8 @@
 """Secrets known to this process, and masking them wherever text is printed or stored.
 
 Two layers work together. Known values: what the configuration says is secret (values under keys
-named like secret, token, password or auth, credential headers, URL passwords and query values) is
+named like secret, token, password or auth, credential headers, URL passwords and credential query
+values) is
 registered in :data:`SECRETS` when the configuration is loaded or a connector is built, and replaced
 wherever it appears, whatever surrounds it. Patterns: credentials of any origin are masked by shape:
 a URL's password and query values, ``Authorization`` values (any scheme), bearer tokens, ``whsec_``
@@ -24,8 +25,9 @@ MIN_KNOWN_LENGTH = 6
 """Known values shorter than this are not masked everywhere (they would eat ordinary words and
 numbers); the patterns still mask them where they stand as a URL password or a ``key=value``."""
 
-CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|signature|cookie|session", re.IGNORECASE)
-"""Header names whose values are credentials (``Authorization``, ``X-Api-Key``, ``X-Auth-Token``...)."""
+CREDENTIAL_NAME = re.compile(r"auth|key|token|secret|sig|pass|pwd|cookie|session|credential", re.IGNORECASE)
+"""Header and query parameter names whose values are credentials (``Authorization``, ``X-Api-Key``,
+``access_token``, ``sig``...)."""
 
 _CONFIG_SECRET_KEY = re.compile(r"secret|token|password|passwd|passphrase|auth", re.IGNORECASE)
 _SECRET_WORD = r"password|passwd|passphrase|secret|token|authorization|api[_-]?key|credentials?"
@@ -89,15 +91,20 @@ class SecretRegistry:
                 self.add_basic(username, password)
 
     def add_url(self, url: str) -> None:
-        """Know a URL's password (and the basic-auth value made from it) and its query values."""
+        """Know a URL's password (and the basic-auth value made from it) and its credential query values.
+
+        Other query values (``status=active``) are left out: masked everywhere they would eat ordinary
+        words; in the URL itself every query value is masked anyway.
+        """
         for match in _URL.finditer(url):
             parts = _UrlParts.parse(match["rest"])
             if parts.password is not None:
                 self.add(parts.password)
                 # httpx turns a URL's userinfo into an Authorization: Basic header.
                 self.add_basic(unquote(parts.username), unquote(parts.password))
-            for value in parts.query_values():
-                self.add(value)
+            for name, value in parts.query():
+                if CREDENTIAL_NAME.search(name):
+                    self.add(value)
 
     def mask(self, text: str) -> str:
         """``text`` with every known secret replaced by ``***``."""
@@ -120,7 +127,7 @@ class _UrlParts:
     username: str
     password: str | None
     location: str
-    query: str | None
+    query_text: str | None
     fragment: str
 
     @classmethod
@@ -136,18 +143,18 @@ class _UrlParts:
             location, hash_mark, fragment = location.partition("#")
         return cls(username, password, location, query if question else None, hash_mark + fragment)
 
-    def query_values(self) -> Iterator[str]:
-        for parameter in (self.query or "").split("&"):
-            _, equals, value = parameter.partition("=")
+    def query(self) -> Iterator[tuple[str, str]]:
+        for parameter in (self.query_text or "").split("&"):
+            name, equals, value = parameter.partition("=")
             if equals and value:
-                yield value
+                yield unquote(name), value
 
     def masked(self) -> str:
         text = f"{self.username}:{MASK}@" if self.password is not None else ""
         text += self.location
-        if self.query is not None:
+        if self.query_text is not None:
             parameters = []
-            for parameter in self.query.split("&"):
+            for parameter in self.query_text.split("&"):
                 name, equals, value = parameter.partition("=")
                 parameters.append(f"{name}={MASK}" if equals and value else parameter)
             text += "?" + "&".join(parameters)
@@ -192,7 +199,7 @@ def register_http_credentials(
     """Register what an HTTP connector sends as credentials: the URL's, credential headers, bearer, basic."""
     SECRETS.add_url(url)
     for name, value in headers.items():
-        if CREDENTIAL_HEADER.search(name):
+        if CREDENTIAL_NAME.search(name):
             SECRETS.add_header(value)
     SECRETS.add(bearer)
     if basic is not None:
@@ -203,8 +210,8 @@ def register_config_secrets(data: Any, key: str = "") -> None:
     """Register the secrets in a configuration's plain data (``key`` is the name ``data`` sits under).
 
     Secrets are: every string under a key named like secret, token, password or auth; the values of
-    credential headers under ``headers``; basic-auth pairs; and the password and query values of
-    every URL.
+    credential headers under ``headers``; basic-auth pairs; and the password and the credential
+    query values (``access_token=``, ``api_key=``, ``sig=``...) of every URL.
     """
     if _CONFIG_SECRET_KEY.search(key):
         for value in _strings(data):
@@ -214,7 +221,7 @@ def register_config_secrets(data: Any, key: str = "") -> None:
         if isinstance(username, str) and isinstance(password, str):
             SECRETS.add_basic(username, password)
         for name, value in data.items():
-            if key == "headers" and isinstance(value, str) and CREDENTIAL_HEADER.search(str(name)):
+            if key == "headers" and isinstance(value, str) and CREDENTIAL_NAME.search(str(name)):
                 SECRETS.add_header(value)
             register_config_secrets(value, str(name))
     elif isinstance(data, list):

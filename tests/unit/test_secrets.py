@@ -115,3 +115,12 @@ def test_short_values_are_not_masked_everywhere() -> None:
     SECRETS.add("abc")
 
     assert redact("abc def") == "abc def"
+
+
+def test_ordinary_query_values_of_a_configured_url_stay_readable_outside_it() -> None:
+    SECRETS.add_url("https://api.example/orders?status=shipped&api_key=ak-90817263")
+
+    assert redact("order shipped, key ak-90817263") == "order shipped, key ***"
+    assert (
+        redact("GET https://api.example/orders?status=shipped") == "GET https://api.example/orders?status=***"
+    )
