@@ -209,9 +209,10 @@ def register_http_credentials(
 def register_config_secrets(data: Any, key: str = "") -> None:
     """Register the secrets in a configuration's plain data (``key`` is the name ``data`` sits under).
 
-    Secrets are: every string under a key named like secret, token, password or auth; the values of
-    credential headers under ``headers``; basic-auth pairs; and the password and the credential
-    query values (``access_token=``, ``api_key=``, ``sig=``...) of every URL.
+    Secrets are: every string under a key named like secret, token, password or auth (but a
+    ``username``); the values of credential headers under ``headers``; basic-auth pairs; and the
+    password and the credential query values (``access_token=``, ``api_key=``, ``sig=``...) of
+    every URL.
     """
     if _CONFIG_SECRET_KEY.search(key):
         for value in _strings(data):
@@ -232,11 +233,14 @@ def register_config_secrets(data: Any, key: str = "") -> None:
 
 
 def _strings(data: Any) -> Iterator[str]:
+    """The strings in ``data``, except user names: an identifier such as ``router`` masked everywhere
+    would mangle every log line, and it is no credential without its password."""
     if isinstance(data, str):
         yield data
     elif isinstance(data, Mapping):
-        for value in data.values():
-            yield from _strings(value)
+        for name, value in data.items():
+            if name != "username":
+                yield from _strings(value)
     elif isinstance(data, list):
         for item in data:
             yield from _strings(item)
