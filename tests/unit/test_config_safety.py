@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.config import load_config
+import pytest
+
+from router.config import ConfigError, load_config
 
 TIMEOUT_S = 60.0
 # The unbounded alias bomb reached 1.3 GB; the router's imports alone are about 100 MB.
@@ -150,3 +152,14 @@ def test_a_webhook_secret_that_is_not_base64_is_refused_without_echoing_it(tmp_p
     assert run.code == 2, run.stderr
     assert f"{config}:11:37: webhook secret starts with 'whsec_' but the rest is not base64" in run.stderr
     assert "not!base64" not in run.stderr + run.stdout
+
+
+def test_yaml_nested_beyond_the_parser_s_depth_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    config = _write(tmp_path, VALID + "deep: " + "[" * 20_000 + "]" * 20_000 + "\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, {})
+
+    assert [str(problem) for problem in caught.value.problems] == [
+        f"{config}:1:1: YAML nests too deeply to read; routes.yaml needs a few levels"
+    ]
