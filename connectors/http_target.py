@@ -29,6 +29,7 @@ from connectors.delivery import (
     interruptible_sleep,
 )
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
+from ops.secrets import redact, register_http_credentials
 
 # Delivery types live in connectors.delivery; they stay importable from here for HTTP callers.
 __all__ = [
@@ -110,7 +111,9 @@ class HttpTarget:
         self._base_headers = {"User-Agent": USER_AGENT, **settings.headers}
         if settings.bearer:
             self._base_headers["Authorization"] = f"Bearer {settings.bearer}"
-        self._secrets = [s for s in (settings.bearer, settings.basic[1] if settings.basic else None) if s]
+        # A target may echo the request (URL, headers) in its error body; what it echoes must not reach
+        # a dead letter or a log.
+        register_http_credentials(settings.url, settings.headers, settings.bearer, settings.basic)
         self.circuit = CircuitBreaker(settings.name, settings.circuit, clock=clock)
         self._retrying = RetryInPlace(
             settings.name, settings.retry, self.circuit, sleep=sleep, clock=clock, on_attempt=on_attempt
@@ -138,13 +141,13 @@ class HttpTarget:
             if label.endswith("timeout"):
                 label = f"{label} after {self.settings.timeout:g}s"
             message = str(error)
-            detail = self._redact(f"{label} from {name}" + (f": {message}" if message else ""))
+            detail = redact(f"{label} from {name}" + (f": {message}" if message else ""))
             return AttemptResult("retry" if retryable else "permanent", None, detail, None)
         status = response.status_code
         kind = classify(status)
         hint = " (check the target's auth)" if status in (401, 403) else ""
         text = body.decode(response.encoding or "utf-8", errors="replace").strip()[:DETAIL_BODY_CHARS]
-        detail = self._redact(f"HTTP {status} from {name}{hint}" + (f": {text}" if text else ""))
+        detail = redact(f"HTTP {status} from {name}{hint}" + (f": {text}" if text else ""))
         retry_after = None
         if kind == "retry":
             server_now = parse_http_date(response.headers.get("Date"))
@@ -164,12 +167,6 @@ class HttpTarget:
         """Close the connection pool, unless the client was handed in by the caller."""
         if self._owns_client:
             self._client.close()
-
-    def _redact(self, text: str) -> str:
-        # A target may echo request headers in its error body; the secret must not reach a dead letter.
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
 
 
 def _read_capped(chunks: Iterable[bytes]) -> bytes:

@@ -46,6 +46,7 @@ from connectors.http_target import USER_AGENT, interruptible_sleep
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
 from deadletter.store import Store, lease_holder
 from ops import metrics
+from ops.secrets import redact, register_http_credentials
 from transforms.parsers import RawRecord, loads_json
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ POLL_LEASE_MIN = 120.0
 EXCERPT_CHARS = 300
 # Only this much of an error response is read: enough for the excerpt, the rest is dropped.
 MAX_ERROR_BODY_BYTES = 64 * 1024
-# Header names whose values are secrets (API keys, tokens) kept out of logs and errors.
-_SECRET_HEADER = re.compile(r"auth|key|token|secret|signature|cookie|session", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 _RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
@@ -258,9 +257,8 @@ class RestPollSource:
         self._headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **settings.headers}
         if settings.bearer:
             self._headers["Authorization"] = f"Bearer {settings.bearer}"
-        secrets = [settings.bearer, settings.basic[1] if settings.basic else None]
-        secrets += [value for name, value in settings.headers.items() if _SECRET_HEADER.search(name)]
-        self._secrets = [secret for secret in secrets if secret]
+        # An API may echo the request (URL, headers) in its error body; secrets must not reach the logs.
+        register_http_credentials(settings.url, settings.headers, settings.bearer, settings.basic)
         self._resume_at = 0.0
 
     def poll_once(self, stop: threading.Event | None = None) -> PollResult:
@@ -275,7 +273,7 @@ class RestPollSource:
         except _Interrupted:
             caught_up = False
         except _PollFailed as failure:
-            detail = self._redact(str(failure))
+            detail = redact(str(failure))
             route = self.settings.route
             log.error("rest source of route %s: %s", route, detail, extra={"route": route})
             return PollResult(progress.pages, progress.records, progress.chunks, False, detail)
@@ -442,7 +440,7 @@ class RestPollSource:
             log.warning(
                 "rest source of route %s: %s; retrying in %.2fs (attempt %d of %d)",
                 self.settings.route,
-                self._redact(outcome.detail),
+                redact(outcome.detail),
                 wait,
                 attempt,
                 policy.attempts,
@@ -539,9 +537,3 @@ class RestPollSource:
             return _cursor_text(self._next.search(document))
         except ValueError as error:
             raise _PollFailed(f"page {label}: cursor next {self.settings.cursor_next!r} {error}") from None
-
-    def _redact(self, text: str) -> str:
-        # An API may echo request headers in its error body; secrets must not reach the logs.
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text

@@ -44,6 +44,7 @@ from deadletter.models import (
     StoreBase,
     WebhookIdRow,
 )
+from ops.secrets import redact, redact_data
 
 DeadLetterStage = Literal["ingress", "transform", "delivery"]
 DeadLetterStatus = Literal["dead", "parked", "replayed", "discarded"]
@@ -74,7 +75,8 @@ class DeadLetterStateError(ValueError):
 
 
 def _redacted(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+    # SQLAlchemy hides the password only; a query may carry one too (``?password=``, ``sslpassword``).
+    return redact(url.render_as_string(hide_password=True))
 
 
 def normalize_store_url(url: str) -> URL:
@@ -447,8 +449,8 @@ class Store:
                 route=item.route,
                 stage=item.stage,
                 target=item.target,
-                reason=item.reason,
-                detail=item.detail,
+                reason=redact(item.reason),
+                detail=redact(item.detail),
                 payload=item.payload,
                 source_ref=dict(item.source_ref) if item.source_ref is not None else None,
                 event_id=item.event_id,
@@ -560,7 +562,7 @@ class Store:
             actor=actor or default_actor(),
             action=f"deadletter.{row.status}",
             subject=f"deadletter:{row.id}",
-            detail={"from": previous, "to": row.status, "reason": reason},
+            detail={"from": previous, "to": row.status, "reason": redact(reason)},
         )
 
     def update_payload(self, id: int, payload: Any, *, actor: str | None = None, reason: str) -> DeadLetter:
@@ -581,7 +583,7 @@ class Store:
                     actor=actor or default_actor(),
                     action="deadletter.edited",
                     subject=f"deadletter:{id}",
-                    detail={"reason": reason, "old_payload": previous, "new_payload": payload},
+                    detail={"reason": redact(reason), "old_payload": previous, "new_payload": payload},
                 )
             )
             return DeadLetter.from_row(row)
@@ -595,7 +597,7 @@ class Store:
             actor=actor or default_actor(),
             action=action,
             subject=subject,
-            detail=dict(detail) if detail is not None else None,
+            detail=redact_data(dict(detail)) if detail is not None else None,
         )
         with self._transaction() as session:
             session.add(row)
@@ -856,7 +858,7 @@ class Store:
         with self._transaction() as session:
             row = self._locked_letter(session, id)
             previous = row.status
-            row.status, row.reason, row.detail, row.updated_at = "dead", reason, detail, now
+            row.status, row.reason, row.detail, row.updated_at = "dead", redact(reason), redact(detail), now
             row.attempts += attempts
             session.add(self._status_audit(row, previous, actor, f"{reason}: {detail}", now))
 

@@ -1,31 +1,21 @@
 """Structured logging for the router: JSON lines for machines, a short format for people, no secrets.
 
-Every record passes a redaction filter before it is written: URL passwords, bearer tokens, webhook
-secrets (``whsec_...``) and the values of fields named like password/secret/token/authorization are
-masked, in the message, in ``extra=`` fields and in tracebacks.
+Every handler gets a redaction filter, so no record is written with a secret in it: the secrets the
+configuration declared (:mod:`ops.secrets`), URL passwords and query values, ``Authorization``
+values, bearer tokens, webhook secrets (``whsec_...``) and the values of fields named like
+password/secret/token/authorization are masked, in the message, in ``extra=`` fields and in
+tracebacks.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from json import dumps
 from typing import Any, TextIO
 
-MASK = "***"
-
-_URL_CREDENTIALS = re.compile(r"\b(?P<prefix>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@")
-_BEARER = re.compile(r"\b(?P<scheme>[Bb]earer)\s+[A-Za-z0-9._~+/=-]+")
-_WEBHOOK_SECRET = re.compile(r"\bwhsec_[A-Za-z0-9+/=_-]+")
-_SECRET_NAME = r"password|passwd|secret|token|authorization|api[_-]?key|credentials?"
-_SECRET_KEY = re.compile(_SECRET_NAME, re.IGNORECASE)
-_SECRET_ASSIGNMENT = re.compile(
-    rf"\b(?P<name>{_SECRET_NAME})(?P<sep>[\"']?\s*[=:]\s*[\"']?)(?!bearer\b|\*\*\*)[^\s&,;\"']+",
-    re.IGNORECASE,
-)
+from ops.secrets import redact, redact_field
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -38,27 +28,6 @@ _TRACEBACK_FORMATTER = logging.Formatter()
 # These libraries log a line per HTTP request at INFO; at thousands of deliveries a second that
 # would bury everything else.
 _CHATTY_LOGGERS = ("httpx", "httpcore")
-
-
-def redact(text: str) -> str:
-    """Mask credentials in free text: URL passwords, bearer tokens, whsec_ secrets, ``token=...``."""
-    text = _URL_CREDENTIALS.sub(rf"\g<prefix>{MASK}@", text)
-    text = _BEARER.sub(rf"\g<scheme> {MASK}", text)
-    text = _WEBHOOK_SECRET.sub(f"whsec_{MASK}", text)
-    return _SECRET_ASSIGNMENT.sub(rf"\g<name>\g<sep>{MASK}", text)
-
-
-def redact_field(name: str, value: Any) -> Any:
-    """Mask a structured field: all of it when its name says secret, else any secrets inside it."""
-    if _SECRET_KEY.search(name) and value not in (None, ""):
-        return MASK
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, Mapping):
-        return {key: redact_field(str(key), item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact_field(name, item) for item in value]
-    return value
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -144,12 +113,23 @@ def configure_logging(level: str = "INFO", json: bool | None = None, stream: Tex
     output = stream if stream is not None else sys.stderr
     as_json = json if json is not None else not output.isatty()
     handler = RouterLogHandler(output)
-    handler.addFilter(RedactingFilter())
     handler.setFormatter(JsonLineFormatter() if as_json else ConsoleFormatter())
     root = logging.getLogger()
     for existing in [h for h in root.handlers if isinstance(h, RouterLogHandler)]:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(threshold)
+    redact_every_handler()
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(threshold if threshold <= logging.DEBUG else logging.WARNING)
+
+
+def redact_every_handler() -> None:
+    """Put the redaction filter on every handler of every logger, ours and those libraries set up."""
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
+                handler.addFilter(RedactingFilter())

@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 
 from ops.logging import configure_logging
+from ops.secrets import redact
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import find_config_path
 from router.deadletter_cli import deadletter, replay_history
@@ -55,13 +56,13 @@ def run(config_path: str | None, only: tuple[str, ...], route_name: str | None) 
     try:
         runtime = RouterRuntime(config, only=only or STAGES, route=route_name)
     except ValueError as error:
-        click.echo(f"router run: {error}", err=True)
+        click.echo(f"router run: {redact(str(error))}", err=True)
         sys.exit(EXIT_CONFIG)
     try:
         runtime.run_until_signalled()
     except Exception as error:
         log.exception("router stopped on an error")
-        click.echo(f"router run: {error}", err=True)
+        click.echo(f"router run: {redact(str(error))}", err=True)
         sys.exit(EXIT_RUNTIME)
 
 

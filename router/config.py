@@ -33,7 +33,8 @@ from pydantic import (
 )
 
 from canonical.events import EVENT_MODELS, EVENT_TYPES
-from ops.logging import redact
+from connectors.signatures import secret_key
+from ops.secrets import redact, register_config_secrets
 from router.config_source import ConfigDocument, ConfigError, ConfigPath, ConfigProblem, read_document
 from router.config_types import Duration, Rate, Size
 from transforms.filters import EventPredicate
@@ -495,6 +496,8 @@ def read_json_schema(path: Path) -> dict[str, Any]:
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> RouterConfig:
     """Read, interpolate and validate ``path``; raises ConfigError listing every problem found."""
     document = read_document(path, os.environ if env is None else env)
+    # Known before anything is checked, so no message from here on can print one of them.
+    register_config_secrets(document.data)
     if document.data is None and not document.problems:
         document.problem((), "the configuration is empty; start from the routes.yaml in the repository")
     elif document.data is not None and not isinstance(document.data, dict):
@@ -711,6 +714,11 @@ def _check_route(
         document.problem(
             (*at, "source", "secret"), "a webhook route needs a secret (whsec_<base64>), from the environment"
         )
+    elif isinstance(source, WebhookSourceConfig) and source.secret:
+        try:
+            secret_key(source.secret)
+        except ValueError as error:
+            document.problem((*at, "source", "secret"), str(error))
     if isinstance(source, WebhookSourceConfig) and source.json_schema is not None:
         try:
             read_json_schema(config.resolve_path(source.json_schema))

@@ -17,8 +17,19 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
+
+from ops.secrets import SECRETS
 
 ConfigPath = tuple[str | int, ...]
+
+MAX_EXPANDED_VALUES = 100_000
+"""Values a configuration may hold once YAML aliases are expanded; real ones hold a few thousand."""
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+_PLAIN_TAGS = frozenset(
+    _YAML_TAG_PREFIX + name
+    for name in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge")
+)
 
 _VARIABLE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
@@ -64,9 +75,12 @@ class ConfigDocument:
     problems: list[ConfigProblem] = field(default_factory=list)
 
     def problem(self, path: ConfigPath, message: str, *, at_key: bool = False) -> None:
-        """Record a problem at ``path``: its value (or key), else the nearest enclosing entry found."""
+        """Record a problem at ``path``: its value (or key), else the nearest enclosing entry found.
+
+        Known secrets in the message are masked: a problem may quote the value it is about.
+        """
         line, column = self.locate(path, at_key=at_key)
-        self.problems.append(ConfigProblem(self.file, line, column, message))
+        self.problems.append(ConfigProblem(self.file, line, column, SECRETS.mask(message)))
 
     def locate(self, path: ConfigPath, *, at_key: bool = False) -> tuple[int, int]:
         for depth in range(len(path), 0, -1):
@@ -111,6 +125,14 @@ def read_document(path: Path, env: Mapping[str, str]) -> ConfigDocument:
         document.problems.append(ConfigProblem(str(path), 1, 1, f"cannot read the configuration: {error}"))
         return document
     try:
+        # The node graph is checked before anything is built from it: an alias bomb composes into a
+        # few nodes but expands into billions of values, and tags beyond plain YAML must not construct.
+        refused = _refuse_unusual_nodes(YAML(typ="rt").compose(text))
+        if refused is not None:
+            node, message = refused
+            mark = node.start_mark
+            document.problems.append(ConfigProblem(str(path), mark.line + 1, mark.column + 1, message))
+            return document
         tree = YAML(typ="rt").load(text)
     except MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -118,8 +140,61 @@ def read_document(path: Path, env: Mapping[str, str]) -> ConfigDocument:
         reason = " ".join(part for part in (error.context, error.problem) if part)
         document.problems.append(ConfigProblem(str(path), line, column, f"YAML syntax: {reason}"))
         return document
+    except RecursionError:
+        document.problems.append(
+            ConfigProblem(str(path), 1, 1, "YAML nests too deeply to read; routes.yaml needs a few levels")
+        )
+        return document
     document.data = _plain(tree, (), document, env)
     return document
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _refuse_unusual_nodes(root: Node | None) -> tuple[Node, str] | None:
+    """The first node that cannot be used, and why: a tag beyond plain YAML, a recursive alias, or
+    aliases that expand the document beyond MAX_EXPANDED_VALUES.
+
+    Each node is visited once (aliases share nodes), so the check is as fast as the text is long.
+    """
+    expanded: dict[int, int] = {}
+    ancestors: set[int] = set()
+    stack: list[tuple[Node, bool]] = [(root, False)] if root is not None else []
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            ancestors.discard(key)
+            expanded[key] = 1 + sum(expanded[id(child)] for child in _children(node))
+            if expanded[key] > MAX_EXPANDED_VALUES:
+                return node, (
+                    f"YAML aliases expand this document beyond {MAX_EXPANDED_VALUES} values "
+                    "(an alias bomb?); a configuration needs far fewer: write the values out "
+                    "or nest fewer aliases"
+                )
+            continue
+        if key in expanded:
+            continue
+        if key in ancestors:
+            return node, "a YAML alias refers to a value that contains it; write the value out"
+        tag = str(node.tag)
+        if tag not in _PLAIN_TAGS:
+            shown = tag.replace(_YAML_TAG_PREFIX, "!!")
+            return node, (
+                f"YAML tag {shown} is not allowed; routes.yaml is plain YAML "
+                "(mappings, lists, strings, numbers, booleans, null, dates)"
+            )
+        ancestors.add(key)
+        stack.append((node, True))
+        # Reversed, so that the first problem in file order is the one reported.
+        stack.extend((child, False) for child in reversed(_children(node)))
+    return None
 
 
 def _plain(node: Any, path: ConfigPath, document: ConfigDocument, env: Mapping[str, str]) -> Any:
@@ -127,7 +202,10 @@ def _plain(node: Any, path: ConfigPath, document: ConfigDocument, env: Mapping[s
     if isinstance(node, CommentedMap):
         result: dict[Any, Any] = {}
         for key, value in node.items():
-            key_line, key_column, value_line, value_column = node.lc.data[key]
+            # A key merged in with ``<<: *anchor`` has no position of its own: it takes the mapping's.
+            key_line, key_column, value_line, value_column = node.lc.data.get(
+                key, (node.lc.line, node.lc.col, node.lc.line, node.lc.col)
+            )
             document.positions[(*path, key)] = Position(
                 key_line + 1, key_column + 1, value_line + 1, value_column + 1
             )

@@ -20,6 +20,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from deadletter.store import STAGES, STATUSES, DeadLetter, Store, StoreUnavailable, default_actor
+from ops.secrets import redact
 from router.broker import BrokerUnavailable
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import RouterConfig
@@ -71,7 +72,8 @@ def _filters(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(message, err=True)
+    # Messages quote store URLs and exception text, which may hold a secret.
+    click.echo(redact(message), err=True)
     sys.exit(code)
 
 

@@ -108,6 +108,8 @@ class HttpListener:
             host=host,
             port=port,
             log_level="warning",
+            # None: uvicorn logs through the root logger's redacting handler, not unredacted ones of its own.
+            log_config=None,
             access_log=False,
             lifespan="off",
             http=protocol,

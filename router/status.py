@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deadletter.store import Store
+from ops.secrets import redact_data
 from router.assembly import broker_settings
 from router.broker import Topology, connect, queue_depth
 from router.config import RouterConfig, redact_url
@@ -81,7 +82,8 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
                 "parked_keys": parked_keys.get(name),
             }
         )
-    return report
+    # Errors quote URLs and exception text; whatever holds a secret is masked before anyone sees it.
+    return redact_data(report)
 
 
 def _cell(value: Any) -> str:

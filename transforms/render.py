@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -22,6 +20,12 @@ CONTENT_TYPES: dict[str, str] = {
 }
 
 _XML_NAME = re.compile(r"[A-Za-z_][\w.\-]*")
+# OWASP CSV injection: a spreadsheet runs a cell starting with one of these as a formula (the
+# full-width forms too, which some spreadsheets normalise). A plain number such as -5 or +3.5 is not
+# a formula and is left alone.
+_FORMULA_START = tuple("=+-@\t\r\uff1d\uff0b\uff0d\uff20")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_CSV_NEEDS_QUOTES = re.compile(r'[",\r\n]')
 
 
 class RenderError(ValueError):
@@ -157,17 +161,30 @@ def _csv(shaped: Sequence[Mapping[str, Any]], columns: list[str] | None) -> byte
     if columns is None:
         # Without a body the columns are the events' own fields, in order of first appearance.
         columns = list(dict.fromkeys(name for fields in shaped for name in fields))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(columns)
-    for fields in shaped:
-        writer.writerow([_csv_cell(fields.get(column)) for column in columns])
-    return buffer.getvalue().encode("utf-8")
+    lines = [_csv_row([_csv_cell(column) for column in columns])]
+    lines += [_csv_row([_csv_cell(fields.get(column)) for column in columns]) for fields in shaped]
+    return "".join(lines).encode("utf-8")
 
 
-def _csv_cell(value: Any) -> str:
+def _csv_row(cells: Sequence[tuple[str, bool]]) -> str:
+    """One CSV line as ``csv.writer`` writes it, but with the neutralised cells always quoted."""
+    texts = [
+        # A lone empty cell is quoted too, or its row would read as a blank line.
+        '"' + text.replace('"', '""') + '"'
+        if quote or _CSV_NEEDS_QUOTES.search(text) or (text == "" and len(cells) == 1)
+        else text
+        for text, quote in cells
+    ]
+    return ",".join(texts) + "\r\n"
+
+
+def _csv_cell(value: Any) -> tuple[str, bool]:
+    """The cell's text, and whether it was neutralised as a formula (OWASP: prefix ' and quote it)."""
     if value is None:
-        return ""
+        return "", False
     if isinstance(value, Mapping | list):
-        return json.dumps(value, default=_json_default, ensure_ascii=False, separators=(",", ":"))
-    return _scalar_text(value)
+        return json.dumps(value, default=_json_default, ensure_ascii=False, separators=(",", ":")), False
+    text = _scalar_text(value)
+    if isinstance(value, str) and text.startswith(_FORMULA_START) and not _NUMBER.fullmatch(text):
+        return "'" + text, True
+    return text, False

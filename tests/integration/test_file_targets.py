@@ -87,3 +87,30 @@ def test_an_sftp_target_gets_json_batches_on_the_server(tmp_path: Path) -> None:
     assert not [path for path in inbound.iterdir() if path.name.startswith(".")], (
         "a temporary upload was left"
     )
+
+
+def test_formula_text_reaches_a_csv_file_target_neutralised_and_numbers_unchanged(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    with SimulatedTarget("unused") as unused:
+        config = write_config(tmp_path, broker_url="memory://", prefix="router", targets={"wms": unused.url})
+    _retarget(
+        config,
+        "wms",
+        {
+            "type": "file",
+            "path": "outbox",
+            "format": "csv",
+            "body": {"txn": "transaction_id", "qty": "quantity"},
+        },
+    )
+    formula = "=cmd|' /C calc'!A0"
+    write_pos_file(tmp_path / "inbox" / "pos-0002.csv", 2, bad={1: {"TXN": formula}, 2: {"TXN": "@SUM(1+1)"}})
+    with RouterProcess(config) as router:
+        wait_until(lambda: len(_rows(sorted(outbox.glob("*.csv")))) >= 2, 60, "2 rows in the outbox")
+        assert router.terminate() == 0, router.output()
+
+    files = sorted(outbox.glob("*.csv"))
+    rows = sorted(_rows(files), key=lambda row: row["txn"])
+    assert rows == [{"txn": "'=cmd|' /C calc'!A0", "qty": "2"}, {"txn": "'@SUM(1+1)", "qty": "3"}]
+    assert any("\"'=cmd|' /C calc'!A0\"" in path.read_text(encoding="utf-8") for path in files)

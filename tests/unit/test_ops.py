@@ -176,7 +176,7 @@ def test_unknown_level_is_refused_with_the_choices() -> None:
         ("store postgresql://router:pa55@db/inventory down", "pa55", "postgresql://router:***@db/inventory"),
         ("sent Authorization: Bearer eyJhbGciOi.x-y_z", "eyJhbGciOi", "Bearer ***"),
         ("webhook secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw loaded", "MfKQ9r8G", "whsec_***"),
-        ("GET https://api.example/stock?token=abc123&page=2", "abc123", "token=***&page=2"),
+        ("GET https://api.example/stock?token=abc123&page=2", "abc123", "stock?token=***&page=***"),
         ('{"password": "hunter2", "user": "ops"}', "hunter2", '"user": "ops"'),
     ],
 )

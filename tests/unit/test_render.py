@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -111,3 +112,48 @@ def test_an_event_the_body_cannot_shape_is_a_render_error_naming_it() -> None:
     with pytest.raises(RenderError, match="ev-2") as caught:
         renderer.render(EVENTS[1:], as_batch=True)
     assert "abs" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        ("=cmd|' /C calc'!A0", "'=cmd|' /C calc'!A0"),
+        ("+1+1", "'+1+1"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1:A9)", "'@SUM(A1:A9)"),
+        ("\t=1", "'\t=1"),
+        ("\r=1", "'\r=1"),
+        ("\uff1dcmd", "'\uff1dcmd"),
+        ("-", "'-"),
+        ("a=b", "a=b"),
+        ("-5", "-5"),
+        ("+3.5", "+3.5"),
+        ("-1.25e3", "-1.25e3"),
+    ],
+)
+def test_csv_text_that_a_spreadsheet_would_run_as_a_formula_is_neutralised(value: str, cell: str) -> None:
+    payload, _ = PayloadRenderer(body={"note": "note"}, fmt="csv").render([{"note": value}], as_batch=True)
+
+    [header, row] = list(csv.reader(io.StringIO(payload.decode("utf-8"), newline="")))
+    assert header == ["note"] and row == [cell]
+    # OWASP: a neutralised cell is also quoted, so the quote prefix cannot be split off.
+    assert (f'"{cell}"' in payload.decode("utf-8")) == (cell != value)
+
+
+def test_csv_numbers_are_never_altered() -> None:
+    events = [{"qty": Decimal("-5"), "n": -3, "x": -0.5, "flag": True}]
+    payload, _ = PayloadRenderer(fmt="csv").render(events, as_batch=True)
+
+    assert payload.decode("utf-8") == "qty,n,x,flag\r\n-5,-3,-0.5,true\r\n"
+
+
+def test_csv_output_of_ordinary_values_is_what_the_csv_module_writes() -> None:
+    rows = [["a", 'say "hi"', "x,y", "line\nbreak", ""], [""]]
+    expected = io.StringIO()
+    csv.writer(expected).writerows(rows)
+
+    payload, _ = PayloadRenderer(fmt="csv").render([dict(zip("abcde", rows[0], strict=True))], as_batch=True)
+    single, _ = PayloadRenderer(body={"a": "a"}, fmt="csv").render([{"a": ""}], as_batch=True)
+
+    assert payload.decode("utf-8").split("\r\n", 1)[1] == expected.getvalue().split("\r\n", 1)[0] + "\r\n"
+    assert single.decode("utf-8") == 'a\r\n""\r\n'
