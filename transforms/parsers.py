@@ -591,8 +591,13 @@ def _xml_records(stream: BinaryIO, name: str, matches: XmlPathMatcher) -> Iterat
                     while element.getprevious() is not None:
                         del parent[0]
     except etree.XMLSyntaxError as error:
-        line, column = error.position
-        message = _LIBXML_POSITION.sub("", error.msg or str(error))
+        # The parser's own log holds the first fatal error with its position; the exception sometimes
+        # says only "no element found" (an undefined entity, for one).
+        first = next(iter(events.error_log), None)
+        if first is not None:
+            line, column, message = first.line, first.column, first.message
+        else:
+            (line, column), message = error.position, _LIBXML_POSITION.sub("", error.msg or str(error))
         raise FileFormatError(name, line or None, column or None, f"XML syntax error: {message}") from None
 
 
