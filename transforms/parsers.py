@@ -44,6 +44,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # Python's int() error) and turns lone surrogates into "?"; the pure-Python one refuses the first and
 # keeps the second, exactly like the json module does for JSONL.
 _IJSON = ijson.get_backend("python")
+# That backend hands over the events of a whole read at once, at a cost that grows with the square
+# of the nesting: small reads let a too-deep document be refused after a few KiB, not minutes.
+_IJSON_READ_BYTES = 4096
 
 
 def shorten(text: str, limit: int = MAX_REASON_CHARS) -> str:
@@ -429,7 +432,7 @@ def _json_streamed(stream: BinaryIO, name: str, expression: str, prefix: str) ->
     problem: str | None = None
     number = depth = 0
     try:
-        for path, event, value in _IJSON.parse(_SkipBom(stream), use_float=False):
+        for path, event, value in _IJSON.parse(_SkipBom(stream), use_float=False, buf_size=_IJSON_READ_BYTES):
             if event in ("start_map", "start_array"):
                 depth += 1
                 if depth > MAX_JSON_DEPTH:
