@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,8 +21,10 @@ from deadletter.store import NewDeadLetter, Store
 from router.broker import decode_body, encode_body
 from router.ingress import chunk_message
 from router.pipeline import DeliveryRule, RecordFailure, RoutePipeline
+from transforms.filters import EventPredicate
+from transforms.lookups import Lookup
 from transforms.mapping import compile_mapping
-from transforms.parsers import CsvDialect, FileFormatError
+from transforms.parsers import MAX_REASON_CHARS, CsvDialect, FileFormatError
 
 PROPERTY_SETTINGS = settings(
     derandomize=True,
@@ -32,9 +35,6 @@ PROPERTY_SETTINGS = settings(
 )
 """Derandomized (the same examples on every run, so CI never meets a new one) and no deadline (the
 shared CI machine is slow); each test sets its own max_examples to keep the suite near 30 s."""
-
-MAX_DETAIL = 2000
-"""No dead letter's detail and no file rejection's reason may be longer, whatever the input held."""
 
 CHUNK_SIZE = 3
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -65,14 +65,16 @@ def make_route(
     mapping: dict[str, Any],
     sequence_key: list[str],
     csv: CsvDialect | None = None,
+    lookups: Mapping[str, Lookup] | None = None,
 ) -> Route:
-    """A route like those in routes.yaml, delivering to two partitioned targets."""
+    """A route like those in routes.yaml, delivering to two partitioned targets, one of them only
+    when a condition on the event holds."""
     parsing = FileParsing(name, "file", fmt, records, CHUNK_SIZE, csv or CsvDialect())
     pipeline = RoutePipeline(
         route=name,
-        mapping=compile_mapping(mapping, fmt, {}),
+        mapping=compile_mapping(mapping, fmt, lookups or {}),
         sequence_fields=sequence_key,
-        rules=[DeliveryRule("erp", 4), DeliveryRule("wms", 2)],
+        rules=[DeliveryRule("erp", 4), DeliveryRule("wms", 2, EventPredicate("to_number(quantity) > `1`"))],
     )
     return Route(parsing, pipeline, fmt)
 
@@ -137,7 +139,7 @@ def assert_accounted(outcome: Outcome, *, positioned: bool = True) -> None:
         note_kind("file rejected")
         assert error.name == outcome.name
         assert error.reason.strip(), "a rejection must say why"
-        assert len(error.reason) <= MAX_DETAIL, f"rejection reason is {len(error.reason)} characters"
+        assert len(error.reason) <= MAX_REASON_CHARS, f"rejection reason is {len(error.reason)} characters"
         assert str(error).startswith(outcome.name)
         if positioned and not any(whole in error.reason for whole in WHOLE_FILE_REASONS):
             assert error.line is not None, f"rejection without a line: {error}"
@@ -153,6 +155,6 @@ def assert_accounted(outcome: Outcome, *, positioned: bool = True) -> None:
     for failure in outcome.failures:
         assert failure.reason in RECORD_REASONS
         assert failure.detail.startswith(outcome.name), failure.detail
-        assert len(failure.detail) <= MAX_DETAIL, f"dead letter detail is {len(failure.detail)} characters"
+        assert len(failure.detail) <= MAX_REASON_CHARS, f"detail is {len(failure.detail)} characters"
     for event in outcome.events:
         assert event["source"]["file"] == outcome.name

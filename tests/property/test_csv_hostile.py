@@ -9,16 +9,20 @@ from hypothesis import strategies as st
 
 from deadletter.store import Store
 from tests.property.harness import PROPERTY_SETTINGS, assert_accounted, ingest, make_route, rarely
+from transforms.lookups import Lookup
 from transforms.parsers import CsvDialect
 
 POS_MAP = {
     "type": "sale",
     "sku": {"column": "SKU"},
-    "location": {"column": "STORE"},
+    "location": {"column": "STORE", "lookup": "stores"},
     "quantity": {"column": "QTY", "as": "decimal"},
     "occurred_at": {"column": "SOLD_AT", "as": "datetime", "tz": "America/New_York"},
     "transaction_id": {"column": "TXN"},
     "line": {"column": "LINE", "as": "int"},
+}
+STORES = {
+    "stores": Lookup("stores", {"S001": "0614141000012", "S002": "0614141000029"}, key_column="store_code")
 }
 COLUMNS = ["TXN", "LINE", "SKU", "STORE", "QTY", "SOLD_AT"]
 DELIMITERS = [",", ";", "\t", "|"]
@@ -93,19 +97,21 @@ def csv_files(draw: st.DrawFn) -> tuple[bytes, str, str]:
     return content, delimiter, encoding
 
 
-@settings(PROPERTY_SETTINGS, max_examples=300)
+@settings(PROPERTY_SETTINGS, max_examples=250)
 @given(csv_files())
 @example((b'TXN,LINE,SKU,STORE,QTY,SOLD_AT\n"T1",1,A,S1,2,2026-11-24 09:02:11\n', ",", "utf-8"))
 def test_every_csv_record_is_an_event_or_a_dead_letter_or_the_file_is_rejected_with_its_line(
     store: Store, case: tuple[bytes, str, str]
 ) -> None:
     content, delimiter, encoding = case
-    route = make_route("pos", "csv", "rows", POS_MAP, ["sku", "location"], CsvDialect(delimiter, encoding))
+    route = make_route(
+        "pos", "csv", "rows", POS_MAP, ["sku", "location"], CsvDialect(delimiter, encoding), STORES
+    )
     assert_accounted(ingest(content, route, store))
 
 
 @settings(PROPERTY_SETTINGS, max_examples=150)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_as_csv_are_accounted_for(store: Store, content: bytes) -> None:
-    route = make_route("pos", "csv", "rows", POS_MAP, ["sku", "location"])
+    route = make_route("pos", "csv", "rows", POS_MAP, ["sku", "location"], lookups=STORES)
     assert_accounted(ingest(content, route, store))

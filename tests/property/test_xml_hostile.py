@@ -122,7 +122,7 @@ def assert_nothing_expanded_or_read(content: bytes, outcome: Outcome) -> None:
     assert len(output) < 20 * len(content) + 20_000
 
 
-@settings(PROPERTY_SETTINGS, max_examples=250)
+@settings(PROPERTY_SETTINGS, max_examples=200)
 @given(xml_files(), st.sampled_from(["/DespatchAdvice/Line", "//Line"]))
 @example(
     f"<!DOCTYPE DespatchAdvice [{LAUGHS}]><DespatchAdvice><Line><Gtin>&lol9;</Gtin></Line>"
