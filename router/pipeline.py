@@ -19,7 +19,7 @@ from canonical.events import parse_event
 from canonical.ids import derive_event_id, partition_for, sequence_key_for
 from transforms.filters import EventPredicate, FilterError
 from transforms.mapping import MappingError, RecordMapping
-from transforms.parsers import RawRecord
+from transforms.parsers import RawRecord, shorten
 
 PLACEHOLDER_KEY = "pending"
 
@@ -62,8 +62,10 @@ class RecordFailure:
     def of(
         cls, reason: str, detail: str, record: RawRecord, source_ref: dict[str, Any], event_id: str
     ) -> RecordFailure:
-        """A failure whose detail starts with where the record came from (file, line, record)."""
-        return cls(reason, f"{describe_position(source_ref)}: {detail}", record.data, source_ref, event_id)
+        """A failure whose detail starts with where the record came from (file, line, record); a huge
+        value quoted in the detail is cut, the record itself stays whole in the payload."""
+        detail = shorten(f"{describe_position(source_ref)}: {detail}")
+        return cls(reason, detail, record.data, source_ref, event_id)
 
 
 @dataclass

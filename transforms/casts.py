@@ -11,6 +11,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 CAST_TYPES: tuple[str, ...] = ("string", "decimal", "int", "datetime", "date", "bool")
 
+MAX_INT_DIGITS = 4300
+"""Python's own limit for turning text into an int; a longer integer is no count of anything."""
+
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _INTEGER = re.compile(r"[+-]?\d+")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:[,' ]\d{3})+(?:\.\d*)?")
@@ -93,13 +96,18 @@ def _to_int(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, Decimal | float):
-        if value == value and abs(value) != float("inf") and value == int(value):
-            return int(value)
-        raise CastError(f"'{value}' is not an integer")
+        exact = Decimal(value)
+        if not exact.is_finite() or exact != exact.to_integral_value():
+            raise CastError(f"'{value}' is not an integer")
+        if exact.adjusted() >= MAX_INT_DIGITS:
+            raise CastError(f"'{value}' is not an integer: it has more than {MAX_INT_DIGITS} digits")
+        return int(exact)
     text = _scalar_text(value, "an integer")
-    if _INTEGER.fullmatch(text):
-        return int(text)
-    raise CastError(f"{text!r} is not an integer")
+    if not _INTEGER.fullmatch(text):
+        raise CastError(f"{text!r} is not an integer")
+    if len(text.lstrip("+-")) > MAX_INT_DIGITS:
+        raise CastError(f"{text!r} is not an integer: it has more than {MAX_INT_DIGITS} digits")
+    return int(text)
 
 
 def _to_bool(value: Any) -> bool:

@@ -28,9 +28,34 @@ FORMATS: tuple[str, ...] = ("csv", "xml", "json", "jsonl")
 MAX_LINE_BYTES = 16 * 1024 * 1024
 """Longest physical line read from CSV/JSONL; beyond it the file is refused rather than buffered."""
 
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects in a JSON document or JSONL line. Deeper input is refused:
+it is no inventory record, and Python's JSON encoder and decoder recurse once per level."""
+
+MAX_REASON_CHARS = 2000
+"""Longest reason kept for a file or a record: a huge field quoted in a message is cut in the middle."""
+
 _XML_STEP = re.compile(r"\*|[A-Za-z_][\w.\-]*")
 _SIMPLE_JSON_PATH = re.compile(r"(?:@|(?P<dotted>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*))?(?:\[\*\])?")
 _LIBXML_POSITION = re.compile(r", line \d+, column \d+$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+# The C backend (yajl2_c) crashes the process on an integer of more than 4300 digits (it mishandles
+# Python's int() error) and turns lone surrogates into "?"; the pure-Python one refuses the first and
+# keeps the second, exactly like the json module does for JSONL.
+_IJSON = ijson.get_backend("python")
+# That backend hands over the events of a whole read at once, at a cost that grows with the square
+# of the nesting: small reads let a too-deep document be refused after a few KiB, not minutes.
+_IJSON_READ_BYTES = 4096
+
+
+def shorten(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters, keeping how it starts and ends."""
+    if len(text) <= limit:
+        return text
+    marker = f" ... [{len(text) - limit} characters cut] ... "
+    head = (limit - len(marker)) * 2 // 3
+    return text[:head] + marker + text[len(text) - (limit - len(marker) - head) :]
 
 
 @dataclass(frozen=True)
@@ -64,8 +89,8 @@ class FileFormatError(Exception):
         self.name = name
         self.line = line
         self.column = column
-        self.reason = reason
-        super().__init__(name, line, column, reason)
+        self.reason = shorten(reason)
+        super().__init__(name, line, column, self.reason)
 
     def __str__(self) -> str:
         position = self.name
@@ -268,6 +293,13 @@ def _jsonl_records(stream: BinaryIO, name: str, *, encoding: str, **_: Any) -> I
         except ValueError as error:
             yield RawRecord(number, lines.line, stripped, f"line is not valid JSON: {error}")
             continue
+        except RecursionError:
+            yield RawRecord(number, lines.line, stripped, f"line {_TOO_DEEP}")
+            continue
+        problem = _json_problem(value)
+        if problem is not None:
+            yield RawRecord(number, lines.line, stripped, f"line {problem}")
+            continue
         if not isinstance(value, dict):
             yield RawRecord(
                 number,
@@ -277,6 +309,44 @@ def _jsonl_records(stream: BinaryIO, name: str, *, encoding: str, **_: Any) -> I
             )
             continue
         yield RawRecord(number, lines.line, value)
+
+
+_TOO_DEEP = f"nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _json_problem(value: Any) -> str | None:
+    """Why a decoded JSON value cannot travel on as a record, or None: too deep (whatever else is wrong),
+    or text that is not Unicode."""
+    problem = None
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                return _TOO_DEEP
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+        elif problem is None and isinstance(item, str) and (surrogate := _SURROGATE.search(item)):
+            problem = _lone_surrogate(surrogate.group())
+    return problem
+
+
+def _lone_surrogate(char: str) -> str:
+    return (
+        f"holds the lone UTF-16 surrogate \\u{ord(char):04x}, which is not a Unicode character "
+        "(a \\uXXXX escape pair cut in half?)"
+    )
+
+
+def _escape_surrogates(value: Any) -> Any:
+    """``value`` with each lone surrogate written as its \\uXXXX escape, so it can be stored as UTF-8."""
+    if isinstance(value, str):
+        return _SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", value)
+    if isinstance(value, list):
+        return [_escape_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_escape_surrogates(key): _escape_surrogates(item) for key, item in value.items()}
+    return value
 
 
 def _json_kind(value: Any) -> str:
@@ -298,8 +368,13 @@ def _with_article(kind: str) -> str:
 
 
 def _ijson_reason(error: Exception) -> str:
-    """The first line of an ijson/yajl message (the rest is a context excerpt with a caret)."""
+    """What an ijson error says, without the context excerpt and the positions it holds."""
     reason = error.args[0] if error.args else ""
+    if isinstance(reason, UnicodeDecodeError):
+        return f"invalid UTF-8 byte 0x{reason.object[reason.start]:02x}"
+    if isinstance(error, json.JSONDecodeError):
+        # Raised for a bad escape inside a string, with a position within that string only.
+        return f"string with {error.msg[0].lower()}{error.msg[1:]}"
     if isinstance(reason, bytes):
         reason = reason.decode("utf-8", "replace")
     lines = str(reason).strip().splitlines()
@@ -354,9 +429,17 @@ def _json_streamed(stream: BinaryIO, name: str, expression: str, prefix: str) ->
     item_prefix = f"{prefix}.item" if prefix else "item"
     found = in_array = False
     builder: ijson.ObjectBuilder | None = None
-    number = 0
+    problem: str | None = None
+    number = depth = 0
     try:
-        for path, event, value in ijson.parse(_SkipBom(stream), use_float=False):
+        for path, event, value in _IJSON.parse(_SkipBom(stream), use_float=False, buf_size=_IJSON_READ_BYTES):
+            if event in ("start_map", "start_array"):
+                depth += 1
+                if depth > MAX_JSON_DEPTH:
+                    # ijson spells out the path of every event, so going on would cost depth squared.
+                    raise FileFormatError(name, None, None, f"JSON document {_TOO_DEEP}")
+            elif event in ("end_map", "end_array"):
+                depth -= 1
             if not in_array:
                 if path == prefix and not found:
                     found = True
@@ -372,12 +455,18 @@ def _json_streamed(stream: BinaryIO, name: str, expression: str, prefix: str) ->
                 continue
             if builder is None:
                 builder = ijson.ObjectBuilder()
+            if problem is None and isinstance(value, str) and (surrogate := _SURROGATE.search(value)):
+                problem = f"record {_lone_surrogate(surrogate.group())}"
             builder.event(event, value)
             if path == item_prefix and event in _ITEM_END_EVENTS:
                 number += 1
-                yield RawRecord(number, None, builder.value)
+                if problem is None:
+                    yield RawRecord(number, None, builder.value)
+                else:
+                    yield RawRecord(number, None, _escape_surrogates(builder.value), problem)
                 builder = None
-    except ijson.JSONError as error:
+                problem = None
+    except (ijson.JSONError, json.JSONDecodeError) as error:
         raise FileFormatError(name, None, None, f"JSON syntax error: {_ijson_reason(error)}") from None
     if not found:
         raise FileFormatError(
@@ -399,12 +488,21 @@ def _json_loaded(stream: BinaryIO, name: str, expression: str, compiled: Any) ->
         raise FileFormatError(name, error.lineno, error.colno, f"JSON syntax error: {error.msg}") from None
     except ValueError as error:
         raise FileFormatError(name, None, None, f"JSON syntax error: {error}") from None
+    except RecursionError:
+        raise FileFormatError(name, None, None, f"JSON document {_TOO_DEEP}") from None
+    problem = _json_problem(document)
+    if problem == _TOO_DEEP:
+        raise FileFormatError(name, None, None, f"JSON document {problem}")
     found = compiled.search(document)
     if not isinstance(found, list):
         kind = "not in the document" if found is None else _with_article(_json_kind(found))
         raise FileFormatError(name, None, None, f"records {expression!r} is {kind}; expected a list")
     for number, value in enumerate(found, start=1):
-        yield RawRecord(number, None, value)
+        problem = _json_problem(value)
+        if problem is None:
+            yield RawRecord(number, None, value)
+        else:
+            yield RawRecord(number, None, _escape_surrogates(value), f"record {problem}")
 
 
 XmlPathMatcher = Callable[[tuple[str, ...]], bool]
@@ -496,8 +594,13 @@ def _xml_records(stream: BinaryIO, name: str, matches: XmlPathMatcher) -> Iterat
                     while element.getprevious() is not None:
                         del parent[0]
     except etree.XMLSyntaxError as error:
-        line, column = error.position
-        message = _LIBXML_POSITION.sub("", error.msg or str(error))
+        # The parser's own log holds the first fatal error with its position; the exception sometimes
+        # says only "no element found" (an undefined entity, for one).
+        first = next(iter(events.error_log), None)
+        if first is not None:
+            line, column, message = first.line, first.column, first.message
+        else:
+            (line, column), message = error.position, _LIBXML_POSITION.sub("", error.msg or str(error))
         raise FileFormatError(name, line or None, column or None, f"XML syntax error: {message}") from None
 
 

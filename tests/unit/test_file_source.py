@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from connectors.chunks import SourceChunk
 from connectors.file_source import FileDropSettings, FileDropSource, FileOutcome
+from router.broker import decode_body, encode_body
+from router.ingress import chunk_message
 
 
 def _settings(root: Path, *, stable_for: float = 0.0, chunk_size: int = 2) -> FileDropSettings:
@@ -134,3 +137,26 @@ def test_files_outside_the_pattern_are_left_alone(tmp_path: Path, name: str) -> 
     _drop(tmp_path, name, SALES)
     assert FileDropSource(_settings(tmp_path), lambda c: None).poll_once() == []
     assert (tmp_path / "inbox" / name).exists()
+
+
+def test_a_jsonl_file_with_a_lone_surrogate_and_deep_nesting_is_archived_not_retried_forever(
+    tmp_path: Path,
+) -> None:
+    # Found by tests/property: the surrogate made the broker's JSON encoding fail and the nesting raised
+    # RecursionError, so the file went back to the inbox on every poll and was never ingested.
+    published: list[bytes] = []
+    settings = replace(_settings(tmp_path), pattern="*.jsonl", format="jsonl", records=None)
+    _drop(tmp_path, "feed.jsonl", '{"sku": "\\ud800"}\n' + "[" * 50_000 + "]" * 50_000 + '\n{"sku": "B"}\n')
+
+    def sink(chunk: SourceChunk) -> None:
+        published.append(encode_body(chunk_message(chunk)))
+
+    [result] = FileDropSource(settings, sink).poll_once()
+
+    assert (result.outcome, result.records) == (FileOutcome.archived, 3)
+    records = [record for body in published for record in decode_body(body)["records"]]
+    assert [record.get("error", "")[:20] for record in records] == [
+        "line holds the lone ",
+        "line nests arrays an",
+        "",
+    ]

@@ -359,3 +359,17 @@ def test_a_lookup_table_reloads_when_its_file_changes_and_keeps_the_old_table_if
         stores.refresh()
     assert stores.get("S006") == "0614141000067"  # the table in use stays
     assert not stores.refresh()  # the broken file is reported once, not on every check
+
+
+def test_an_integer_too_long_for_python_is_a_cast_error_not_a_crash_or_a_hang() -> None:
+    # Found by tests/property: int() of the text raised ValueError out of the transform, abs() of
+    # Decimal('1E+999999999') raised decimal.Overflow, and 1E+100000 took seconds to become an int
+    # that the broker's JSON encoder then refused.
+    started = time.monotonic()
+    for value in ("9" * 5000, Decimal("1E+999999999"), Decimal("1E+100000"), Decimal("-1E+5000")):
+        with pytest.raises(CastError, match="more than 4300 digits"):
+            cast_value(value, "int", tz=None, fmt=None)
+    assert time.monotonic() - started < 1
+    assert cast_value(Decimal("1E+3"), "int", tz=None, fmt=None) == 1000
+    with pytest.raises(CastError, match="is not an integer"):
+        cast_value(Decimal("Infinity"), "int", tz=None, fmt=None)

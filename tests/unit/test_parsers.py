@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import time
@@ -11,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from transforms.parsers import FileFormatError, RawRecord, check_file, check_records_path, iter_records
+from transforms.parsers import (
+    MAX_JSON_DEPTH,
+    MAX_REASON_CHARS,
+    FileFormatError,
+    RawRecord,
+    check_file,
+    check_records_path,
+    iter_records,
+)
 
 
 def _records(content: bytes, fmt: str, records: str | None = None, name: str = "in.dat") -> list[RawRecord]:
@@ -272,3 +281,60 @@ def test_unknown_formats_and_bad_record_paths_are_refused_before_reading() -> No
         check_records_path("json", "items[")
     with pytest.raises(ValueError, match="records for csv"):
         check_records_path("csv", "//Line")
+
+
+# Found by the property tests in tests/property (hostile input must never crash, hang or kill the router).
+
+
+def test_a_lone_surrogate_is_a_record_error_whose_payload_can_be_stored_as_utf8() -> None:
+    jsonl = _records(b'{"sku": "\\ud800"}\n{"sku": "B"}\n', "jsonl", None, "feed.jsonl")
+    streamed = _records(b'{"items": [{"sku": "a\\udfff"}, {"sku": "B"}]}', "json", "items", "p.json")
+    loaded = _records(b'[{"sku": "\\ud800"}, {"sku": "B"}]', "json", "[?sku]", "p.json")
+
+    for bad, good in (jsonl, streamed, loaded):
+        assert bad.error is not None and "lone UTF-16 surrogate" in bad.error
+        json.dumps(bad.data, ensure_ascii=False, default=str).encode("utf-8")
+        assert good.error is None and good.data == {"sku": "B"}
+    assert jsonl[0].data == '{"sku": "\\ud800"}'
+    assert streamed[0].data == {"sku": "a\\udfff"}, "the C backend turned the surrogate into '?'"
+
+
+def test_json_nested_deeper_than_the_limit_is_refused_without_recursing() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    records = _records(deep + b'\n{"sku": "B"}\n', "jsonl", None, "feed.jsonl")
+    assert records[0].error == f"line nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
+    assert records[1].data == {"sku": "B"}
+    deepest, too_deep = (
+        (b'{"a":' * n + b"1" + b"}" * n + b"\n") for n in (MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1)
+    )
+    assert _records(deepest, "jsonl")[0].error is None
+    assert _records(too_deep, "jsonl")[0].error is not None
+
+    started = time.monotonic()
+    streamed = _file_error(b'{"items": [{"a": ' + deep + b"}]}", "json", "items", "p.json")
+    assert time.monotonic() - started < 5, "ijson spells out the path of every level: quadratic"
+    assert "deeper than" in streamed.reason
+    assert "deeper than" in _file_error(b"[" + deep + b"]", "json", "[?@]", "p.json").reason
+
+
+def test_an_integer_of_more_than_4300_digits_refuses_the_json_file_instead_of_crashing() -> None:
+    # ijson's C backend dies with a segmentation fault here.
+    error = _file_error(b'{"items": [' + b"1" * 5000 + b"]}", "json", "items", "p.json")
+    assert error.reason.startswith("JSON syntax error") and len(error.reason) <= MAX_REASON_CHARS
+    assert _records(b'{"qty": ' + b"1" * 5000 + b"}\n", "jsonl")[0].error is not None
+
+
+def test_an_undefined_entity_is_rejected_with_its_name_line_and_column() -> None:
+    error = _file_error(b'<ASN>\n<Line ref="&lol9;"><Sku>A</Sku></Line>\n</ASN>', "xml", "//Line", "asn.xml")
+
+    assert (error.line, error.column) == (2, 18)
+    assert error.reason == "XML syntax error: Entity 'lol9' not defined"
+
+
+def test_a_long_reason_is_cut_in_the_middle() -> None:
+    reason = "field 'sku': '" + "x" * 10_000 + "' is not a decimal"
+    cut = FileFormatError("f.csv", 2, None, reason).reason
+
+    assert len(cut) == MAX_REASON_CHARS
+    assert cut.startswith("field 'sku': 'xxx") and cut.endswith("' is not a decimal")
+    assert "characters cut" in cut

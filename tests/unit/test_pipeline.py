@@ -7,6 +7,7 @@ from typing import Any
 from router.pipeline import DeliveryRule, RoutePipeline
 from transforms.filters import EventPredicate
 from transforms.mapping import compile_mapping
+from transforms.parsers import MAX_REASON_CHARS
 
 MAP = {
     "type": "sale",
@@ -87,3 +88,15 @@ def test_a_level_is_not_sent_to_a_movements_only_target_when_the_type_is_mapped_
     assert routed == [("erp", "A"), ("wms", "A"), ("wms", "B")]
     [failure] = result.failures
     assert failure.reason == "accepts" and "'erp' accepts only delta" in failure.detail
+
+
+def test_a_huge_value_is_cut_in_the_dead_letter_detail_and_kept_whole_in_the_payload() -> None:
+    # Found by tests/property: a 5000-character field was echoed whole into the detail.
+    row = _row("A", "9" * 5000 + "x")
+
+    [failure] = _pipeline().transform(_message(row)).failures
+
+    assert failure.reason == "mapping" and len(failure.detail) <= MAX_REASON_CHARS
+    assert failure.detail.startswith("pos.csv line 2 (record 1): field 'quantity': '999")
+    assert failure.detail.endswith("x' is not a decimal")
+    assert failure.payload == row
