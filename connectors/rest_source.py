@@ -24,6 +24,7 @@ a chunk published again after a failure keeps its id, records appended later get
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -47,7 +48,8 @@ from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
 from deadletter.store import Store, lease_holder
 from ops import metrics
 from ops.secrets import redact, register_http_credentials
-from transforms.parsers import RawRecord, loads_json
+from transforms.interop_json import JsonRefused, loads_interoperable
+from transforms.parsers import RawRecord
 
 log = logging.getLogger(__name__)
 
@@ -508,19 +510,16 @@ class RestPollSource:
         return text if len(text) <= EXCERPT_CHARS else f"{text[:EXCERPT_CHARS]}..."
 
     def _decode(self, body: bytes, label: str) -> Any:
-        """The page as JSON with exact numbers: non-integers become Decimal, never float."""
+        """The page as interoperable JSON with exact numbers: non-integers become Decimal, never float.
+
+        A page other systems would read differently (a lone surrogate, a duplicate key, a number beyond
+        a double, nesting too deep to walk) fails the poll with every problem named, instead of
+        failing later when its records are published.
+        """
         try:
-            text = body.decode("utf-8-sig")
-        except UnicodeDecodeError as error:
-            raise _PollFailed(f"page {label} is not UTF-8: invalid byte at offset {error.start}") from None
-        try:
-            return loads_json(text)
-        except json.JSONDecodeError as error:
-            raise _PollFailed(
-                f"page {label} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
-            ) from None
-        except ValueError as error:
-            raise _PollFailed(f"page {label} is not valid JSON: {error}") from None
+            return loads_interoperable(body.removeprefix(codecs.BOM_UTF8))
+        except JsonRefused as refused:
+            raise _PollFailed(f"page {label} is not valid JSON: {refused}") from None
 
     def _records_of(self, document: Any, label: str) -> list[Any]:
         found = document if self._records is None else self._records.search(document)

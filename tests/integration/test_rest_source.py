@@ -443,7 +443,10 @@ def test_json_numbers_stay_exact_and_ids_may_be_numbers(
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("<html>maintenance</html>", "is not valid JSON: Expecting value at line 1 column 1"),
+        ("<html>maintenance</html>", "is not valid JSON: $: line 1 column 1 (char 0): Expecting value"),
+        ('{"data": [{"sku": "\\ud800"}]}', "is not valid JSON: $.data[0].sku"),
+        ('{"data": [], "data": [{"sku": "A"}]}', "$.data: the key 'data' appears more than once"),
+        ("[" * 100_000 + "]" * 100_000, "is not valid JSON: "),
         ('{"items": []}', "records 'data' gave nothing; expected a list of records"),
         ('{"data": [], "paging": {"next": {"id": 7}}}', """'paging.next' gave {"id":7}; expected a string"""),
     ],
