@@ -481,8 +481,13 @@ def test_status_moves_can_require_a_starting_status(store: Store) -> None:
     [letter_id] = store.add_dead_letters([_transform_failure()])
     store.set_status(letter_id, "discarded", actor="ops", reason="test data", only_from=("dead",))
 
-    with pytest.raises(DeadLetterStateError, match=f"dead letter {letter_id} is discarded; it can become"):
+    with pytest.raises(
+        DeadLetterStateError,
+        match=rf"dead letter {letter_id} is discarded \(by ops at 20\d\d-.* UTC\); it can become replayed",
+    ) as refused:
         store.set_status(letter_id, "replayed", actor="ops", reason="x", only_from=("dead",))
+    assert (refused.value.change.status, refused.value.change.actor) == ("discarded", "ops")
+    assert store.status_change(letter_id) == refused.value.change
 
 
 def test_an_edited_payload_is_audited_with_old_and_new(store: Store) -> None:
@@ -498,7 +503,7 @@ def test_an_edited_payload_is_audited_with_old_and_new(store: Store) -> None:
     assert entry.detail is not None and entry.detail["old_payload"]["QTY"] == "abc"
     assert entry.detail["new_payload"]["QTY"] == "3" and entry.detail["reason"] == "typo"
     store.set_status(letter_id, "discarded", actor="carol", reason="gave up")
-    with pytest.raises(DeadLetterStateError, match="only open"):
+    with pytest.raises(DeadLetterStateError, match="only a dead or parked letter can be edited"):
         store.update_payload(letter_id, {}, actor="carol", reason="late")
 
 
