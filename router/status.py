@@ -6,11 +6,13 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from deadletter.store import Store
 from router.assembly import broker_settings
 from router.broker import Topology, connect, queue_depth
 from router.config import RouterConfig, redact_url
+from router.terminal import data_text
 
 
 def collect_status(config: RouterConfig) -> dict[str, Any]:
@@ -121,4 +123,4 @@ def render_status(report: dict[str, Any], console: Console) -> None:
     for note in report.get("notes", []):
         console.print(f"[dim]{note}[/]")
     for error in report["errors"]:
-        console.print(f"[red]error:[/] {error}")
+        console.print(Text.assemble(("error:", "red"), " ", data_text(error, multiline=True)))
