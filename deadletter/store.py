@@ -954,6 +954,9 @@ class Store:
         with self._transaction() as session:
             row = self._locked_letter(session, id)
             previous = row.status
+            # An operator discarded it while it was on its way: that decision stands.
+            if previous != "parked":
+                return
             row.status, row.reason, row.detail, row.updated_at = "dead", reason, detail, now
             row.attempts += attempts
             session.add(self._status_audit(row, previous, actor, f"{reason}: {detail}", now))

@@ -464,6 +464,22 @@ def test_parking_blocks_a_key_until_its_dead_letter_is_resolved(store: Store) ->
     assert store.get_dead_letter(parked_b).status == "parked"  # type: ignore[union-attr]
 
 
+def test_a_letter_discarded_while_the_router_released_it_stays_discarded(store: Store) -> None:
+    delivered, refused = store.add_dead_letters(
+        [_delivery_letter("A", "a1", "parked"), _delivery_letter("A", "a2", "parked")]
+    )
+    store.set_status(delivered, "discarded", actor="alice", reason="booked by hand", only_from=("parked",))
+    store.set_status(refused, "discarded", actor="alice", reason="booked by hand", only_from=("parked",))
+
+    store.complete_release(delivered, "erp", {"event_id": "a1", "sequence_key": "A"}, actor="router")
+    store.fail_release(refused, reason="http_4xx", detail="HTTP 422", attempts=1, actor="router")
+
+    for letter_id in (delivered, refused):
+        assert store.status_change(letter_id).status == "discarded"
+        assert [entry.actor for entry in store.list_audit(f"deadletter:{letter_id}")] == ["alice"]
+    assert store.delivery_state("erp", [_event("a1", "A", 1)]).delivered == {"a1"}
+
+
 def test_one_holder_at_a_time_releases_a_key_and_an_expired_lease_is_taken_over(store: Store) -> None:
     assert store.claim_lease("release:erp", "A", "host-1", ttl=60)
     assert store.claim_lease("release:erp", "A", "host-1", ttl=60)  # renewing
