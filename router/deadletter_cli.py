@@ -35,7 +35,7 @@ from deadletter.store import (
 from router.broker import BrokerUnavailable
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import RouterConfig
-from router.replay import Replayer, ReplayError, ReplayReport
+from router.replay import LetterNotDead, Replayer, ReplayError, ReplayReport
 from router.terminal import data_text, printable
 
 PROGRESS_FROM = 20
@@ -320,6 +320,8 @@ def edit(config_path: str | None, letter_id: int, reason: str, actor: str) -> No
         replayer = Replayer(config, store, actor)
         try:
             replayer.check_editable(letter)
+        except LetterNotDead as error:
+            _fail(f"router deadletter edit: {error}", EXIT_RUNTIME)
         except ReplayError as error:
             _fail(f"router deadletter edit: {error}", EXIT_CONFIG)
         original = json.dumps(letter.payload, indent=2, ensure_ascii=False, default=str) + "\n"

@@ -41,6 +41,10 @@ class ReplayError(ValueError):
     """A letter or a request that cannot be replayed as asked, saying which and why."""
 
 
+class LetterNotDead(ReplayError):
+    """The letter is no longer ``dead`` (replayed, discarded, parked): a state to look at, not bad usage."""
+
+
 class BrokerNotShared(ReplayError):
     """A replay would publish to ``memory://``, a broker inside this process that no router reads."""
 
@@ -206,8 +210,10 @@ class Replayer:
     def check_editable(self, letter: DeadLetter) -> None:
         """Raise ReplayError when ``letter`` cannot be edited and replayed (its status, stage or a
         memory:// broker its record would be lost in)."""
-        if letter.status != "dead" or letter.reason == MALFORMED_MESSAGE:
+        if letter.reason == MALFORMED_MESSAGE:
             raise ReplayError(f"dead letter {letter.id}: {self._not_replayable(letter)}")
+        if letter.status != "dead":
+            raise LetterNotDead(f"dead letter {letter.id}: {self._not_replayable(letter)}")
         if letter.stage == "ingress":
             raise ReplayError(
                 f"dead letter {letter.id} is a rejected file ({letter.detail}); fix the file in the errors "

@@ -5,6 +5,8 @@ is told who changed the letter meanwhile, and nothing is published twice or over
 from __future__ import annotations
 
 import multiprocessing
+import shlex
+import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from multiprocessing.synchronize import Barrier
@@ -181,9 +183,59 @@ def test_two_replays_of_one_failed_record_at_once_publish_it_once(
         letter = store.get_dead_letter(letter_id)
         assert letter is not None and letter.status == "replayed"
         assert len(store.list_audit(f"deadletter:{letter_id}")) == 1
-    queue = Topology(BrokerSettings(url=rabbitmq_url, prefix=rabbitmq_namespace)).ingress_queue("pos-sales")
+    assert sorted(_replayed_records(rabbitmq_url, rabbitmq_namespace)) == sorted(ids)
+
+
+def test_an_edit_and_a_discard_of_one_failed_record_at_once_never_both_take_effect(
+    tmp_path: Path,
+    store: Store,
+    store_url: str,
+    rabbitmq_url: str,
+    rabbitmq_namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = write_config(
+        tmp_path,
+        broker_url=rabbitmq_url,
+        prefix=rabbitmq_namespace,
+        targets={"erp": "http://127.0.0.1:9"},
+        store_url=store_url,
+    )
+    ids = store.add_dead_letters([_record_letter(n) for n in range(ROUNDS)])
+    monkeypatch.setenv(
+        "EDITOR",
+        f'{shlex.quote(sys.executable)} -c "import sys, pathlib; p = pathlib.Path(sys.argv[1]); '
+        f"p.write_text(p.read_text().replace('SKU-1', 'SKU-2'))\"",
+    )
+
+    outcomes = _race(
+        config,
+        [["deadletter", "edit", str(i), "--actor", "alice"] for i in ids],
+        [["deadletter", "discard", str(i), "--reason", "duplicate", "--actor", "bob"] for i in ids],
+    )
+
+    published = _replayed_records(rabbitmq_url, rabbitmq_namespace)
+    for letter_id, (edit, discard) in zip(ids, outcomes, strict=True):
+        for code, output, escaped in (edit, discard):
+            assert code in (0, 1) and not escaped and "Traceback" not in output, (edit, discard)
+        letter = store.get_dead_letter(letter_id)
+        assert letter is not None
+        if letter.status == "replayed":
+            # alice's edit won: her record went out once, and bob was told.
+            assert (edit[0], discard[0]) == (0, 1) and published.count(letter_id) == 1, (edit, discard)
+            assert letter.payload["SKU"] == "SKU-2"
+            assert "meanwhile" in discard[1] or "already" in discard[1], discard
+        else:
+            # bob's discard won, before alice's edit was saved or before it was replayed: nothing published.
+            assert letter.status == "discarded" and (edit[0], discard[0]) == (1, 0), (edit, discard)
+            assert letter_id not in published and "discarded by bob" in edit[1], edit
+
+
+def _replayed_records(url: str, prefix: str) -> list[int]:
+    """The letter ids of the records replays put on the route's ingress queue (which is emptied)."""
+    queue = Topology(BrokerSettings(url=url, prefix=prefix)).ingress_queue("pos-sales")
     published: list[int] = []
-    with Connection(rabbitmq_url) as connection:
+    with Connection(url) as connection:
         simple = connection.SimpleQueue(queue)
         try:
             while True:
@@ -196,4 +248,4 @@ def test_two_replays_of_one_failed_record_at_once_publish_it_once(
                 message.ack()
         finally:
             simple.close()
-    assert sorted(published) == sorted(ids)
+    return published
