@@ -3,7 +3,9 @@ the delivered-events ledger and journal, snapshot marks and webhook ids.
 
 A ``Store`` is shared by the worker threads of a process and by several processes: every call opens
 its own session and transaction, SQLite runs in WAL mode with a busy timeout, and tables are created
-on open in a way that tolerates two processes starting at the same moment.
+on open in a way that tolerates two processes starting at the same moment. A dead letter's status is
+checked and changed under a lock (the row on PostgreSQL, the database's write lock on SQLite), so two
+actors never both move it.
 """
 
 from __future__ import annotations

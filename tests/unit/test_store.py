@@ -506,6 +506,19 @@ def test_status_moves_can_require_a_starting_status(store: Store) -> None:
     assert store.status_change(letter_id) == refused.value.change
 
 
+def test_a_status_move_is_undone_when_the_work_it_stands_for_fails(store: Store) -> None:
+    [letter_id] = store.add_dead_letters([_transform_failure()])
+
+    with (
+        pytest.raises(OSError, match="broker gone"),
+        store.changing_status(letter_id, "replayed", actor="ops", reason="x", only_from=("dead",)),
+    ):
+        raise OSError("broker gone")
+
+    assert store.status_change(letter_id).status == "dead"
+    assert store.list_audit(f"deadletter:{letter_id}") == []
+
+
 def test_an_edited_payload_is_audited_with_old_and_new(store: Store) -> None:
     [letter_id] = store.add_dead_letters([_transform_failure()])
 
