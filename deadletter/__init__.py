@@ -10,6 +10,7 @@ from deadletter.store import (
     DeliveryState,
     JournalEntry,
     NewDeadLetter,
+    StatusChange,
     Store,
     StoreUnavailable,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "DeliveryState",
     "JournalEntry",
     "NewDeadLetter",
+    "StatusChange",
     "Store",
     "StoreUnavailable",
 ]

@@ -3,7 +3,9 @@ the delivered-events ledger and journal, snapshot marks and webhook ids.
 
 A ``Store`` is shared by the worker threads of a process and by several processes: every call opens
 its own session and transaction, SQLite runs in WAL mode with a busy timeout, and tables are created
-on open in a way that tolerates two processes starting at the same moment.
+on open in a way that tolerates two processes starting at the same moment. A dead letter's status is
+checked and changed under a lock (the row on PostgreSQL, the database's write lock on SQLite), so two
+actors never both move it.
 """
 
 from __future__ import annotations
@@ -70,8 +72,36 @@ class DeadLetterNotFound(LookupError):
     """No dead letter has the id that was asked for."""
 
 
+@dataclass(frozen=True)
+class StatusChange:
+    """A dead letter's status and who set it when (from the audit trail; None for a letter as stored)."""
+
+    status: str
+    actor: str | None = None
+    at: datetime | None = None
+
+    @property
+    def by(self) -> str:
+        """``by alice at 2026-11-24 09:00:00 UTC``, or empty when the trail does not say."""
+        if self.actor is None or self.at is None:
+            return ""
+        return f"by {self.actor} at {self.at:%Y-%m-%d %H:%M:%S} UTC"
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.by}".strip()
+
+
 class DeadLetterStateError(ValueError):
-    """A dead letter is not in a status that allows the action asked for (e.g. replaying a discarded one)."""
+    """A dead letter is not in a status that allows the action asked for (e.g. replaying a discarded one).
+
+    ``change`` says which status it has and who set it when, so an operator who lost a race to another
+    learns who acted meanwhile.
+    """
+
+    def __init__(self, message: str, *, letter_id: int, change: StatusChange) -> None:
+        super().__init__(message)
+        self.letter_id = letter_id
+        self.change = change
 
 
 def _redacted(url: URL) -> str:
@@ -527,31 +557,86 @@ class Store:
     ) -> DeadLetter:
         """Move a dead letter to ``status`` and record who did it and why in the audit trail.
 
-        With ``only_from`` the move happens only from those statuses (checked under a row lock, so an
-        operator and a running router cannot both act on one letter); otherwise DeadLetterStateError.
+        With ``only_from`` the move happens only from those statuses, checked and made in one locked
+        transaction, so of an operator and a running router (or two operators) acting on one letter at
+        once exactly one moves it; the other gets DeadLetterStateError.
+        """
+        with self.changing_status(
+            id, status, actor=actor, reason=reason, only_from=STATUSES if only_from is None else only_from
+        ) as letter:
+            return letter
+
+    @contextmanager
+    def changing_status(
+        self,
+        id: int,
+        status: DeadLetterStatus,
+        *,
+        actor: str | None = None,
+        reason: str,
+        only_from: Collection[str],
+    ) -> Iterator[DeadLetter]:
+        """Move a dead letter from one of ``only_from`` to ``status``, committing only after the body ran.
+
+        The letter stays locked while the body does what the move stands for (publish a record, move a
+        file): a second caller waits and then gets DeadLetterStateError, so the work is done once; an
+        error in the body rolls the move back and the letter stays as it was.
         """
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
         now = datetime.now(UTC)
         with self._transaction() as session:
             row = self._locked_letter(session, id)
-            if only_from is not None and row.status not in only_from:
-                raise DeadLetterStateError(
-                    f"dead letter {id} is {row.status}; it can become {status} only from "
-                    f"{' or '.join(only_from)}"
+            if row.status not in only_from:
+                raise self._state_error(
+                    session, row, f"it can become {status} only from {' or '.join(only_from)}"
                 )
             previous = row.status
             row.status = status
             row.updated_at = now
             session.add(self._status_audit(row, previous, actor, reason, now))
-            return DeadLetter.from_row(row)
+            session.flush()
+            yield DeadLetter.from_row(row)
 
-    @staticmethod
-    def _locked_letter(session: Session, id: int) -> DeadLetterRow:
+    def _lock_for_update(self, session: Session) -> None:
+        """Make this transaction's reads of the letters it changes atomic with the change.
+
+        PostgreSQL locks the rows read ``FOR UPDATE``; SQLite ignores that clause, so there the
+        transaction takes the database's write lock before it reads (``BEGIN IMMEDIATE``): a concurrent
+        writer waits (busy timeout) and then reads the outcome instead of overwriting it.
+        """
+        if self._engine.dialect.name != "sqlite":
+            return
+        connection = session.connection()
+        dbapi_connection: Any = connection.connection.dbapi_connection
+        if not dbapi_connection.in_transaction:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def _locked_letter(self, session: Session, id: int) -> DeadLetterRow:
+        self._lock_for_update(session)
         row = session.get(DeadLetterRow, id, with_for_update=True)
         if row is None:
             raise DeadLetterNotFound(f"dead letter {id} does not exist")
         return row
+
+    @staticmethod
+    def _last_change(session: Session, row: DeadLetterRow) -> StatusChange:
+        entry = session.scalars(
+            select(AuditRow)
+            .where(AuditRow.subject == f"deadletter:{row.id}", AuditRow.action == f"deadletter.{row.status}")
+            .order_by(AuditRow.id.desc())
+            .limit(1)
+        ).first()
+        if entry is None:
+            return StatusChange(row.status)
+        return StatusChange(row.status, entry.actor, entry.at)
+
+    def _state_error(self, session: Session, row: DeadLetterRow, allowed: str) -> DeadLetterStateError:
+        change = self._last_change(session, row)
+        by = f" ({change.by})" if change.by else ""
+        return DeadLetterStateError(
+            f"dead letter {row.id} is {row.status}{by}; {allowed}", letter_id=row.id, change=change
+        )
 
     @staticmethod
     def _status_audit(
@@ -565,15 +650,30 @@ class Store:
             detail={"from": previous, "to": row.status, "reason": redact(reason)},
         )
 
-    def update_payload(self, id: int, payload: Any, *, actor: str | None = None, reason: str) -> DeadLetter:
-        """Replace an open dead letter's payload (an operator's fix), auditing the old and new payload."""
+    def status_change(self, id: int) -> StatusChange:
+        """A letter's status and who set it when, e.g. to tell an operator who acted on it meanwhile."""
+        with self._transaction() as session:
+            row = session.get(DeadLetterRow, id)
+            if row is None:
+                raise DeadLetterNotFound(f"dead letter {id} does not exist")
+            return self._last_change(session, row)
+
+    def update_payload(
+        self,
+        id: int,
+        payload: Any,
+        *,
+        actor: str | None = None,
+        reason: str,
+        only_from: Collection[str] = OPEN_STATUSES,
+    ) -> DeadLetter:
+        """Replace the payload of a letter in one of ``only_from`` (an operator's fix), auditing the old
+        and new payload; DeadLetterStateError when it is in another status."""
         now = datetime.now(UTC)
         with self._transaction() as session:
             row = self._locked_letter(session, id)
-            if row.status not in OPEN_STATUSES:
-                raise DeadLetterStateError(
-                    f"dead letter {id} is {row.status}; only open (dead or parked) letters can be edited"
-                )
+            if row.status not in only_from:
+                raise self._state_error(session, row, f"only a {' or '.join(only_from)} letter can be edited")
             previous = row.payload
             row.payload = payload
             row.updated_at = now
@@ -858,6 +958,9 @@ class Store:
         with self._transaction() as session:
             row = self._locked_letter(session, id)
             previous = row.status
+            # An operator discarded it while it was on its way: that decision stands.
+            if previous != "parked":
+                return
             row.status, row.reason, row.detail, row.updated_at = "dead", redact(reason), redact(detail), now
             row.attempts += attempts
             session.add(self._status_audit(row, previous, actor, f"{reason}: {detail}", now))
@@ -867,6 +970,7 @@ class Store:
         now = datetime.now(UTC)
         moved: list[int] = []
         with self._transaction() as session:
+            self._lock_for_update(session)
             for chunk in _chunks(list(ids)):
                 rows = session.scalars(
                     select(DeadLetterRow)

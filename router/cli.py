@@ -18,6 +18,7 @@ from ops.secrets import redact
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import find_config_path
 from router.deadletter_cli import deadletter, replay_history
+from router.terminal import printable
 
 log = logging.getLogger("router")
 
@@ -113,12 +114,12 @@ def test_routes(config_path: str | None, files: tuple[Path, ...]) -> None:
         for result in results:
             if result.passed:
                 passed += 1
-                click.echo(f"PASS {path}: {result.case}")
+                click.echo(f"PASS {path}: {printable(result.case)}")
                 continue
             failed += 1
-            click.echo(f"FAIL {path}: {result.case}")
+            click.echo(f"FAIL {path}: {printable(result.case)}")
             for difference in result.differences:
-                click.echo(f"    {difference}")
+                click.echo(f"    {printable(difference)}")
     click.echo(f"{passed} passed, {failed} failed")
     sys.exit(EXIT_RUNTIME if failed else 0)
 

@@ -2,7 +2,10 @@
 
 Commands stay thin: filters and output here, the work in router.replay and deadletter.store. Every
 action is audited with who (``--actor``, default ``$USER``), when and why. Exit codes: 0 ok, 1 runtime
-failure (store or broker unreachable, a letter that could not be replayed), 2 bad usage.
+failure (store or broker unreachable, a letter that could not be replayed, a letter another operator
+changed meanwhile), 2 bad usage or configuration (e.g. a replay that would publish to ``memory://``).
+Everything printed from data goes through router.terminal, so markup or escape sequences in a payload
+cannot restyle the output or take over the terminal.
 """
 
 from __future__ import annotations
@@ -18,13 +21,23 @@ import click
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
-from deadletter.store import STAGES, STATUSES, DeadLetter, Store, StoreUnavailable, default_actor
+from deadletter.store import (
+    STAGES,
+    STATUSES,
+    DeadLetter,
+    DeadLetterStateError,
+    Store,
+    StoreUnavailable,
+    default_actor,
+)
 from ops.secrets import redact
 from router.broker import BrokerUnavailable
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import RouterConfig
-from router.replay import Replayer, ReplayError, ReplayReport
+from router.replay import LetterNotDead, Replayer, ReplayError, ReplayReport
+from router.terminal import data_text, printable
 
 PROGRESS_FROM = 20
 WIDE_TERMINAL = 120
@@ -73,7 +86,7 @@ def _filters(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _fail(message: str, code: int) -> NoReturn:
     # Messages quote store URLs and exception text, which may hold a secret.
-    click.echo(redact(message), err=True)
+    click.echo(printable(redact(message), multiline=True), err=True)
     sys.exit(code)
 
 
@@ -86,7 +99,7 @@ def _opened(config_path: str | None) -> Iterator[tuple[RouterConfig, Store]]:
         _fail(f"router: {error}", EXIT_RUNTIME)
     try:
         yield config, store
-    except (StoreUnavailable, BrokerUnavailable) as error:
+    except (StoreUnavailable, BrokerUnavailable, DeadLetterStateError) as error:
         _fail(f"router: {error}", EXIT_RUNTIME)
     finally:
         store.close()
@@ -122,8 +135,9 @@ def _table(letters: Sequence[DeadLetter], width: int) -> Table:
             letter.status,
             letter.reason,
             str(letter.attempts),
+            *([letter.detail[:DETAIL_CHARS]] if with_detail else []),
         ]
-        table.add_row(*cells, *([letter.detail[:DETAIL_CHARS]] if with_detail else []))
+        table.add_row(*(data_text(cell) for cell in cells))
     return table
 
 
@@ -134,7 +148,7 @@ def _report(report: ReplayReport, verb: str, as_json: bool) -> None:
         if report.replayed:
             click.echo(f"{verb} {len(report.replayed)}: {', '.join(map(str, report.replayed))}")
         for letter_id, why in sorted(report.skipped.items()):
-            click.echo(f"dead letter {letter_id} not {verb}: {why}", err=True)
+            click.echo(f"dead letter {letter_id} not {verb}: {printable(why)}", err=True)
     if report.skipped:
         sys.exit(EXIT_RUNTIME)
 
@@ -192,11 +206,12 @@ def show(config_path: str | None, letter_id: int, as_json: bool) -> None:
         ),
         ("event id", letter.event_id or "-"),
     ):
-        console.print(f"[bold]{label}[/bold]: {value}", highlight=False)
-    console.print(f"[bold]detail[/bold]: {letter.detail}", markup=True, highlight=False)
-    console.print(f"[bold]source[/bold]: {json.dumps(letter.source_ref, default=str)}", highlight=False)
+        console.print(_labelled(label, data_text(value)))
+    console.print(_labelled("detail", data_text(letter.detail, multiline=True)))
+    console.print(_labelled("source", data_text(json.dumps(letter.source_ref, default=str))))
     console.print("[bold]payload[/bold]:")
-    console.print_json(json.dumps(letter.payload, default=str))
+    # JSON escapes C0 controls itself; ensure_ascii escapes DEL, C1 and bidi marks too.
+    console.print_json(json.dumps(letter.payload, default=str), ensure_ascii=True)
     if not history:
         console.print("[bold]history[/bold]: none yet")
         return
@@ -204,11 +219,15 @@ def show(config_path: str | None, letter_id: int, as_json: bool) -> None:
     for entry in history:
         events.add_row(
             entry.at.strftime("%Y-%m-%d %H:%M:%S"),
-            entry.actor,
-            entry.action,
-            json.dumps(entry.detail, default=str),
+            data_text(entry.actor),
+            data_text(entry.action),
+            data_text(json.dumps(entry.detail, default=str)),
         )
     console.print(events)
+
+
+def _labelled(label: str, value: Text) -> Text:
+    return Text.assemble((label, "bold"), ": ", value)
 
 
 @deadletter.command("replay")
@@ -252,8 +271,11 @@ def replay_letters(
             click.echo("no dead letters match; nothing replayed")
             return
         replayer = Replayer(config, store, actor)
-        with _progress(len(letters), as_json) as advance:
-            report = replayer.replay_letters(letters, reason=reason, progress=advance)
+        try:
+            with _progress(len(letters), as_json) as advance:
+                report = replayer.replay_letters(letters, reason=reason, progress=advance)
+        except ReplayError as error:
+            _fail(f"router deadletter replay: {error}; nothing replayed", EXIT_CONFIG)
     _report(report, "replayed", as_json)
 
 
@@ -273,7 +295,8 @@ def _preview(letters: Sequence[DeadLetter], as_json: bool) -> None:
         return
     click.echo(f"would replay {len(letters)} dead letter(s)")
     if letters:
-        Console().print(_table(letters))
+        console = Console()
+        console.print(_table(letters, console.width))
 
 
 @contextmanager
@@ -299,6 +322,8 @@ def edit(config_path: str | None, letter_id: int, reason: str, actor: str) -> No
         replayer = Replayer(config, store, actor)
         try:
             replayer.check_editable(letter)
+        except LetterNotDead as error:
+            _fail(f"router deadletter edit: {error}", EXIT_RUNTIME)
         except ReplayError as error:
             _fail(f"router deadletter edit: {error}", EXIT_CONFIG)
         original = json.dumps(letter.payload, indent=2, ensure_ascii=False, default=str) + "\n"
@@ -318,6 +343,9 @@ def edit(config_path: str | None, letter_id: int, reason: str, actor: str) -> No
             report = replayer.edit(letter, payload, reason=reason)
         except ReplayError as error:
             _fail(f"router deadletter edit: {error}; nothing changed", EXIT_CONFIG)
+        except DeadLetterStateError as error:
+            changed = f"dead letter {letter_id} was {error.change} meanwhile"
+            _fail(f"router deadletter edit: {changed}; nothing changed", EXIT_RUNTIME)
     _report(report, "replayed", as_json=False)
 
 
@@ -360,6 +388,8 @@ def replay_history(
         replayer = Replayer(config, store, actor)
         try:
             entries = replayer.history(target, since=since, until=until, sequence_key=sequence_key)
+            if not dry_run:
+                replayer.require_shared_broker(f"re-sending {target}'s history")
         except ReplayError as error:
             _fail(f"router replay: {error}", EXIT_CONFIG)
         if not dry_run and entries:

@@ -26,6 +26,7 @@ from ops.metrics import REGISTRY
 from router.config import ConfigError, RouterConfig, load_config, redact_url
 from router.runtime import RouterRuntime
 from router.simulated import SimulatedTarget, TargetBehaviour
+from router.terminal import data_text
 
 DEMO_FILE = "pos-sales.csv"
 TARGET_URLS = {"erp": "ERP_URL", "wms": "WMS_URL", "oms": "OMS_URL"}
@@ -184,7 +185,7 @@ def _summarise(
         "id", "stage", "reason", "detail", title=f"Dead letters ({len(letters)}): fix and replay them later"
     )
     for letter in letters:
-        dead.add_row(str(letter.id), letter.stage, letter.reason, letter.detail)
+        dead.add_row(str(letter.id), letter.stage, letter.reason, data_text(letter.detail))
     console.print(dead)
     console.print(
         f"\n[bold]{sum(len(s.events) for s in simulators.values())}[/] events delivered in {elapsed:.1f}s: "

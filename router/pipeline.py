@@ -3,7 +3,10 @@
 For each record: map the fields declared in the route, validate into a canonical event (which fixes
 its deterministic id, source reference and sequence key), apply the route filter and choose the
 targets whose `when` matches. A record that fails any step becomes a dead letter naming its file,
-line, record number, field and reason; the other records go on. Broker I/O lives in the workers.
+line, record number, field and reason; the other records go on. So does a record the transform code
+itself fails on (a bug, an unexpected error): reason ``transform_error`` with the exception, replayable
+once fixed. Only a message that is not a chunk of records at all is unreadable (``check_chunk``).
+Broker I/O lives in the workers.
 """
 
 from __future__ import annotations
@@ -22,6 +25,31 @@ from transforms.mapping import MappingError, RecordMapping
 from transforms.parsers import RawRecord, shorten
 
 PLACEHOLDER_KEY = "pending"
+TRANSFORM_ERROR = "transform_error"
+"""Dead-letter reason of a record the transform code failed on unexpectedly; replay it once fixed."""
+
+
+class MalformedChunk(ValueError):
+    """An ingress message that is not a chunk of records as the router's sources write them."""
+
+
+def check_chunk(body: Any) -> Mapping[str, Any]:
+    """``body`` when it is an ingress chunk (route, system, message id, numbered records), else
+    MalformedChunk saying what is missing."""
+    if not isinstance(body, Mapping):
+        raise MalformedChunk(f"ingress message is a JSON {type(body).__name__}, not an object")
+    for name in ("route", "system", "message_id"):
+        if not isinstance(body.get(name), str):
+            raise MalformedChunk(f"ingress message has no {name!r} text")
+    if not isinstance(body.get("origin", {}), Mapping):
+        raise MalformedChunk("ingress message 'origin' is not an object")
+    records = body.get("records")
+    if not isinstance(records, list):
+        raise MalformedChunk("ingress message has no 'records' list")
+    for index, raw in enumerate(records, start=1):
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("n"), int):
+            raise MalformedChunk(f"record {index} of the ingress message is not an object with a number 'n'")
+    return body
 
 
 @dataclass(frozen=True)
@@ -103,6 +131,46 @@ def validation_detail(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def _source_ref(route: str, message: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "route": route,
+        "system": message["system"],
+        "message_id": message["message_id"],
+        "record": raw["n"],
+        "file": message.get("origin", {}).get("file"),
+        "line": raw.get("line"),
+    }
+
+
+def _event_id(route: str, message: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
+    # A replayed dead letter carries the id its record had, so the target sees the same event.
+    origin: Mapping[str, Any] = message.get("origin", {})
+    return raw.get("event_id") or derive_event_id(
+        route, message["system"], *origin.values(), raw.get("id", raw["n"])
+    )
+
+
+def _raw_record(raw: Mapping[str, Any]) -> RawRecord:
+    return RawRecord(number=raw["n"], line=raw.get("line"), data=raw.get("data"), error=raw.get("error"))
+
+
+def _unexpected(error: Exception) -> str:
+    return f"the transform failed unexpectedly: {type(error).__name__}: {error}"
+
+
+def chunk_failures(route: str, message: Mapping[str, Any], error: Exception) -> list[RecordFailure]:
+    """Every record of a checked chunk as a replayable ``transform_error`` failure: what the worker keeps
+    when the transform fails on the chunk as a whole."""
+    failures = []
+    for raw in message["records"]:
+        source_ref = _source_ref(route, message, raw)
+        event_id = _event_id(route, message, raw)
+        failures.append(
+            RecordFailure.of(TRANSFORM_ERROR, _unexpected(error), _raw_record(raw), source_ref, event_id)
+        )
+    return failures
+
+
 @dataclass(frozen=True)
 class RoutePipeline:
     """A route's compiled transform: mapping, filter, sequence key and delivery rules."""
@@ -114,30 +182,24 @@ class RoutePipeline:
     filter: EventPredicate | None = None
 
     def transform(self, message: Mapping[str, Any], *, now: datetime | None = None) -> TransformResult:
-        """Turn one ingress message (a chunk of raw records) into routed events and failures."""
+        """Turn one ingress message (a chunk of raw records, see ``check_chunk``) into routed events and
+        failures."""
         recorded_at = (now or datetime.now(UTC)).isoformat()
-        origin: Mapping[str, Any] = message.get("origin", {})
         result = TransformResult()
         for raw in message["records"]:
-            record = RawRecord(
-                number=raw["n"], line=raw.get("line"), data=raw.get("data"), error=raw.get("error")
-            )
-            source_ref = {
-                "route": self.route,
-                "system": message["system"],
-                "message_id": message["message_id"],
-                "record": record.number,
-                "file": origin.get("file"),
-                "line": record.line,
-            }
-            identity = raw.get("id", record.number)
-            # A replayed dead letter carries the id its record had, so the target sees the same event.
-            event_id = raw.get("event_id") or derive_event_id(
-                self.route, message["system"], *origin.values(), identity
-            )
-            event = self._event(record, source_ref, event_id, recorded_at, result)
-            if event is not None:
-                self._route(event, record, source_ref, result)
+            record = _raw_record(raw)
+            source_ref = _source_ref(self.route, message, raw)
+            event_id = _event_id(self.route, message, raw)
+            try:
+                event = self._event(record, source_ref, event_id, recorded_at, result)
+                if event is not None:
+                    self._route(event, record, source_ref, result)
+            except Exception as error:
+                # Mapping code failing (a bug, a lookup raising) is about this record: keep it as a
+                # replayable letter with what went wrong, and let the chunk's other records go on.
+                result.failures.append(
+                    RecordFailure.of(TRANSFORM_ERROR, _unexpected(error), record, source_ref, event_id)
+                )
         return result
 
     def _route(
@@ -157,14 +219,19 @@ class RoutePipeline:
             # A condition that cannot be evaluated on this event must not stop the whole chunk.
             fail("filter", str(error))
             return
+        # Decide everything before changing the result: an error half-way leaves no trace of the event.
+        refusals = [(rule, rule.refusal(event)) for rule in rules]
+        queues = [
+            (rule.target, partition_for(event["sequence_key"], rule.partitions))
+            for rule, refusal in refusals
+            if refusal is None
+        ]
         result.accepted.append(event)
-        for rule in rules:
-            refusal = rule.refusal(event)
+        for _, refusal in refusals:
             if refusal is not None:
                 fail("accepts", refusal)
-                continue
-            partition = partition_for(event["sequence_key"], rule.partitions)
-            result.batches.setdefault((rule.target, partition), []).append(event)
+        for queue in queues:
+            result.batches.setdefault(queue, []).append(event)
 
     def _event(
         self,

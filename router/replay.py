@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 
 from canonical.events import parse_event
 from canonical.ids import partition_for
-from deadletter.store import DeadLetter, JournalEntry, Store
+from deadletter.store import DeadLetter, DeadLetterStateError, JournalEntry, StatusChange, Store
 from router import assembly
 from router.broker import Publisher, Topology, publisher
 from router.config import RouterConfig
@@ -38,6 +39,14 @@ Progress = Callable[[int], None]
 
 class ReplayError(ValueError):
     """A letter or a request that cannot be replayed as asked, saying which and why."""
+
+
+class LetterNotDead(ReplayError):
+    """The letter is no longer ``dead`` (replayed, discarded, parked): a state to look at, not bad usage."""
+
+
+class BrokerNotShared(ReplayError):
+    """A replay would publish to ``memory://``, a broker inside this process that no router reads."""
 
 
 @dataclass
@@ -65,15 +74,32 @@ class Replayer:
         self.broker = assembly.broker_settings(self.config)
         self.topology = Topology(self.broker)
 
+    def require_shared_broker(self, what: str) -> None:
+        """Raise BrokerNotShared when ``what`` would be published to this process's own memory broker."""
+        if self.broker.is_memory:
+            raise BrokerNotShared(
+                f"{what} would be published to broker.url memory://, a broker inside this command's own "
+                "process that no running router reads, and would be lost. Point broker.url at the "
+                "RabbitMQ the router uses (amqp://...), or run the command where it can reach that broker"
+            )
+
     def replay_letters(
         self, letters: Sequence[DeadLetter], *, reason: str, progress: Progress = _ignore_progress
     ) -> ReplayReport:
-        """Replay ``letters`` (oldest first); letters that are not ``dead`` are reported, not touched."""
+        """Replay ``letters`` (oldest first); letters that are not ``dead`` are reported, not touched.
+
+        Each letter moves on only from ``dead``, checked when it moves: a letter another operator (or the
+        router) changed since it was read is reported with who did it, and is not replayed twice.
+        Raises BrokerNotShared before changing anything when a record would go to a memory:// broker.
+        """
+        records = [x for x in letters if x.stage == "transform" and x.status == "dead"]
+        if records:
+            self.require_shared_broker(f"replaying dead letter {records[0].id} (a failed record)")
         report = ReplayReport()
         waiting: list[DeadLetter] = []
         for letter in letters:
             if letter.status != "dead" or letter.reason == MALFORMED_MESSAGE:
-                report.skipped[letter.id] = _not_replayable(letter)
+                report.skipped[letter.id] = self._not_replayable(letter)
                 progress(1)
             elif letter.stage == "delivery":
                 waiting.append(letter)
@@ -84,7 +110,7 @@ class Replayer:
             report.replayed.extend(moved)
             for letter in waiting:
                 if letter.id not in moved:
-                    report.skipped[letter.id] = "its status changed while replaying; look at it again"
+                    report.skipped[letter.id] = _meanwhile(self.store.status_change(letter.id))
             progress(len(waiting))
         replayable = [x for x in letters if x.id not in report.skipped]
         needs_broker = [x for x in replayable if x.stage == "transform"]
@@ -107,9 +133,22 @@ class Replayer:
         except ReplayError as error:
             report.skipped[letter.id] = str(error)
             return
-        sink.publish(self.topology.ingress_queue(letter.route), message, headers={"replay_of": letter.id})
-        self.store.set_status(letter.id, "replayed", actor=self.actor, reason=reason, only_from=("dead",))
+        # The letter stays locked until the broker confirmed the record, so of two operators replaying
+        # it at once only one publishes; a failed publish leaves it dead.
+        try:
+            with self._replaying(letter, reason):
+                sink.publish(
+                    self.topology.ingress_queue(letter.route), message, headers={"replay_of": letter.id}
+                )
+        except DeadLetterStateError as error:
+            report.skipped[letter.id] = _meanwhile(error.change)
+            return
         report.replayed.append(letter.id)
+
+    def _replaying(self, letter: DeadLetter, reason: str) -> AbstractContextManager[DeadLetter]:
+        return self.store.changing_status(
+            letter.id, "replayed", actor=self.actor, reason=reason, only_from=("dead",)
+        )
 
     def _return_file(self, letter: DeadLetter, reason: str, report: ReplayReport) -> None:
         try:
@@ -127,39 +166,70 @@ class Replayer:
         rejected = Path(held)
         inbox = assembly.file_drop_settings(self.config, route).inbox
         inbox.mkdir(parents=True, exist_ok=True)
-        shutil.move(rejected, inbox / rejected.name)
+        try:
+            with self._replaying(letter, reason):
+                shutil.move(rejected, inbox / rejected.name)
+        except DeadLetterStateError as error:
+            report.skipped[letter.id] = _meanwhile(error.change)
+            return
         rejected.with_name(rejected.name + ".reason.txt").unlink(missing_ok=True)
-        self.store.set_status(letter.id, "replayed", actor=self.actor, reason=reason, only_from=("dead",))
         report.replayed.append(letter.id)
 
     def discard(self, letters: Sequence[DeadLetter], *, reason: str) -> ReplayReport:
-        """Discard open letters for good; a discarded delivery letter releases the events parked behind it."""
+        """Discard open letters for good; a discarded delivery letter releases the events parked behind it.
+
+        A letter is discarded only in the status it was read in: one replayed (or released by the router)
+        since is reported with who did it, not dropped behind their back.
+        """
         report = ReplayReport()
         for letter in letters:
             if letter.status not in ("dead", "parked"):
-                report.skipped[letter.id] = f"it is already {letter.status}"
+                report.skipped[letter.id] = f"it is already {self.store.status_change(letter.id)}"
                 continue
-            self.store.set_status(
-                letter.id, "discarded", actor=self.actor, reason=reason, only_from=("dead", "parked")
-            )
+            try:
+                self.store.set_status(
+                    letter.id, "discarded", actor=self.actor, reason=reason, only_from=(letter.status,)
+                )
+            except DeadLetterStateError as error:
+                report.skipped[letter.id] = _meanwhile(error.change)
+                continue
             report.replayed.append(letter.id)
         return report
 
     def edit(self, letter: DeadLetter, payload: Any, *, reason: str) -> ReplayReport:
-        """Validate an operator's corrected payload, store it (audited) and replay the letter."""
+        """Validate an operator's corrected payload, store it (audited) and replay the letter.
+
+        Raises DeadLetterStateError when another operator changed the letter since it was read.
+        """
         checked = self.validate_payload(letter, payload)
-        edited = self.store.update_payload(letter.id, checked, actor=self.actor, reason=reason)
+        edited = self.store.update_payload(
+            letter.id, checked, actor=self.actor, reason=reason, only_from=(letter.status,)
+        )
         return self.replay_letters([edited], reason=reason)
 
     def check_editable(self, letter: DeadLetter) -> None:
-        """Raise ReplayError when ``letter`` cannot be edited and replayed (its status or stage)."""
-        if letter.status != "dead" or letter.reason == MALFORMED_MESSAGE:
-            raise ReplayError(f"dead letter {letter.id}: {_not_replayable(letter)}")
+        """Raise ReplayError when ``letter`` cannot be edited and replayed (its status, stage or a
+        memory:// broker its record would be lost in)."""
+        if letter.reason == MALFORMED_MESSAGE:
+            raise ReplayError(f"dead letter {letter.id}: {self._not_replayable(letter)}")
+        if letter.status != "dead":
+            raise LetterNotDead(f"dead letter {letter.id}: {self._not_replayable(letter)}")
         if letter.stage == "ingress":
             raise ReplayError(
                 f"dead letter {letter.id} is a rejected file ({letter.detail}); fix the file in the errors "
                 "folder and replay the letter instead of editing it"
             )
+        if letter.stage == "transform":
+            self.require_shared_broker(f"replaying edited dead letter {letter.id} (a failed record)")
+
+    def _not_replayable(self, letter: DeadLetter) -> str:
+        if letter.reason == MALFORMED_MESSAGE:
+            return (
+                "it holds a queue message the router could not read, not a record: see `show`, then discard"
+            )
+        if letter.status == "parked":
+            return "it is parked behind an earlier dead letter of its key; replay or discard that one"
+        return f"it is already {self.store.status_change(letter.id)}"
 
     def validate_payload(self, letter: DeadLetter, payload: Any) -> Any:
         """The payload to store for ``letter``, or ReplayError saying what is wrong with it."""
@@ -230,12 +300,10 @@ class Replayer:
         self.store.audit("replay", f"target:{target}", {**why, "events": len(entries)}, actor=self.actor)
 
 
-def _not_replayable(letter: DeadLetter) -> str:
-    if letter.reason == MALFORMED_MESSAGE:
-        return "it holds a queue message the router could not read, not a record: see `show`, then discard"
-    if letter.status == "parked":
-        return "it is parked behind an earlier dead letter of its key; replay or discard that one"
-    return f"it is already {letter.status}"
+def _meanwhile(change: StatusChange) -> str:
+    """Why an action on a letter lost to another one: what was done to it since it was read, by whom."""
+    done = "replayed (handed back to the router)" if change.status == "parked" else change.status
+    return " ".join(part for part in ("it was", done, change.by, "meanwhile") if part)
 
 
 def _checked_event(letter: DeadLetter, payload: dict[str, Any]) -> dict[str, Any]:

@@ -6,12 +6,14 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from deadletter.store import Store
 from ops.secrets import redact_data
 from router.assembly import broker_settings
 from router.broker import Topology, connect, queue_depth
 from router.config import RouterConfig, redact_url
+from router.terminal import data_text
 
 
 def collect_status(config: RouterConfig) -> dict[str, Any]:
@@ -123,4 +125,4 @@ def render_status(report: dict[str, Any], console: Console) -> None:
     for note in report.get("notes", []):
         console.print(f"[dim]{note}[/]")
     for error in report["errors"]:
-        console.print(f"[red]error:[/] {error}")
+        console.print(Text.assemble(("error:", "red"), " ", data_text(error, multiline=True)))

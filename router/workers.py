@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kombu.message import Message
 
@@ -30,11 +30,9 @@ from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, le
 from ops import metrics
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
 from router.consumer import BufferedConsumer, run_reconnecting
+from router.pipeline import RoutePipeline, TransformResult, check_chunk, chunk_failures
 from transforms.lookups import Lookup, LookupTableError
 from transforms.render import PayloadRenderer, RenderError
-
-if TYPE_CHECKING:
-    from router.pipeline import RoutePipeline
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +103,18 @@ class TransformWorker:
                 log.error("lookup %s not reloaded; the table in use stays: %s", lookup.name, error)
 
     def handle(self, message: Message, publisher: Publisher) -> None:
-        """Transform one chunk, publish its events, store its failures, then acknowledge it."""
+        """Transform one chunk, publish its events, store its failures, then acknowledge it.
+
+        When the store cannot take the failures the message stays unacknowledged and comes back (the
+        events it published again are recognised as delivered by the targets' ledger).
+        """
         try:
-            body = decode_body(message.body)
+            body = check_chunk(decode_body(message.body))
         except ValueError as error:
-            self._reject(message, "?", MALFORMED_MESSAGE, f"ingress message is not JSON: {error}")
+            detail = f"ingress message is not a chunk of records: {error}"
+            self._reject(message, "?", MALFORMED_MESSAGE, detail)
             return
-        route = body.get("route", "?")
+        route = body["route"]
         pipeline = self._pipelines.get(route)
         if pipeline is None:
             self._reject(message, route, "unknown_route", f"no route named {route!r} in this configuration")
@@ -120,11 +123,10 @@ class TransformWorker:
         try:
             result = pipeline.transform(body)
         except Exception as error:
-            # The transform is a pure function of the message, so a failure here would repeat on every
-            # redelivery and hold up the route's queue: keep the message as a dead letter instead.
-            detail = f"ingress message {body.get('message_id')!r} cannot be transformed: {error!r}"
-            self._reject(message, route, MALFORMED_MESSAGE, detail)
-            return
+            # Records fail one by one inside the transform; should it still fail as a whole, a redelivery
+            # would fail again and hold up the route's queue, so every record becomes a replayable letter.
+            log.exception("transform of %s failed as a whole", body["message_id"], extra={"route": route})
+            result = TransformResult(failures=chunk_failures(route, body, error))
         for (target, partition), events in result.batches.items():
             publisher.publish(
                 self._topology.delivery_queue(target, partition),
@@ -160,7 +162,6 @@ class TransformWorker:
             )
         metrics.EVENTS_TRANSFORMED.labels(route=route).inc(result.events)
         message.ack()
-
 
     def _reject(self, message: Message, route: str, reason: str, detail: str) -> None:
         """Keep a whole ingress message that cannot be handled as a dead letter, then acknowledge it."""

@@ -301,3 +301,79 @@ def test_router_replay_resends_the_journal_in_order_to_the_partition_queues(
     assert [event["event_id"] for event in body["events"]] == ["A-1", "A-2", "A-3"]
     [entry] = store.list_audit("target:erp")
     assert entry.actor == "erin" and entry.detail is not None and entry.detail["events"] == 3
+
+
+HOSTILE = "[/bold] \x1b[2J\x1b]0;owned\x07 [red]red[/red] \u202egnp.exe \x9b31m:thumbs_up:"
+
+
+def test_markup_and_escape_sequences_in_data_are_shown_not_obeyed(store: Store, config: Path) -> None:
+    letter_id = store.add_dead_letter(
+        route="pos-sales",
+        stage="delivery",
+        target="erp",
+        reason="http_4xx",
+        detail=f"HTTP 422 from erp: {HOSTILE}\nsecond line",
+        payload={"sku": HOSTILE, "event_id": "E-1"},
+        source_ref={"file": HOSTILE},
+        event_id="E-1",
+        sequence_key=f"key {HOSTILE}",
+        attempts=1,
+    )
+    store.set_status(letter_id, "discarded", actor=f"mallory {HOSTILE}", reason=HOSTILE)
+    wide = {"COLUMNS": "400"}
+
+    listed = run(deadletter, config, "list", env=wide)
+    shown = run(deadletter, config, "show", str(letter_id), env=wide)
+    as_json = run(deadletter, config, "show", str(letter_id), "--json")
+    listed_json = run(deadletter, config, "list", "--json")
+
+    for result in (listed, shown):
+        assert result.exit_code == 0, result.output
+        assert not any(char in result.output for char in "\x1b\x07\x9b\u202e"), repr(result.output)
+        assert "[/bold]" in result.output and "[red]red[/red]" in result.output
+        assert "\\x1b[2J" in result.output and "\\u202e" in result.output and ":thumbs_up:" in result.output
+    assert "second line" in shown.output and "mallory" in shown.output
+    document = json.loads(as_json.output)
+    assert document["detail"] == f"HTTP 422 from erp: {HOSTILE}\nsecond line"
+    assert document["payload"]["sku"] == HOSTILE and document["history"][0]["actor"] == f"mallory {HOSTILE}"
+    assert json.loads(listed_json.output)[0]["sequence_key"] == f"key {HOSTILE}"
+
+
+def test_a_filtered_dry_run_lists_what_would_be_replayed(store: Store, config: Path) -> None:
+    a1, _ = store.add_dead_letters([_delivery("A", 1), _delivery("A", 2, "parked")])
+
+    preview = run(deadletter, config, "replay", "--route", "pos-sales", "--dry-run", env={"COLUMNS": "200"})
+
+    assert preview.exit_code == 0, preview.output
+    assert "would replay 1 dead letter(s)" in preview.output and "A" in preview.output
+    assert [letter.status for letter in store.list_dead_letters()] == ["dead", "parked"]
+    assert store.list_audit(f"deadletter:{a1}") == []
+
+
+def test_replays_that_would_publish_to_the_commands_own_memory_broker_are_refused(
+    store: Store, config: Path, tmp_path: Path
+) -> None:
+    delivery = store.add_dead_letters([_delivery("A", 1)])[0]
+    record = _bad_record(store, config)
+    store.record_deliveries("erp", [{"event_id": "A-0", "sequence_key": "A", "type": "sale"}])
+    since = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    opened = tmp_path / "editor-opened"
+    editor = f"{shlex.quote(sys.executable)} -c \"import pathlib; pathlib.Path('{opened}').touch()\""
+
+    by_id = run(deadletter, config, "replay", str(record))
+    by_filter = run(deadletter, config, "replay", "--route", "pos-sales")
+    dry = run(deadletter, config, "replay", "--route", "pos-sales", "--dry-run", "--json")
+    edited = run(deadletter, config, "edit", str(record), env={"EDITOR": editor})
+    history = run(replay_history, config, "--target", "erp", "--since", since)
+    history_dry = run(replay_history, config, "--target", "erp", "--since", since, "--dry-run")
+
+    for refused in (by_id, by_filter, edited, history):
+        assert refused.exit_code == 2, refused.output
+        assert "memory://" in refused.output and "amqp://" in refused.output
+    assert "nothing replayed" in by_id.output and f"dead letter {record}" in by_id.output
+    assert not opened.exists()
+    # Nothing moved: not the record, and not the delivery letter the filter also matched.
+    assert [store.get_dead_letter(i).status for i in (delivery, record)] == ["dead", "dead"]  # type: ignore[union-attr]
+    assert store.list_audit() == []
+    assert dry.exit_code == 0 and {d["id"] for d in json.loads(dry.output)} == {delivery, record}
+    assert history_dry.exit_code == 0 and "would re-send 1 event(s) to erp" in history_dry.output

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from router.pipeline import DeliveryRule, RoutePipeline
+import pytest
+
+from router.pipeline import DeliveryRule, MalformedChunk, RoutePipeline, check_chunk, chunk_failures
 from transforms.filters import EventPredicate
-from transforms.mapping import compile_mapping
-from transforms.parsers import MAX_REASON_CHARS
+from transforms.mapping import RecordMapping, compile_mapping
+from transforms.parsers import MAX_REASON_CHARS, RawRecord
 
 MAP = {
     "type": "sale",
@@ -100,3 +102,56 @@ def test_a_huge_value_is_cut_in_the_dead_letter_detail_and_kept_whole_in_the_pay
     assert failure.detail.startswith("pos.csv line 2 (record 1): field 'quantity': '999")
     assert failure.detail.endswith("x' is not a decimal")
     assert failure.payload == row
+
+
+def test_a_record_the_mapping_code_fails_on_is_a_replayable_failure_and_the_rest_go_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = RecordMapping.apply
+
+    def apply(mapping: RecordMapping, record: RawRecord) -> dict[str, Any]:
+        if record.data["SKU"] == "BUG":
+            raise RuntimeError("stores service timed out")
+        return original(mapping, record)
+
+    pipeline = _pipeline()
+    healthy = pipeline.transform(_message(_row("A"), _row("BUG"), _row("C")))
+    monkeypatch.setattr(RecordMapping, "apply", apply)
+
+    result = pipeline.transform(_message(_row("A"), _row("BUG"), _row("C")))
+
+    assert [event["sku"] for event in result.accepted] == ["A", "C"]
+    [failure] = result.failures
+    assert failure.reason == "transform_error" and failure.payload == _row("BUG")
+    assert failure.detail == (
+        "pos.csv line 3 (record 2): the transform failed unexpectedly: RuntimeError: stores service timed out"
+    )
+    # The same id the record gets when the transform works: a replay delivers the same event.
+    assert failure.event_id == healthy.accepted[1]["event_id"]
+
+
+def test_a_chunk_that_fails_as_a_whole_keeps_every_record_with_its_id() -> None:
+    message = _message(_row("A"), _row("B"))
+
+    failures = chunk_failures("pos", message, KeyError("boom"))
+
+    expected = [event["event_id"] for event in _pipeline().transform(message).accepted]
+    assert [f.event_id for f in failures] == expected
+    assert [f.payload for f in failures] == [_row("A"), _row("B")]
+    assert {f.reason for f in failures} == {"transform_error"} and "KeyError: 'boom'" in failures[0].detail
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ([1, 2], "is a JSON list, not an object"),
+        ({"route": "pos", "system": "file"}, "no 'message_id' text"),
+        ({"route": "pos", "system": "file", "message_id": "m", "records": {}}, "no 'records' list"),
+        ({"route": "pos", "system": "file", "message_id": "m", "records": [{"data": {}}]}, "record 1 "),
+        ({"route": "pos", "system": "file", "message_id": "m", "origin": "x", "records": []}, "'origin'"),
+    ],
+)
+def test_only_a_message_that_is_not_a_chunk_is_malformed(body: Any, problem: str) -> None:
+    with pytest.raises(MalformedChunk, match=problem):
+        check_chunk(body)
+    assert check_chunk(_message(_row("A"))) == _message(_row("A"))

@@ -464,6 +464,22 @@ def test_parking_blocks_a_key_until_its_dead_letter_is_resolved(store: Store) ->
     assert store.get_dead_letter(parked_b).status == "parked"  # type: ignore[union-attr]
 
 
+def test_a_letter_discarded_while_the_router_released_it_stays_discarded(store: Store) -> None:
+    delivered, refused = store.add_dead_letters(
+        [_delivery_letter("A", "a1", "parked"), _delivery_letter("A", "a2", "parked")]
+    )
+    store.set_status(delivered, "discarded", actor="alice", reason="booked by hand", only_from=("parked",))
+    store.set_status(refused, "discarded", actor="alice", reason="booked by hand", only_from=("parked",))
+
+    store.complete_release(delivered, "erp", {"event_id": "a1", "sequence_key": "A"}, actor="router")
+    store.fail_release(refused, reason="http_4xx", detail="HTTP 422", attempts=1, actor="router")
+
+    for letter_id in (delivered, refused):
+        assert store.status_change(letter_id).status == "discarded"
+        assert [entry.actor for entry in store.list_audit(f"deadletter:{letter_id}")] == ["alice"]
+    assert store.delivery_state("erp", [_event("a1", "A", 1)]).delivered == {"a1"}
+
+
 def test_one_holder_at_a_time_releases_a_key_and_an_expired_lease_is_taken_over(store: Store) -> None:
     assert store.claim_lease("release:erp", "A", "host-1", ttl=60)
     assert store.claim_lease("release:erp", "A", "host-1", ttl=60)  # renewing
@@ -481,8 +497,26 @@ def test_status_moves_can_require_a_starting_status(store: Store) -> None:
     [letter_id] = store.add_dead_letters([_transform_failure()])
     store.set_status(letter_id, "discarded", actor="ops", reason="test data", only_from=("dead",))
 
-    with pytest.raises(DeadLetterStateError, match=f"dead letter {letter_id} is discarded; it can become"):
+    with pytest.raises(
+        DeadLetterStateError,
+        match=rf"dead letter {letter_id} is discarded \(by ops at 20\d\d-.* UTC\); it can become replayed",
+    ) as refused:
         store.set_status(letter_id, "replayed", actor="ops", reason="x", only_from=("dead",))
+    assert (refused.value.change.status, refused.value.change.actor) == ("discarded", "ops")
+    assert store.status_change(letter_id) == refused.value.change
+
+
+def test_a_status_move_is_undone_when_the_work_it_stands_for_fails(store: Store) -> None:
+    [letter_id] = store.add_dead_letters([_transform_failure()])
+
+    with (
+        pytest.raises(OSError, match="broker gone"),
+        store.changing_status(letter_id, "replayed", actor="ops", reason="x", only_from=("dead",)),
+    ):
+        raise OSError("broker gone")
+
+    assert store.status_change(letter_id).status == "dead"
+    assert store.list_audit(f"deadletter:{letter_id}") == []
 
 
 def test_an_edited_payload_is_audited_with_old_and_new(store: Store) -> None:
@@ -498,7 +532,7 @@ def test_an_edited_payload_is_audited_with_old_and_new(store: Store) -> None:
     assert entry.detail is not None and entry.detail["old_payload"]["QTY"] == "abc"
     assert entry.detail["new_payload"]["QTY"] == "3" and entry.detail["reason"] == "typo"
     store.set_status(letter_id, "discarded", actor="carol", reason="gave up")
-    with pytest.raises(DeadLetterStateError, match="only open"):
+    with pytest.raises(DeadLetterStateError, match="only a dead or parked letter can be edited"):
         store.update_payload(letter_id, {}, actor="carol", reason="late")
 
 
