@@ -6,8 +6,9 @@ confirmed on the delivery queues and its failures stored as dead letters; the de
 partition message after each of its events was delivered, skipped (already delivered, stale snapshot),
 dead-lettered or parked. Anything unacknowledged when a process dies or drains returns to its queue.
 
-Delivery rules per target: an event recorded as delivered is not sent again (effectively-once); a
-stock.snapshot older than the newest applied for its key is skipped; a key with an open dead letter
+Delivery rules per target: an event recorded as delivered is not sent again (effectively-once) unless a
+history replay re-sends it; a stock.snapshot older than the newest applied for its key is skipped,
+replayed or not; a key with an open dead letter
 is parked (later events wait as ``parked`` letters) until the letter is replayed or discarded, when
 the worker releases the key's parked events in order.
 """
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT = 0.25
 MALFORMED_MESSAGE = "malformed_message"
 """Dead-letter reason of a whole queue message the router cannot read: kept to inspect, not to replay."""
-# Set by `router replay` on re-sent journal events: they bypass the ledger and the stale guard, which
-# would otherwise refuse exactly the events a restored target needs again.
+# Set by `router replay` on re-sent journal events: they bypass the ledger, which would otherwise refuse
+# exactly the events a restored target needs again. They do not bypass the stale guard: a replayed
+# snapshot older than one applied since (live traffic goes on during a replay) would roll stock back.
 REPLAY_HEADER = "x-router-replay"
 RELEASE_ACTOR = "router"
 PRUNE_INTERVAL = 300.0
@@ -240,7 +242,7 @@ class _BatchRun:
         occurred = occurred_at_of(event)
         if event.get("type") == SNAPSHOT_TYPE and key is not None and occurred is not None:
             newest = state.snapshot_marks.get(key)
-            if newest is not None and occurred < newest and not replay:
+            if newest is not None and occurred < newest:
                 return "stale"
             if newest is None or occurred > newest:
                 state.snapshot_marks[key] = occurred

@@ -243,10 +243,12 @@ def test_a_history_replay_resends_delivered_events_with_the_same_ids(rig: Rig) -
     journal = rig.store.journal("erp", since=T0 - timedelta(days=3650))
 
     rig.publish([entry.event for entry in journal], replay=True)
-    wait_until(lambda: len(rig.received()) == 6, 10, "3 events re-sent")
+    wait_until(lambda: len(rig.received()) == 5, 10, "2 events re-sent")
+    time.sleep(0.2)
 
-    assert sorted(rig.received()[3:]) == ["A-1", "A-2", "B-1"]
-    assert rig.received("A")[2:] == ["A-1", "A-2"]  # old snapshots go again, in order
+    assert sorted(rig.received()[3:]) == ["A-2", "B-1"]
+    # A-1 is older than the level applied since: replayed or not, it would roll stock back.
+    assert rig.received("A")[2:] == ["A-2"]
     assert len(rig.store.journal("erp", since=T0 - timedelta(days=3650))) == 3
 
 
