@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any, Literal, get_args
 from uuid import UUID, uuid4
 
-from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text
+from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -840,6 +840,23 @@ class Store:
                 select(LeaseRow.holder).where(LeaseRow.scope == scope, LeaseRow.name == name)
             )
             return current == holder
+
+    def renew_lease(self, scope: str, name: str, holder: str, ttl: float) -> bool:
+        """Extend lease ``scope``/``name`` by ``ttl`` seconds from now, only while ``holder`` has it and it
+        has not expired; False when it was lost (another holder may have taken it since)."""
+        now = datetime.now(UTC)
+        statement = (
+            update(LeaseRow)
+            .where(
+                LeaseRow.scope == scope,
+                LeaseRow.name == name,
+                LeaseRow.holder == holder,
+                LeaseRow.expires_at >= now,
+            )
+            .values(expires_at=now + timedelta(seconds=ttl))
+        )
+        with self._transaction() as session:
+            return int(session.execute(statement).rowcount or 0) == 1
 
     def free_lease(self, scope: str, name: str, holder: str) -> None:
         """Give up a lease (only if still ours)."""

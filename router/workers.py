@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.message import Message
 
 from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget, batch_idempotency_key
+from deadletter.leases import HeldLease
 from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, lease_holder, occurred_at_of
 from ops import metrics
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
@@ -48,8 +49,9 @@ MALFORMED_MESSAGE = "malformed_message"
 REPLAY_HEADER = "x-router-replay"
 RELEASE_ACTOR = "router"
 PRUNE_INTERVAL = 300.0
-# A release lease outlives one event's longest delivery (max_age, the last timeout) by this much.
-LEASE_MARGIN = 60.0
+RELEASE_LEASE_TTL = 30.0
+"""Seconds a parked-key release lease lasts unless renewed (every third of it while the key is released):
+a process that crashed mid-release holds the key this long at most."""
 SNAPSHOT_TYPE = "stock.snapshot"
 
 
@@ -213,6 +215,7 @@ class DeliverySettings:
     prefetch: int = 4
     journal_retention: float = 7 * 86400.0
     release_interval: float = 1.0
+    lease_ttl: float = RELEASE_LEASE_TTL
 
 
 def _lag_seconds(event: Mapping[str, Any], now: datetime) -> float | None:
@@ -407,8 +410,9 @@ class DeliveryWorker:
         )
         run.parked = []
 
-    def _send(self, group: Sequence[dict[str, Any]]) -> DeliveryResult:
-        """One request's worth of events to the target, retried in place."""
+    def _send(self, group: Sequence[dict[str, Any]], stop: threading.Event | None = None) -> DeliveryResult:
+        """One request's worth of events to the target, retried in place until done or ``stop`` (default:
+        the worker's drain)."""
         as_batch = self.settings.batch_max_events is not None
         try:
             payload, content_type = self._renderer.render(group, as_batch)
@@ -417,7 +421,7 @@ class DeliveryWorker:
             return DeliveryResult(DeliveryOutcome.permanent, 0, None, str(error), "render")
         key = batch_idempotency_key([e["event_id"] for e in group]) if as_batch else group[0]["event_id"]
         started = time.monotonic()
-        result = self._target.deliver(payload, content_type, key, stop=self._stop)
+        result = self._target.deliver(payload, content_type, key, stop=stop or self._stop)
         metrics.DELIVERY_SECONDS.labels(target=self.settings.target).observe(time.monotonic() - started)
         return result
 
@@ -520,34 +524,41 @@ class DeliveryWorker:
     def _release_key(self, key: str) -> None:
         """Release one key under a lease, so two processes never send the same parked event.
 
-        Parked events go in the target's micro-batches; a batch the target refuses is retried one event
-        at a time, so only the event it really refuses becomes the key's dead letter again.
+        The lease is renewed in the background while the key's events go out; when it is lost (another
+        process may have the key now) or the worker drains, the release stops before the next request,
+        and a retry in progress ends at once. Parked events go in the target's micro-batches; a batch the
+        target refuses is retried one event at a time, so only the event it really refuses becomes the
+        key's dead letter again.
         """
         target = self.settings.target
-        scope = f"release:{target}"
-        ttl = self._target.settings.retry.max_age + self._target.settings.timeout + LEASE_MARGIN
+        lease = HeldLease.take(
+            self._store, f"release:{target}", key, self._holder, self.settings.lease_ttl, stop=self._stop
+        )
+        if lease is None:
+            return
         size = self.settings.batch_max_events or 1
         released: list[dict[str, Any]] = []
-        try:
-            while self._store.claim_lease(scope, key, self._holder, ttl):
-                letters = self._store.releasable_letters(target, key, limit=max(size, 100))
-                if not letters:
-                    return
-                for start in range(0, len(letters), size):
-                    # Renew the lease before each request: one request may take up to max_age.
-                    if self._stop.is_set() or not self._store.claim_lease(scope, key, self._holder, ttl):
+        with lease:
+            try:
+                while lease.held:
+                    letters = self._store.releasable_letters(target, key, limit=max(size, 100))
+                    if not letters:
                         return
-                    if not self._release_group(letters[start : start + size], released):
-                        return
-        finally:
-            self._store.free_lease(scope, key, self._holder)
-            if released:
-                log.info("released %d parked event(s) of one key at %s", len(released), target)
-                self._update_open_gauges(released)
+                    for start in range(0, len(letters), size):
+                        group = letters[start : start + size]
+                        if not lease.held or not self._release_group(group, released, lease.cancel):
+                            return
+            finally:
+                if released:
+                    log.info("released %d parked event(s) of one key at %s", len(released), target)
+                    self._update_open_gauges(released)
 
-    def _release_group(self, letters: Sequence[DeadLetter], released: list[dict[str, Any]]) -> bool:
-        """Send parked letters as one request; False when the key must stop (refused again, or a drain)."""
-        result = self._send([letter.payload for letter in letters])
+    def _release_group(
+        self, letters: Sequence[DeadLetter], released: list[dict[str, Any]], stop: threading.Event
+    ) -> bool:
+        """Send parked letters as one request; False when the key must stop (refused again, the lease
+        lost, or a drain)."""
+        result = self._send([letter.payload for letter in letters], stop)
         if result.outcome is DeliveryOutcome.delivered:
             target = self.settings.target
             for letter in letters:
@@ -556,7 +567,7 @@ class DeliveryWorker:
             self._count_delivered([letter.payload for letter in letters])
             return True
         if result.outcome is DeliveryOutcome.permanent and len(letters) > 1:
-            return all(self._release_group([letter], released) for letter in letters)
+            return all(self._release_group([letter], released, stop) for letter in letters)
         if result.outcome is not DeliveryOutcome.interrupted:
             self._fail_release(letters[0], result)
         return False

@@ -174,6 +174,8 @@ def test_a_refused_event_parks_its_key_and_replay_after_the_fix_delivers_it_in_o
         # Released in the target's micro-batches, not one request per parked event.
         released = ["A-2", "A-3", "A-4", "A-5"]
         assert any([event["event_id"] for event in r.events] == released for r in rig.target.requests)
+    # The target answers before the worker records the release: wait for the store, not the target.
+    wait_until(lambda: len(_letters(rig.store, "replayed")) == 4, 10, "the released letters recorded")
     assert _letters(rig.store, "replayed") == ["A-2", "A-3", "A-4", "A-5"]
     assert rig.store.count_open() == 0
     rig.publish([sale("A", 6)])
