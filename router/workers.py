@@ -8,9 +8,13 @@ dead-lettered or parked. Anything unacknowledged when a process dies or drains r
 
 Delivery rules per target: an event recorded as delivered is not sent again (effectively-once) unless a
 history replay re-sends it; a stock.snapshot older than the newest applied for its key is skipped,
-replayed or not; a key with an open dead letter
-is parked (later events wait as ``parked`` letters) until the letter is replayed or discarded, when
-the worker releases the key's parked events in order.
+replayed or not; a key with an open dead letter is parked (later events wait as ``parked`` letters)
+until the letter is replayed or discarded, when the worker releases the key's parked events in order.
+
+Retrying in place never outlives the broker's patience: the messages in hand are acked before RabbitMQ's
+consumer timeout (``broker.consumer_timeout``) would close the channel. No attempt starts later than
+:func:`router.broker.retry_budget` after the oldest was sent; an event still failing then, and the
+events after it in those messages, become dead letters (reason ``max_age``) and park their keys.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget,
 from deadletter.leases import HeldLease
 from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, lease_holder, occurred_at_of
 from ops import metrics
-from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
+from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, retry_budget
 from router.consumer import BufferedConsumer, run_reconnecting
 from transforms.lookups import Lookup, LookupTableError
 from transforms.render import PayloadRenderer, RenderError
@@ -184,23 +188,24 @@ def _raw_text(message: Message) -> Any:
 
 @dataclass(frozen=True)
 class InboundBatch:
-    """A partition message with its decoded events, when it arrived (for ``max_wait``), and whether it
-    is a history replay."""
+    """A partition message with its decoded events, when it arrived (for ``max_wait``), a moment before
+    the broker sent it (its consumer timeout runs from then), and whether it is a history replay."""
 
     message: Message
     events: list[dict[str, Any]]
     received: float
+    held_since: float
     replay: bool = False
 
     @classmethod
-    def of(cls, message: Message) -> InboundBatch:
+    def of(cls, message: Message, held_since: float) -> InboundBatch:
         """Decode a partition message; raises ValueError when it is not a list of routed events."""
         replay = bool((message.headers or {}).get(REPLAY_HEADER))
         events = decode_body(message.body)["events"]
         for event in events:
             if not isinstance(event.get("event_id"), str) or not isinstance(event["source"]["route"], str):
                 raise ValueError("an event lacks its event_id or source route")
-        return cls(message, events, time.monotonic(), replay)
+        return cls(message, events, time.monotonic(), held_since, replay)
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,7 @@ class _BatchRun:
     """One pass over a batch: what the store said about it and the decisions taken so far."""
 
     state: DeliveryState
+    deadline: float | None = None
     parked: list[dict[str, Any]] = field(default_factory=list)
     duplicates: int = 0
 
@@ -274,6 +280,7 @@ class DeliveryWorker:
         self._store = store
         self._stop = stop
         self._holder = lease_holder()
+        self._retry_budget = retry_budget(broker.consumer_timeout, target.settings.timeout)
         self._next_release = 0.0
         self._next_prune = 0.0
 
@@ -290,7 +297,7 @@ class DeliveryWorker:
                 while not self._stop.is_set():
                     timeout = FETCH_TIMEOUT if not pending else 0.01
                     for message in consumer.fetch(timeout):
-                        inbound = self._inbound(message)
+                        inbound = self._inbound(message, consumer.sent_after)
                         if inbound is not None:
                             pending.append(inbound)
                     if pending and self._should_flush(pending):
@@ -299,10 +306,10 @@ class DeliveryWorker:
             finally:
                 consumer.close()
 
-    def _inbound(self, message: Message) -> InboundBatch | None:
+    def _inbound(self, message: Message, held_since: float) -> InboundBatch | None:
         """The message's events; a message that is not a batch of events becomes a dead letter (acked)."""
         try:
-            return InboundBatch.of(message)
+            return InboundBatch.of(message, held_since)
         except (ValueError, KeyError, TypeError) as error:
             target = self.settings.target
             detail = f"partition message for {target} is not a batch of events: {error!r}"
@@ -351,7 +358,10 @@ class DeliveryWorker:
         for item in pending:
             events.extend((event, item.replay) for event in item.events)
             ends.append(len(events))
-        done = self._deliver_events(events)
+        deadline = None
+        if not self._broker.is_memory:
+            deadline = min(item.held_since for item in pending) + self._retry_budget
+        done = self._deliver_events(events, deadline)
         unacked: list[InboundBatch] = []
         for item, end in zip(pending, ends, strict=True):
             if end <= done:
@@ -360,10 +370,11 @@ class DeliveryWorker:
                 unacked.append(item)
         return unacked
 
-    def _deliver_events(self, events: Sequence[tuple[dict[str, Any], bool]]) -> int:
-        """Resolve events in order; returns how many were resolved before an interruption."""
+    def _deliver_events(self, events: Sequence[tuple[dict[str, Any], bool]], deadline: float | None) -> int:
+        """Resolve events in order, starting no attempt after ``deadline``; returns how many were resolved
+        before an interruption."""
         target = self.settings.target
-        run = _BatchRun(self._store.delivery_state(target, [event for event, _ in events]))
+        run = _BatchRun(self._store.delivery_state(target, [event for event, _ in events]), deadline)
         size = self.settings.batch_max_events or 1
         group: list[dict[str, Any]] = []
         group_start = 0
@@ -410,9 +421,15 @@ class DeliveryWorker:
         )
         run.parked = []
 
-    def _send(self, group: Sequence[dict[str, Any]], stop: threading.Event | None = None) -> DeliveryResult:
-        """One request's worth of events to the target, retried in place until done or ``stop`` (default:
-        the worker's drain)."""
+    def _send(
+        self,
+        group: Sequence[dict[str, Any]],
+        stop: threading.Event | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> DeliveryResult:
+        """One request's worth of events to the target, retried in place until done, ``deadline`` (no
+        attempt starts after it) or ``stop`` (default: the worker's drain)."""
         as_batch = self.settings.batch_max_events is not None
         try:
             payload, content_type = self._renderer.render(group, as_batch)
@@ -421,13 +438,26 @@ class DeliveryWorker:
             return DeliveryResult(DeliveryOutcome.permanent, 0, None, str(error), "render")
         key = batch_idempotency_key([e["event_id"] for e in group]) if as_batch else group[0]["event_id"]
         started = time.monotonic()
-        result = self._target.deliver(payload, content_type, key, stop=stop or self._stop)
+        result = self._target.deliver(payload, content_type, key, stop=stop or self._stop, deadline=deadline)
         metrics.DELIVERY_SECONDS.labels(target=self.settings.target).observe(time.monotonic() - started)
         return result
 
+    def _send_in_time(self, run: _BatchRun, group: Sequence[dict[str, Any]]) -> DeliveryResult:
+        """``_send`` within the run's deadline; once it passed, nothing is sent: the messages in hand
+        were held as long as the broker allows, so their remaining events are given up (dead letters,
+        reason ``max_age``) for the operator to replay, rather than the broker closing the channel."""
+        if run.deadline is None or time.monotonic() < run.deadline:
+            return self._send(group, deadline=run.deadline)
+        detail = (
+            "not sent: the queue message holding it was held as long as the broker's consumer timeout "
+            f"({self._broker.consumer_timeout:g}s) allows while earlier events were retried; "
+            "replay it once the target answers"
+        )
+        return DeliveryResult(DeliveryOutcome.retries_exhausted, 0, None, detail, "max_age")
+
     def _deliver_group(self, run: _BatchRun, group: Sequence[dict[str, Any]]) -> bool:
         """Deliver one request's worth of events; False when interrupted by a drain."""
-        result = self._send(group)
+        result = self._send_in_time(run, group)
         if result.outcome is DeliveryOutcome.interrupted:
             return False
         if result.outcome is DeliveryOutcome.delivered:
@@ -440,7 +470,7 @@ class DeliveryWorker:
                 if event.get("sequence_key") in run.state.blocked:
                     run.parked.append(event)
                     continue
-                single = self._send([event])
+                single = self._send_in_time(run, [event])
                 if single.outcome is DeliveryOutcome.interrupted:
                     return False
                 if single.outcome is DeliveryOutcome.delivered:

@@ -18,6 +18,7 @@ import pytest
 
 from canonical.ids import partition_for
 from connectors.circuit import CircuitBreaker, CircuitSettings
+from connectors.delivery import AttemptResult, RetryInPlace
 from connectors.http_target import DeliveryOutcome, HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
@@ -241,8 +242,10 @@ def test_an_older_stock_snapshot_is_skipped_and_counted(rig: Rig) -> None:
 def test_a_history_replay_resends_delivered_events_with_the_same_ids(rig: Rig) -> None:
     events = [snapshot("A", 1, minute=1), snapshot("A", 2, minute=2), sale("B", 1)]
     rig.publish(events)
-    wait_until(lambda: len(rig.received()) == 3, 10, "3 events")
-    journal = rig.store.journal("erp", since=T0 - timedelta(days=3650))
+    since = T0 - timedelta(days=3650)
+    # The target answers before the worker records the delivery: wait for the journal, not the target.
+    wait_until(lambda: len(rig.store.journal("erp", since=since)) == 3, 10, "3 events journalled")
+    journal = rig.store.journal("erp", since=since)
 
     rig.publish([entry.event for entry in journal], replay=True)
     wait_until(lambda: len(rig.received()) == 5, 10, "2 events re-sent")
@@ -308,3 +311,28 @@ def test_bad_circuit_settings_are_refused() -> None:
         CircuitSettings(failures=0)
     with pytest.raises(ValueError, match="cooldown must be a non-negative number of seconds"):
         CircuitSettings(cooldown=-1)
+
+
+def test_no_attempt_starts_after_the_deadline_and_the_delivery_ends_as_max_age() -> None:
+    """Retry in place bounded by the broker's consumer timeout: a clock that only moves when it waits."""
+    now = [0.0]
+    started: list[float] = []
+
+    def sleep(seconds: float, _: threading.Event | None) -> bool:
+        now[0] += seconds
+        return False
+
+    def attempt() -> AttemptResult:
+        started.append(now[0])
+        now[0] += 1.0  # each failing attempt takes a second
+        return AttemptResult("retry", 503, "HTTP 503 from erp")
+
+    policy = RetryPolicy(attempts=1000, initial=2.0, max_delay=2.0, max_age=600.0)
+    circuit = CircuitBreaker("erp", CircuitSettings(failures=1000, cooldown=1.0), clock=lambda: now[0])
+    retrying = RetryInPlace("erp", policy, circuit, sleep=sleep, clock=lambda: now[0])
+
+    result = retrying.deliver(attempt, deadline=30.0)
+
+    assert result.outcome is DeliveryOutcome.retries_exhausted and result.reason == "max_age"
+    assert max(started) <= 30.0 and now[0] <= 31.0  # well within max_age: the deadline came first
+    assert "held as long as the broker's consumer timeout allows" in result.detail
