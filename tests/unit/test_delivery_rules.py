@@ -336,3 +336,37 @@ def test_no_attempt_starts_after_the_deadline_and_the_delivery_ends_as_max_age()
     assert result.outcome is DeliveryOutcome.retries_exhausted and result.reason == "max_age"
     assert max(started) <= 30.0 and now[0] <= 31.0  # well within max_age: the deadline came first
     assert "held as long as the broker's consumer timeout allows" in result.detail
+
+
+def test_a_release_that_loses_its_lease_stops_before_the_next_request(tmp_path: Path) -> None:
+    """Another process took the key (this one's lease ran out): the parked events left stay parked for it."""
+
+    def slow(_: Any) -> bool:
+        time.sleep(0.2)  # each request takes a while; the release outlasts several renewals
+        return False
+
+    with (
+        SimulatedTarget("erp", TargetBehaviour(reject=slow)) as target,
+        Store(f"sqlite:///{tmp_path / 'state.db'}") as store,
+    ):
+        client = HttpTarget(HttpTargetSettings(name="erp", url=f"{target.url}/inventory", timeout=5))
+        settings = DeliverySettings(
+            target="erp", partitions=1, batch_max_events=None, batch_max_wait=0.05, lease_ttl=0.6
+        )
+        broker = BrokerSettings(url="memory://", prefix=f"t{uuid.uuid4().hex[:8]}")
+        worker = DeliveryWorker(broker, settings, client, PayloadRenderer(), store, threading.Event())
+        letters = [sale("A", n) for n in range(1, 21)]
+        store.add_dead_letters([worker._letter(event, "parked", "waiting") for event in letters])
+        releasing = threading.Thread(target=worker.release_parked, daemon=True)
+        releasing.start()
+        wait_until(lambda: len(target.events) >= 2, 10, "the release under way")
+        store.free_lease("release:erp", "A", worker._holder)  # its lease ran out and ...
+        assert store.claim_lease("release:erp", "A", "another-router", 60)  # ... another router took it
+        releasing.join(10)
+        client.close()
+
+        sent = [event["event_id"] for event in target.events]
+        assert not releasing.is_alive() and 2 <= len(sent) < 10
+        assert sent == [f"A-{n}" for n in range(1, len(sent) + 1)]
+        assert _letters(store, "parked") == [f"A-{n}" for n in range(len(sent) + 1, 21)]
+        assert _letters(store, "dead") == []
