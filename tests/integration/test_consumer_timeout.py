@@ -24,6 +24,8 @@ from router.workers import DeliverySettings, DeliveryWorker
 from tests.integration.harness import wait_until
 from transforms.render import PayloadRenderer
 
+pytestmark = pytest.mark.slow
+
 CONSUMER_TIMEOUT = 8.0
 REQUEST_TIMEOUT = 0.5
 MAX_AGE = 3.0  # each event alone fits the consumer timeout; five of them in one message do not

@@ -26,6 +26,8 @@ from router.workers import DeliverySettings, DeliveryWorker
 from tests.integration.harness import wait_until, write_config
 from transforms.render import PayloadRenderer
 
+pytestmark = pytest.mark.slow
+
 PARTITIONS = 4
 KEYS = [f"SKU-{n}|S001" for n in range(6)]
 T0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
