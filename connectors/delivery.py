@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -64,7 +65,8 @@ class AttemptResult(NamedTuple):
 
 
 class TargetSettings(Protocol):
-    """What the delivery worker reads of any target's settings (for the lease of a parked-key release)."""
+    """What the delivery worker reads of any target's settings: ``timeout`` bounds one attempt, which is
+    what the worker allows for the attempt in flight when it must give a broker delivery up."""
 
     @property
     def name(self) -> str: ...
@@ -83,9 +85,16 @@ class DeliveryTarget(Protocol):
     def settings(self) -> TargetSettings: ...
 
     def deliver(
-        self, payload: bytes, content_type: str, idempotency_key: str, *, stop: threading.Event | None = None
+        self,
+        payload: bytes,
+        content_type: str,
+        idempotency_key: str,
+        *,
+        stop: threading.Event | None = None,
+        deadline: float | None = None,
     ) -> DeliveryResult:
-        """Deliver until done, refused for good, out of attempts or ``max_age``, or interrupted."""
+        """Deliver until done, refused for good, out of attempts, ``max_age`` or ``deadline`` (the
+        monotonic time after which no attempt may start), or interrupted."""
         ...
 
     def close(self) -> None:
@@ -146,9 +155,14 @@ class RetryInPlace:
         self._clock = clock
         self._on_attempt = on_attempt
 
-    def deliver(self, attempt: Attempt, stop: threading.Event | None = None) -> DeliveryResult:
+    def deliver(
+        self, attempt: Attempt, stop: threading.Event | None = None, deadline: float | None = None
+    ) -> DeliveryResult:
         """Call ``attempt`` until success, a permanent failure, attempts or max_age run out, or ``stop``.
 
+        ``deadline`` (on this retrier's clock) is the latest moment an attempt may start: the delivery
+        worker's bound that keeps a retry from outliving the broker's consumer timeout. Past it a
+        failed attempt ends the delivery as ``max_age``, like running out of ``max_age`` itself.
         On ``interrupted`` the caller leaves the message unacknowledged so it returns to its queue.
         """
         policy = self.policy
@@ -158,7 +172,7 @@ class RetryInPlace:
         while True:
             if stop is not None and stop.is_set():
                 return _interrupted(attempts, last)
-            hold = self.circuit.wait_time()
+            hold = min(self.circuit.wait_time(), self._until(deadline))
             # A fresh delivery while the circuit is open waits for the trial instead of calling the target.
             if attempts == 0 and hold > 0 and self._sleep(min(hold, policy.max_age), stop):
                 return _interrupted(attempts, last)
@@ -188,7 +202,17 @@ class RetryInPlace:
                 return DeliveryResult(
                     DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "max_age"
                 )
-            wait = min(max(policy.delay(attempts, last.retry_after), self.circuit.wait_time()), remaining)
+            until_deadline = self._until(deadline)
+            if until_deadline <= 0:
+                detail = (
+                    f"gave up after {elapsed:.1f}s and {attempts} attempts: the message was held as long as "
+                    f"the broker's consumer timeout allows; last: {last.detail}"
+                )
+                return DeliveryResult(
+                    DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "max_age"
+                )
+            wait = policy.delay(attempts, last.retry_after)
+            wait = min(max(wait, self.circuit.wait_time()), remaining, until_deadline)
             log.warning(
                 "delivery to %s failed (attempt %d of %d): %s; retrying in %.2fs",
                 self.target,
@@ -200,6 +224,9 @@ class RetryInPlace:
             )
             if self._sleep(wait, stop):
                 return _interrupted(attempts, last)
+
+    def _until(self, deadline: float | None) -> float:
+        return math.inf if deadline is None else deadline - self._clock()
 
     def _timed(self, attempt: Attempt) -> AttemptResult:
         started = time.monotonic()

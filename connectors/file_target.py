@@ -54,8 +54,8 @@ EXTENSIONS = {
     "text/csv": "csv",
 }
 UNKNOWN_EXTENSION = "bin"
-# A local write is not cut off by a timeout; this is what the delivery worker's release lease allows
-# for one attempt on top of max_age.
+# A local write is not cut off by a timeout; this is what the delivery worker allows for one attempt
+# when it bounds a retry by the broker's consumer timeout.
 WRITE_ALLOWANCE = 30.0
 
 # Errors a retry within max_age cannot cure: permissions (as root-owned folders after a deploy), a
@@ -182,7 +182,7 @@ class FileTargetSettings:
 
     @property
     def timeout(self) -> float:
-        """The allowance for one write in the delivery worker's release lease (writes are not cut off)."""
+        """The allowance for one write within the broker's consumer timeout (writes are not cut off)."""
         return WRITE_ALLOWANCE
 
 
@@ -235,10 +235,17 @@ class FileWritingTarget(ABC, Generic[Settings]):
         )
 
     def deliver(
-        self, payload: bytes, content_type: str, idempotency_key: str, *, stop: threading.Event | None = None
+        self,
+        payload: bytes,
+        content_type: str,
+        idempotency_key: str,
+        *,
+        stop: threading.Event | None = None,
+        deadline: float | None = None,
     ) -> DeliveryResult:
         """Write ``payload`` as one file, retrying in place, until done, refused for good, out of attempts
-        or ``max_age``, or interrupted by ``stop`` (then the message returns to its queue)."""
+        or ``max_age``, no attempt after ``deadline``, or interrupted by ``stop`` (then the message returns
+        to its queue)."""
         try:
             name = self._pattern.render(
                 target=self._name, key=idempotency_key, content_type=content_type, began=self._now()
@@ -246,7 +253,7 @@ class FileWritingTarget(ABC, Generic[Settings]):
         except UnsafeFilename as error:
             detail = f"{self._where}: {error} (Idempotency-Key {idempotency_key!r})"
             return DeliveryResult(DeliveryOutcome.permanent, 0, None, detail, "filename")
-        return self._retrying.deliver(lambda: self.write_once(name, payload), stop)
+        return self._retrying.deliver(lambda: self.write_once(name, payload), stop, deadline)
 
     @property
     def _where(self) -> str:

@@ -155,13 +155,22 @@ class HttpTarget:
         return AttemptResult(kind, status, detail, retry_after)
 
     def deliver(
-        self, payload: bytes, content_type: str, idempotency_key: str, *, stop: threading.Event | None = None
+        self,
+        payload: bytes,
+        content_type: str,
+        idempotency_key: str,
+        *,
+        stop: threading.Event | None = None,
+        deadline: float | None = None,
     ) -> DeliveryResult:
-        """Send until delivered, refused for good, out of attempts or ``max_age``, or interrupted by ``stop``.
+        """Send until delivered, refused for good, out of attempts or ``max_age``, no attempt after
+        ``deadline``, or interrupted by ``stop``.
 
         On ``interrupted`` the caller leaves the message unacknowledged so it returns to its queue.
         """
-        return self._retrying.deliver(lambda: self.send_once(payload, content_type, idempotency_key), stop)
+        return self._retrying.deliver(
+            lambda: self.send_once(payload, content_type, idempotency_key), stop, deadline
+        )
 
     def close(self) -> None:
         """Close the connection pool, unless the client was handed in by the caller."""

@@ -25,7 +25,6 @@ a chunk published again after a failure keeps its id, records appended later get
 from __future__ import annotations
 
 import codecs
-import contextlib
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 import jmespath
@@ -45,18 +44,23 @@ from jmespath.parser import ParsedResult
 from connectors.chunks import ChunkSink, SourceChunk, batched
 from connectors.http_target import USER_AGENT, interruptible_sleep
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
+from deadletter.leases import HeldLease
 from deadletter.store import Store, lease_holder
 from ops import metrics
 from ops.secrets import redact, register_http_credentials
 from transforms.interop_json import JsonRefused, loads_interoperable
 from transforms.parsers import RawRecord
 
+if TYPE_CHECKING:
+    from prometheus_client import Gauge
+
 log = logging.getLogger(__name__)
 
 SYSTEM = "rest"
 POLL_LEASE_SCOPE = "poll"
-POLL_LEASE_MIN = 120.0
-"""Seconds a poller holds its route's lease at least (three poll intervals when that is longer)."""
+POLL_LEASE_TTL = 30.0
+"""Seconds a route's poll lease lasts unless renewed (every third of it while the poller runs): a
+router that crashed holds its routes this long at most."""
 EXCERPT_CHARS = 300
 # Only this much of an error response is read: enough for the excerpt, the rest is dropped.
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -107,6 +111,7 @@ class RestPollSettings:
     max_pages_per_poll: int = 1000
     max_page_bytes: int = 32 * 1024 * 1024
     retry: RetryPolicy = field(default_factory=_default_retry)
+    lease_ttl: float = POLL_LEASE_TTL
 
     def __post_init__(self) -> None:
         where = f"rest source of route {self.route!r}"
@@ -137,7 +142,7 @@ class RestPollSettings:
         for key in ("chunk_size", "max_pages_per_poll", "max_page_bytes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{where}: {key} must be at least 1, got {getattr(self, key)}")
-        for key in ("poll", "timeout"):
+        for key in ("poll", "timeout", "lease_ttl"):
             seconds = getattr(self, key)
             if not seconds > 0:
                 raise ValueError(f"{where}: {key} must be a positive number of seconds, got {seconds}")
@@ -284,32 +289,45 @@ class RestPollSource:
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; after an error the next poll comes at the poll interval.
 
-        Several router processes may run the same route: a lease in the store lets one poll at a time
-        (the others stand by and take over when its lease runs out), so pages are not fetched twice.
+        Several router processes may run the same route: a lease in the store lets one poll at a time.
+        The poller renews it in the background while it runs; the others stand by, trying to take it
+        every poll interval, and take over once it is given up (a drain) or runs out (a crash). A
+        poller that loses its lease stops before the next page or chunk, so pages are not fetched twice.
         """
         route = self.settings.route
         up = metrics.SOURCE_UP.labels(route=route)
         holder = lease_holder()
-        lease = max(POLL_LEASE_MIN, 3 * self.settings.poll)
-        try:
-            while not stop.is_set():
-                behind = False
-                try:
-                    if self._store.claim_lease(POLL_LEASE_SCOPE, route, holder, lease):
-                        result = self.poll_once(stop)
-                        up.set(1 if result.error is None else 0)
-                        # Stopped at max_pages_per_poll with records still coming: go on at once. An API
-                        # that hands out new cursors on empty pages waits for the next poll instead.
-                        behind = result.error is None and not result.caught_up and result.records > 0
-                except Exception:
-                    up.set(0)
-                    log.exception("rest source of route %s failed a poll", route)
-                # A server's Retry-After holds even when the poll interval is shorter.
-                wait = 0.0 if behind else self.settings.poll
-                stop.wait(max(wait, self._resume_at - time.monotonic()))
-        finally:
-            with contextlib.suppress(Exception):  # the lease runs out by itself if the store is away
-                self._store.free_lease(POLL_LEASE_SCOPE, route, holder)
+        while not stop.is_set():
+            try:
+                lease = HeldLease.take(
+                    self._store, POLL_LEASE_SCOPE, route, holder, self.settings.lease_ttl, stop=stop
+                )
+            except Exception:
+                up.set(0)
+                log.exception("rest source of route %s could not take its poll lease", route)
+                lease = None
+            if lease is None:
+                stop.wait(self.settings.poll)
+                continue
+            with lease:
+                self._poll_while_held(lease, up)
+
+    def _poll_while_held(self, lease: HeldLease, up: Gauge) -> None:
+        route = self.settings.route
+        while lease.held:
+            behind = False
+            try:
+                result = self.poll_once(lease.cancel)
+                up.set(1 if result.error is None else 0)
+                # Stopped at max_pages_per_poll with records still coming: go on at once. An API that
+                # hands out new cursors on empty pages waits for the next poll instead.
+                behind = result.error is None and not result.caught_up and result.records > 0
+            except Exception:
+                up.set(0)
+                log.exception("rest source of route %s failed a poll", route)
+            # A server's Retry-After holds even when the poll interval is shorter.
+            wait = 0.0 if behind else self.settings.poll
+            lease.cancel.wait(max(wait, self._resume_at - time.monotonic()))
 
     def close(self) -> None:
         """Close the connection pool, unless the client was handed in by the caller."""
@@ -330,6 +348,8 @@ class RestPollSource:
             published = list(state.published)
             fresh = _unpublished(identified, published)
             for number, batch in enumerate(batched(fresh, self.settings.chunk_size), start=1):
+                if stop is not None and stop.is_set():
+                    return False  # a drain, or the poll lease lost: another poller may have this page
                 self._publish(label, number, batch)
                 published += [identity for _, identity in batch]
                 state = self._save(state, _PageState(state.url, state.cursor, tuple(published)))

@@ -19,7 +19,7 @@ class RetryPolicy:
     attempts: int = 10
     initial: float = 0.5
     max_delay: float = 60.0
-    max_age: float = 3600.0
+    max_age: float = 1500.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:

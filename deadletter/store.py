@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any, Literal, get_args
 from uuid import UUID, uuid4
 
-from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text
+from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -849,18 +849,29 @@ class Store:
         if sequence_key is not None:
             query = query.where(DeliveredEventRow.sequence_key == sequence_key)
         with self._transaction() as session:
-            return [
-                JournalEntry(
-                    id=row.id,
-                    target=row.target,
-                    event_id=row.event_id,
-                    sequence_key=row.sequence_key,
-                    occurred_at=row.occurred_at,
-                    delivered_at=row.delivered_at,
-                    event=row.event,
+            return [_journal_entry(row) for row in session.scalars(query)]
+
+    def newest_snapshots(self, target: str, sequence_keys: Collection[str]) -> dict[str, JournalEntry]:
+        """Per key, the journal entry of the newest stock.snapshot applied at ``target`` (its snapshot
+        mark); keys whose mark's event left the journal are absent."""
+        found: dict[str, JournalEntry] = {}
+        with self._transaction() as session:
+            for chunk in _chunks(list(dict.fromkeys(sequence_keys))):
+                rows = session.scalars(
+                    select(DeliveredEventRow)
+                    .join(
+                        SnapshotMarkRow,
+                        and_(
+                            SnapshotMarkRow.target == DeliveredEventRow.target,
+                            SnapshotMarkRow.event_id == DeliveredEventRow.event_id,
+                        ),
+                    )
+                    .where(SnapshotMarkRow.target == target, SnapshotMarkRow.sequence_key.in_(chunk))
                 )
-                for row in session.scalars(query)
-            ]
+                for row in rows:
+                    if row.sequence_key is not None:
+                        found[row.sequence_key] = _journal_entry(row)
+        return found
 
     def prune_history(self, before: datetime) -> int:
         """Forget deliveries and webhook ids older than ``before`` (journal retention); rows removed."""
@@ -931,6 +942,23 @@ class Store:
                 select(LeaseRow.holder).where(LeaseRow.scope == scope, LeaseRow.name == name)
             )
             return current == holder
+
+    def renew_lease(self, scope: str, name: str, holder: str, ttl: float) -> bool:
+        """Extend lease ``scope``/``name`` by ``ttl`` seconds from now, only while ``holder`` has it and it
+        has not expired; False when it was lost (another holder may have taken it since)."""
+        now = datetime.now(UTC)
+        statement = (
+            update(LeaseRow)
+            .where(
+                LeaseRow.scope == scope,
+                LeaseRow.name == name,
+                LeaseRow.holder == holder,
+                LeaseRow.expires_at >= now,
+            )
+            .values(expires_at=now + timedelta(seconds=ttl))
+        )
+        with self._transaction() as session:
+            return int(session.execute(statement).rowcount or 0) == 1
 
     def free_lease(self, scope: str, name: str, holder: str) -> None:
         """Give up a lease (only if still ours)."""
@@ -1006,6 +1034,18 @@ class Store:
         )
         with self._transaction() as session:
             session.execute(statement.on_conflict_do_nothing())
+
+
+def _journal_entry(row: DeliveredEventRow) -> JournalEntry:
+    return JournalEntry(
+        id=row.id,
+        target=row.target,
+        event_id=row.event_id,
+        sequence_key=row.sequence_key,
+        occurred_at=row.occurred_at,
+        delivered_at=row.delivered_at,
+        event=row.event,
+    )
 
 
 def _lost_creation_race(error: OperationalError | ProgrammingError | IntegrityError) -> bool:

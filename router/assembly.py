@@ -47,6 +47,7 @@ def broker_settings(config: RouterConfig) -> BrokerSettings:
         queue_type=broker.queue_type,
         prefix=broker.prefix,
         confirm_timeout=broker.confirm_timeout,
+        consumer_timeout=broker.consumer_timeout,
     )
 
 

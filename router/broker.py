@@ -6,6 +6,8 @@ publishing guarantees are defined once:
 - one durable ingress queue per route: ``<prefix>.ingress.<route>``, single-active-consumer;
 - per-target partition queues ``<prefix>.deliver.<target>.<n>``, each with single-active-consumer on
   RabbitMQ so that exactly one consumer at a time sees a partition, which keeps order per sequence key;
+- on RabbitMQ every queue carries ``x-consumer-timeout`` (``broker.consumer_timeout``), the time the
+  delivery worker keeps each message's retries within (see :func:`retry_budget`);
 - one direct exchange ``<prefix>`` routing by queue name;
 - persistent messages published with publisher confirms: ``publish`` returns only once RabbitMQ has
   taken responsibility for the message, which is what lets a source acknowledge upstream.
@@ -28,6 +30,17 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "application/json"
 
 
+DEFAULT_CONSUMER_TIMEOUT = 1800.0
+"""RabbitMQ's default ``consumer_timeout``: how long it lets a delivery go unacknowledged (seconds)."""
+
+
+def retry_budget(consumer_timeout: float, attempt_timeout: float) -> float:
+    """Seconds a partition message may be held while its events are retried in place: the broker's
+    consumer timeout less two attempt timeouts (the attempt in flight when time runs out, with its slow
+    phases) and a twentieth (the store writes that settle the message, and clocks)."""
+    return consumer_timeout - 2 * attempt_timeout - consumer_timeout / 20
+
+
 class BrokerTopologyMismatch(RuntimeError):
     """A router queue exists on the broker with other arguments than the configuration declares."""
 
@@ -44,6 +57,7 @@ class BrokerSettings:
     queue_type: str = "quorum"
     prefix: str = "router"
     confirm_timeout: float = 30.0
+    consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT
 
     @property
     def is_memory(self) -> bool:
@@ -79,7 +93,13 @@ class Topology:
     def _queue_arguments(self) -> dict[str, Any]:
         if self.settings.is_memory:
             return {}
-        return {"x-queue-type": self.settings.queue_type, "x-single-active-consumer": True}
+        # x-consumer-timeout: RabbitMQ 3.12 and later hold the queue's deliveries to the timeout the
+        # delivery worker plans for; earlier versions accept the argument and keep their global one.
+        return {
+            "x-queue-type": self.settings.queue_type,
+            "x-single-active-consumer": True,
+            "x-consumer-timeout": round(self.settings.consumer_timeout * 1000),
+        }
 
     def ingress_name(self, route: str) -> str:
         return f"{self.settings.prefix}.ingress.{route}"
@@ -126,8 +146,9 @@ class Topology:
                     raise
                 raise BrokerTopologyMismatch(
                     f"{error}. A queue of this router exists with other settings than routes.yaml asks for "
-                    "(was broker.queue_type changed?): drain and delete the old queues, or use another "
-                    "broker.prefix"
+                    "(was broker.queue_type or broker.consumer_timeout changed, or were the queues made "
+                    "by a router that did not set x-consumer-timeout?): drain and delete the old queues, "
+                    "or use another broker.prefix"
                 ) from None
 
 

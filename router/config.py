@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import io
 import json
+import math
 import os
 import re
 import types
@@ -35,6 +36,7 @@ from pydantic import (
 from canonical.events import EVENT_MODELS, EVENT_TYPES
 from connectors.signatures import secret_key
 from ops.secrets import redact, register_config_secrets
+from router.broker import DEFAULT_CONSUMER_TIMEOUT, retry_budget
 from router.config_source import ConfigDocument, ConfigError, ConfigPath, ConfigProblem, read_document
 from router.config_types import Duration, Rate, Size
 from transforms.filters import EventPredicate
@@ -76,6 +78,9 @@ class BrokerConfig(_Section):
     prefix: str = "router"
     prefetch: int = Field(4, ge=1, le=1000)
     confirm_timeout: Duration = 30.0
+    consumer_timeout: Duration = Field(DEFAULT_CONSUMER_TIMEOUT, gt=0)
+    """RabbitMQ's consumer_timeout for the router's queues (declared as x-consumer-timeout): how long a
+    message may stay unacknowledged; every target's retries must fit in it."""
 
     @field_validator("url")
     @classmethod
@@ -162,7 +167,8 @@ class RetryConfig(_Section):
     attempts: int = Field(10, ge=1)
     initial: Duration = 0.5
     max: Duration = 60.0
-    max_age: Duration = 3600.0
+    max_age: Duration = 1500.0
+    """25 minutes: within RabbitMQ's default 30-minute consumer timeout (see ``_check_retry_fits``)."""
 
 
 class BatchConfig(_Section):
@@ -659,6 +665,7 @@ def _check_semantics(document: ConfigDocument, config: RouterConfig) -> None:
         _check_route(document, config, route, at, lookups)
     used = {rule.target for route in config.enabled_routes for rule in route.deliver}
     for name, target in config.targets.items():
+        _check_retry_fits(document, config.broker, name, target)
         if name in used and isinstance(target, SftpTargetConfig):
             _check_known_hosts(document, config, target, ("targets", name, "known_hosts"))
 
@@ -733,6 +740,42 @@ def _check_route(
                     document.problem((*at, "source", key), f"{expression!r} is not valid JMESPath: {error}")
     if isinstance(source, SftpSourceConfig):
         _check_known_hosts(document, config, source, (*at, "source", "known_hosts"))
+
+
+def _check_retry_fits(document: ConfigDocument, broker: BrokerConfig, name: str, target: _TargetBase) -> None:
+    """A target's retries in place must end before RabbitMQ's consumer timeout closes the channel of the
+    message being retried (another process would then start on the same key)."""
+    budget = retry_budget(broker.consumer_timeout, target.timeout)
+    timeout, consumer_timeout = _duration(target.timeout), _duration(broker.consumer_timeout)
+    if budget <= 0:
+        document.problem(
+            ("targets", name, "timeout"),
+            f"targets.{name}.timeout {timeout} leaves no time to retry within broker.consumer_timeout "
+            f"{consumer_timeout}; lower the timeout or raise the broker's consumer_timeout (rabbitmq.conf) "
+            "and broker.consumer_timeout with it",
+        )
+    elif target.retry.max_age > budget:
+        document.problem(
+            ("targets", name, "retry", "max_age"),
+            f"targets.{name}.retry.max_age {_duration(target.retry.max_age)} outlives "
+            f"broker.consumer_timeout {consumer_timeout}: RabbitMQ would close the channel of a message "
+            f"still retrying and another process would start on its key; set max_age to at most "
+            f"{_duration(_whole_minutes(budget))} (consumer_timeout less twice the timeout {timeout} and a "
+            "twentieth), or raise the broker's consumer_timeout (rabbitmq.conf) and broker.consumer_timeout",
+        )
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as routes.yaml writes a duration: ``1h``, ``25m``, ``90s``, ``1.5s``."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _whole_minutes(seconds: float) -> float:
+    """``seconds`` rounded down to whole minutes (whole seconds when under a minute)."""
+    return 60 * math.floor(seconds / 60) if seconds >= 60 else math.floor(seconds)
 
 
 def _check_known_hosts(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,9 @@ from kombu.message import Message
 
 log = logging.getLogger(__name__)
 
+DRAIN_POLL = 0.001
+"""Seconds a fetch waits for more once the socket looks empty."""
+
 
 class BufferedConsumer:
     """Consumes ``queues`` with a per-consumer prefetch and hands messages out in arrival order."""
@@ -25,6 +29,11 @@ class BufferedConsumer:
     def __init__(self, connection: Connection, queues: Sequence[Queue], prefetch: int) -> None:
         self._connection = connection
         self._buffer: deque[Message] = deque()
+        self._drained_at = time.monotonic()
+        self.sent_after = self._drained_at
+        """A moment (monotonic) before which the broker sent none of the messages of the last fetch:
+        the last time the socket was read empty before them. A message's consumer timeout runs from
+        when the broker sent it, which may be well before the worker reads it."""
         self._channel = connection.channel()
         self._consumer = Consumer(
             self._channel,
@@ -36,10 +45,20 @@ class BufferedConsumer:
         self._consumer.consume()
 
     def fetch(self, timeout: float) -> list[Message]:
-        """Messages that arrived, waiting up to ``timeout`` seconds when none are buffered."""
+        """Every message that arrived, waiting up to ``timeout`` seconds when none are buffered."""
+        self.sent_after = self._drained_at
         if not self._buffer:
             with contextlib.suppress(TimeoutError):
                 self._connection.drain_events(timeout=timeout)
+        # Read what else the broker has sent (up to the prefetch), so none of it waits unseen in the
+        # socket while these are handled; the moment the socket is found empty bounds what comes next.
+        while True:
+            empty_since = time.monotonic()
+            try:
+                self._connection.drain_events(timeout=DRAIN_POLL)
+            except TimeoutError:
+                self._drained_at = empty_since
+                break
         messages = list(self._buffer)
         self._buffer.clear()
         return messages

@@ -8,7 +8,9 @@ Replaying a letter depends on where it failed:
 - ingress: the rejected file moves from the errors folder back to the inbox.
 
 `router replay` re-sends journalled events to a target's partition queues in journal order with a
-header that lets them past the delivered-events ledger and the stale-snapshot guard.
+header that lets them past the delivered-events ledger. Replayed stock snapshots still pass the stale
+guard like live ones, and each key's replay ends on its newest snapshot (:func:`newest_last`), so a
+replay during live traffic never leaves a target on an older level.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from router import assembly
 from router.broker import Publisher, Topology, publisher
 from router.config import RouterConfig
 from router.pipeline import validation_detail
-from router.workers import MALFORMED_MESSAGE, REPLAY_HEADER
+from router.workers import MALFORMED_MESSAGE, REPLAY_HEADER, SNAPSHOT_TYPE
 
 REPLAY_MESSAGE_EVENTS = 200
 
@@ -257,12 +259,15 @@ class Replayer:
     def history(
         self, target: str, *, since: datetime, until: datetime | None = None, sequence_key: str | None = None
     ) -> list[JournalEntry]:
-        """The journal of ``target`` (delivered_at in [since, until)), in the order it was delivered."""
+        """What to re-send to ``target``: its journal (delivered_at in [since, until)) in delivery order,
+        with each key's stock snapshots ending on the newest one applied (see :func:`newest_last`)."""
         if target not in self.config.targets:
             raise ReplayError(
                 f"no target named {target!r}; the configuration has: {', '.join(self.config.targets)}"
             )
-        return self.store.journal(target, since=since, until=until, sequence_key=sequence_key)
+        entries = self.store.journal(target, since=since, until=until, sequence_key=sequence_key)
+        keys = {entry.sequence_key for entry in entries if _is_snapshot(entry) and entry.sequence_key}
+        return newest_last(entries, self.store.newest_snapshots(target, keys))
 
     def resend(
         self,
@@ -304,6 +309,47 @@ def _meanwhile(change: StatusChange) -> str:
     """Why an action on a letter lost to another one: what was done to it since it was read, by whom."""
     done = "replayed (handed back to the router)" if change.status == "parked" else change.status
     return " ".join(part for part in ("it was", done, change.by, "meanwhile") if part)
+
+
+def _is_snapshot(entry: JournalEntry) -> bool:
+    return entry.event.get("type") == SNAPSHOT_TYPE
+
+
+def newest_last(entries: Sequence[JournalEntry], newest: Mapping[str, JournalEntry]) -> list[JournalEntry]:
+    """The replay rule for stock snapshots: a key's snapshots older than its newest applied one
+    (``newest``, the snapshot mark) are left out, since that level supersedes them, and when the
+    window does not end on the newest one it is re-sent after the key's other events, so the last
+    level the restored target applies is the newest known."""
+    kept: list[JournalEntry] = []
+    last_snapshot: dict[str, str] = {}
+    for entry in entries:
+        key = entry.sequence_key
+        mark = newest.get(key) if key is not None and _is_snapshot(entry) else None
+        if key is None or mark is None:
+            kept.append(entry)
+            continue
+        if _older(entry, mark):
+            continue
+        kept.append(entry)
+        last_snapshot[key] = entry.event_id
+    for key, mark in newest.items():
+        if last_snapshot.get(key) != mark.event_id:
+            kept.append(mark)
+    return kept
+
+
+def _older(entry: JournalEntry, mark: JournalEntry) -> bool:
+    if entry.occurred_at is None or mark.occurred_at is None:
+        return False
+    return entry.occurred_at < mark.occurred_at
+
+
+def _not_replayable(letter: DeadLetter) -> str:
+    if letter.reason == MALFORMED_MESSAGE:
+        return "it holds a queue message the router could not read, not a record: see `show`, then discard"
+    if letter.status == "parked":
+        return "it is parked behind an earlier dead letter of its key; replay or discard that one"
+    return f"it is already {letter.status}"
 
 
 def _checked_event(letter: DeadLetter, payload: dict[str, Any]) -> dict[str, Any]:

@@ -6,10 +6,15 @@ confirmed on the delivery queues and its failures stored as dead letters; the de
 partition message after each of its events was delivered, skipped (already delivered, stale snapshot),
 dead-lettered or parked. Anything unacknowledged when a process dies or drains returns to its queue.
 
-Delivery rules per target: an event recorded as delivered is not sent again (effectively-once); a
-stock.snapshot older than the newest applied for its key is skipped; a key with an open dead letter
-is parked (later events wait as ``parked`` letters) until the letter is replayed or discarded, when
-the worker releases the key's parked events in order.
+Delivery rules per target: an event recorded as delivered is not sent again (effectively-once) unless a
+history replay re-sends it; a stock.snapshot older than the newest applied for its key is skipped,
+replayed or not; a key with an open dead letter is parked (later events wait as ``parked`` letters)
+until the letter is replayed or discarded, when the worker releases the key's parked events in order.
+
+Retrying in place never outlives the broker's patience: the messages in hand are acked before RabbitMQ's
+consumer timeout (``broker.consumer_timeout``) would close the channel. No attempt starts later than
+:func:`router.broker.retry_budget` after the oldest was sent; an event still failing then, and the
+events after it in those messages, become dead letters (reason ``max_age``) and park their keys.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from typing import Any
 from kombu.message import Message
 
 from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget, batch_idempotency_key
+from deadletter.leases import HeldLease
 from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, lease_holder, occurred_at_of
 from ops import metrics
-from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
+from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, retry_budget
 from router.consumer import BufferedConsumer, run_reconnecting
 from router.pipeline import RoutePipeline, TransformResult, check_chunk, chunk_failures
 from transforms.lookups import Lookup, LookupTableError
@@ -39,13 +45,15 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT = 0.25
 MALFORMED_MESSAGE = "malformed_message"
 """Dead-letter reason of a whole queue message the router cannot read: kept to inspect, not to replay."""
-# Set by `router replay` on re-sent journal events: they bypass the ledger and the stale guard, which
-# would otherwise refuse exactly the events a restored target needs again.
+# Set by `router replay` on re-sent journal events: they bypass the ledger, which would otherwise refuse
+# exactly the events a restored target needs again. They do not bypass the stale guard: a replayed
+# snapshot older than one applied since (live traffic goes on during a replay) would roll stock back.
 REPLAY_HEADER = "x-router-replay"
 RELEASE_ACTOR = "router"
 PRUNE_INTERVAL = 300.0
-# A release lease outlives one event's longest delivery (max_age, the last timeout) by this much.
-LEASE_MARGIN = 60.0
+RELEASE_LEASE_TTL = 30.0
+"""Seconds a parked-key release lease lasts unless renewed (every third of it while the key is released):
+a process that crashed mid-release holds the key this long at most."""
 SNAPSHOT_TYPE = "stock.snapshot"
 
 
@@ -181,23 +189,24 @@ def _raw_text(message: Message) -> Any:
 
 @dataclass(frozen=True)
 class InboundBatch:
-    """A partition message with its decoded events, when it arrived (for ``max_wait``), and whether it
-    is a history replay."""
+    """A partition message with its decoded events, when it arrived (for ``max_wait``), a moment before
+    the broker sent it (its consumer timeout runs from then), and whether it is a history replay."""
 
     message: Message
     events: list[dict[str, Any]]
     received: float
+    held_since: float
     replay: bool = False
 
     @classmethod
-    def of(cls, message: Message) -> InboundBatch:
+    def of(cls, message: Message, held_since: float) -> InboundBatch:
         """Decode a partition message; raises ValueError when it is not a list of routed events."""
         replay = bool((message.headers or {}).get(REPLAY_HEADER))
         events = decode_body(message.body)["events"]
         for event in events:
             if not isinstance(event.get("event_id"), str) or not isinstance(event["source"]["route"], str):
                 raise ValueError("an event lacks its event_id or source route")
-        return cls(message, events, time.monotonic(), replay)
+        return cls(message, events, time.monotonic(), held_since, replay)
 
 
 @dataclass(frozen=True)
@@ -212,6 +221,7 @@ class DeliverySettings:
     prefetch: int = 4
     journal_retention: float = 7 * 86400.0
     release_interval: float = 1.0
+    lease_ttl: float = RELEASE_LEASE_TTL
 
 
 def _lag_seconds(event: Mapping[str, Any], now: datetime) -> float | None:
@@ -224,6 +234,7 @@ class _BatchRun:
     """One pass over a batch: what the store said about it and the decisions taken so far."""
 
     state: DeliveryState
+    deadline: float | None = None
     parked: list[dict[str, Any]] = field(default_factory=list)
     duplicates: int = 0
 
@@ -241,7 +252,7 @@ class _BatchRun:
         occurred = occurred_at_of(event)
         if event.get("type") == SNAPSHOT_TYPE and key is not None and occurred is not None:
             newest = state.snapshot_marks.get(key)
-            if newest is not None and occurred < newest and not replay:
+            if newest is not None and occurred < newest:
                 return "stale"
             if newest is None or occurred > newest:
                 state.snapshot_marks[key] = occurred
@@ -270,6 +281,7 @@ class DeliveryWorker:
         self._store = store
         self._stop = stop
         self._holder = lease_holder()
+        self._retry_budget = retry_budget(broker.consumer_timeout, target.settings.timeout)
         self._next_release = 0.0
         self._next_prune = 0.0
 
@@ -286,7 +298,7 @@ class DeliveryWorker:
                 while not self._stop.is_set():
                     timeout = FETCH_TIMEOUT if not pending else 0.01
                     for message in consumer.fetch(timeout):
-                        inbound = self._inbound(message)
+                        inbound = self._inbound(message, consumer.sent_after)
                         if inbound is not None:
                             pending.append(inbound)
                     if pending and self._should_flush(pending):
@@ -295,10 +307,10 @@ class DeliveryWorker:
             finally:
                 consumer.close()
 
-    def _inbound(self, message: Message) -> InboundBatch | None:
+    def _inbound(self, message: Message, held_since: float) -> InboundBatch | None:
         """The message's events; a message that is not a batch of events becomes a dead letter (acked)."""
         try:
-            return InboundBatch.of(message)
+            return InboundBatch.of(message, held_since)
         except (ValueError, KeyError, TypeError) as error:
             target = self.settings.target
             detail = f"partition message for {target} is not a batch of events: {error!r}"
@@ -347,7 +359,10 @@ class DeliveryWorker:
         for item in pending:
             events.extend((event, item.replay) for event in item.events)
             ends.append(len(events))
-        done = self._deliver_events(events)
+        deadline = None
+        if not self._broker.is_memory:
+            deadline = min(item.held_since for item in pending) + self._retry_budget
+        done = self._deliver_events(events, deadline)
         unacked: list[InboundBatch] = []
         for item, end in zip(pending, ends, strict=True):
             if end <= done:
@@ -356,10 +371,11 @@ class DeliveryWorker:
                 unacked.append(item)
         return unacked
 
-    def _deliver_events(self, events: Sequence[tuple[dict[str, Any], bool]]) -> int:
-        """Resolve events in order; returns how many were resolved before an interruption."""
+    def _deliver_events(self, events: Sequence[tuple[dict[str, Any], bool]], deadline: float | None) -> int:
+        """Resolve events in order, starting no attempt after ``deadline``; returns how many were resolved
+        before an interruption."""
         target = self.settings.target
-        run = _BatchRun(self._store.delivery_state(target, [event for event, _ in events]))
+        run = _BatchRun(self._store.delivery_state(target, [event for event, _ in events]), deadline)
         size = self.settings.batch_max_events or 1
         group: list[dict[str, Any]] = []
         group_start = 0
@@ -406,8 +422,15 @@ class DeliveryWorker:
         )
         run.parked = []
 
-    def _send(self, group: Sequence[dict[str, Any]]) -> DeliveryResult:
-        """One request's worth of events to the target, retried in place."""
+    def _send(
+        self,
+        group: Sequence[dict[str, Any]],
+        stop: threading.Event | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> DeliveryResult:
+        """One request's worth of events to the target, retried in place until done, ``deadline`` (no
+        attempt starts after it) or ``stop`` (default: the worker's drain)."""
         as_batch = self.settings.batch_max_events is not None
         try:
             payload, content_type = self._renderer.render(group, as_batch)
@@ -416,13 +439,26 @@ class DeliveryWorker:
             return DeliveryResult(DeliveryOutcome.permanent, 0, None, str(error), "render")
         key = batch_idempotency_key([e["event_id"] for e in group]) if as_batch else group[0]["event_id"]
         started = time.monotonic()
-        result = self._target.deliver(payload, content_type, key, stop=self._stop)
+        result = self._target.deliver(payload, content_type, key, stop=stop or self._stop, deadline=deadline)
         metrics.DELIVERY_SECONDS.labels(target=self.settings.target).observe(time.monotonic() - started)
         return result
 
+    def _send_in_time(self, run: _BatchRun, group: Sequence[dict[str, Any]]) -> DeliveryResult:
+        """``_send`` within the run's deadline; once it passed, nothing is sent: the messages in hand
+        were held as long as the broker allows, so their remaining events are given up (dead letters,
+        reason ``max_age``) for the operator to replay, rather than the broker closing the channel."""
+        if run.deadline is None or time.monotonic() < run.deadline:
+            return self._send(group, deadline=run.deadline)
+        detail = (
+            "not sent: the queue message holding it was held as long as the broker's consumer timeout "
+            f"({self._broker.consumer_timeout:g}s) allows while earlier events were retried; "
+            "replay it once the target answers"
+        )
+        return DeliveryResult(DeliveryOutcome.retries_exhausted, 0, None, detail, "max_age")
+
     def _deliver_group(self, run: _BatchRun, group: Sequence[dict[str, Any]]) -> bool:
         """Deliver one request's worth of events; False when interrupted by a drain."""
-        result = self._send(group)
+        result = self._send_in_time(run, group)
         if result.outcome is DeliveryOutcome.interrupted:
             return False
         if result.outcome is DeliveryOutcome.delivered:
@@ -435,7 +471,7 @@ class DeliveryWorker:
                 if event.get("sequence_key") in run.state.blocked:
                     run.parked.append(event)
                     continue
-                single = self._send([event])
+                single = self._send_in_time(run, [event])
                 if single.outcome is DeliveryOutcome.interrupted:
                     return False
                 if single.outcome is DeliveryOutcome.delivered:
@@ -519,34 +555,41 @@ class DeliveryWorker:
     def _release_key(self, key: str) -> None:
         """Release one key under a lease, so two processes never send the same parked event.
 
-        Parked events go in the target's micro-batches; a batch the target refuses is retried one event
-        at a time, so only the event it really refuses becomes the key's dead letter again.
+        The lease is renewed in the background while the key's events go out; when it is lost (another
+        process may have the key now) or the worker drains, the release stops before the next request,
+        and a retry in progress ends at once. Parked events go in the target's micro-batches; a batch the
+        target refuses is retried one event at a time, so only the event it really refuses becomes the
+        key's dead letter again.
         """
         target = self.settings.target
-        scope = f"release:{target}"
-        ttl = self._target.settings.retry.max_age + self._target.settings.timeout + LEASE_MARGIN
+        lease = HeldLease.take(
+            self._store, f"release:{target}", key, self._holder, self.settings.lease_ttl, stop=self._stop
+        )
+        if lease is None:
+            return
         size = self.settings.batch_max_events or 1
         released: list[dict[str, Any]] = []
-        try:
-            while self._store.claim_lease(scope, key, self._holder, ttl):
-                letters = self._store.releasable_letters(target, key, limit=max(size, 100))
-                if not letters:
-                    return
-                for start in range(0, len(letters), size):
-                    # Renew the lease before each request: one request may take up to max_age.
-                    if self._stop.is_set() or not self._store.claim_lease(scope, key, self._holder, ttl):
+        with lease:
+            try:
+                while lease.held:
+                    letters = self._store.releasable_letters(target, key, limit=max(size, 100))
+                    if not letters:
                         return
-                    if not self._release_group(letters[start : start + size], released):
-                        return
-        finally:
-            self._store.free_lease(scope, key, self._holder)
-            if released:
-                log.info("released %d parked event(s) of one key at %s", len(released), target)
-                self._update_open_gauges(released)
+                    for start in range(0, len(letters), size):
+                        group = letters[start : start + size]
+                        if not lease.held or not self._release_group(group, released, lease.cancel):
+                            return
+            finally:
+                if released:
+                    log.info("released %d parked event(s) of one key at %s", len(released), target)
+                    self._update_open_gauges(released)
 
-    def _release_group(self, letters: Sequence[DeadLetter], released: list[dict[str, Any]]) -> bool:
-        """Send parked letters as one request; False when the key must stop (refused again, or a drain)."""
-        result = self._send([letter.payload for letter in letters])
+    def _release_group(
+        self, letters: Sequence[DeadLetter], released: list[dict[str, Any]], stop: threading.Event
+    ) -> bool:
+        """Send parked letters as one request; False when the key must stop (refused again, the lease
+        lost, or a drain)."""
+        result = self._send([letter.payload for letter in letters], stop)
         if result.outcome is DeliveryOutcome.delivered:
             target = self.settings.target
             for letter in letters:
@@ -555,7 +598,7 @@ class DeliveryWorker:
             self._count_delivered([letter.payload for letter in letters])
             return True
         if result.outcome is DeliveryOutcome.permanent and len(letters) > 1:
-            return all(self._release_group([letter], released) for letter in letters)
+            return all(self._release_group([letter], released, stop) for letter in letters)
         if result.outcome is not DeliveryOutcome.interrupted:
             self._fail_release(letters[0], result)
         return False

@@ -126,7 +126,7 @@ def test_sigterm_while_a_target_is_down_loses_nothing(
     tmp_path: Path, rabbitmq_url: str, rabbitmq_namespace: str
 ) -> None:
     down = SimulatedTarget("erp", TargetBehaviour(fail_first=10**9)).start()
-    patient = {"attempts": 10_000, "initial": "50ms", "max": "200ms", "max_age": "1h"}
+    patient = {"attempts": 10_000, "initial": "50ms", "max": "200ms", "max_age": "25m"}
     config = write_config(
         tmp_path,
         broker_url=rabbitmq_url,

@@ -560,3 +560,48 @@ def test_bad_settings_are_refused_with_a_clear_message(overrides: dict[str, Any]
     with pytest.raises(ValueError, match=rf"route '{ROUTE}': .*") as raised:
         RestPollSettings(**{**options, **overrides})
     assert message in str(raised.value)
+
+
+@dataclass
+class SlowSink(RecordingSink):
+    """A broker that takes ``seconds`` to confirm each chunk: a poll that outlasts the poll lease's ttl."""
+
+    seconds: float = 0.4
+
+    def __call__(self, chunk: SourceChunk) -> None:
+        time.sleep(self.seconds)
+        super().__call__(chunk)
+
+
+def test_a_poll_longer_than_the_lease_ttl_keeps_the_route_from_a_second_router(
+    api: MarketplaceApi, store_url: str, make_source: SourceFactory
+) -> None:
+    three_pages(api)
+    first_sink, second_sink = SlowSink(), RecordingSink()
+    with Store(store_url) as first_store, Store(store_url) as second_store:
+        # Five one-record chunks at 0.4 s each: the first poll lasts 2 s, four times the lease's ttl.
+        first = make_source(first_sink, first_store, poll=0.05, chunk_size=1, lease_ttl=0.5)
+        second = make_source(
+            second_sink, second_store, poll=0.05, lease_ttl=0.5, headers={"X-Poller": "second"}
+        )
+        first_stop, second_stop = threading.Event(), threading.Event()
+        first_thread = threading.Thread(target=first.run, args=(first_stop,), daemon=True)
+        second_thread = threading.Thread(target=second.run, args=(second_stop,), daemon=True)
+        first_thread.start()
+        try:
+            wait_until(lambda: len(api.requests) >= 1, 5.0, "the first router's first page")
+            second_thread.start()
+            wait_until(lambda: len(first_sink.record_ids()) == 5, 10.0, "the first router's long poll")
+            assert second_sink.chunks == []
+            assert [r for r in api.requests if r.headers.get("x-poller") == "second"] == []
+
+            first_stop.set()
+            first_thread.join(timeout=5)
+            api.pages["p3"] = page([stock("C1"), stock("C2")], None)
+            wait_until(lambda: second_sink.record_ids() == ["C2"], 5.0, "the second router taking over")
+        finally:
+            first_stop.set()
+            second_stop.set()
+            first_thread.join(timeout=5)
+            second_thread.join(timeout=5)
+    assert first_sink.record_ids() == ["A1", "A2", "B1", "B2", "C1"]

@@ -27,7 +27,7 @@ targets:
     auth: {bearer: "${ERP_TOKEN:-}"}
     accepts: [delta]
     batch: {max_events: 50, max_wait: 250ms}
-    retry: {attempts: 3, initial: 100ms, max: 2s, max_age: 1h}
+    retry: {attempts: 3, initial: 100ms, max: 2s, max_age: 20m}
 routes:
   - name: pos
     source: {type: file, path: inbox, pattern: "*.csv", stable_for: 2s}
@@ -67,7 +67,7 @@ def test_values_are_typed_and_paths_resolve_against_the_config_folder(tmp_path: 
     config = load_config(_write(tmp_path, VALID), {"ERP_TOKEN": "s3cret"})
     erp = config.targets["erp"]
     assert erp.batch is not None and erp.batch.max_wait == 0.25
-    assert (erp.retry.initial, erp.retry.max, erp.retry.max_age) == (0.1, 2.0, 3600.0)
+    assert (erp.retry.initial, erp.retry.max, erp.retry.max_age) == (0.1, 2.0, 1200.0)
     assert erp.auth is not None and erp.auth.bearer == "s3cret"
     route = config.routes[0]
     assert [rule.target for rule in route.deliver_rules()] == ["erp"]
@@ -334,3 +334,27 @@ def test_http_limits_have_defaults_and_are_validated_at_their_position(tmp_path:
             field,
             problems,
         )
+
+
+def test_a_retry_that_would_outlive_the_brokers_consumer_timeout_is_refused(tmp_path: Path) -> None:
+    broker = 'broker: {url: "${BROKER:-memory://}"'
+    text = VALID.replace("max_age: 20m", "max_age: 1h").replace(broker, broker + ", consumer_timeout: 30m")
+    text = text.replace("    retry:", "    timeout: 15s\n    retry:")
+
+    [problem] = _problems(_write(tmp_path, text))
+
+    assert problem.startswith(f"{tmp_path / 'routes.yaml'}:13:60: targets.erp.retry.max_age 1h outlives ")
+    assert "broker.consumer_timeout 30m" in problem and "set max_age to at most 28m " in problem
+    assert "raise the broker's consumer_timeout (rabbitmq.conf) and broker.consumer_timeout" in problem
+
+
+def test_a_timeout_that_leaves_no_time_to_retry_is_refused(tmp_path: Path) -> None:
+    broker = 'broker: {url: "${BROKER:-memory://}"'
+    text = VALID.replace(broker, broker + ", consumer_timeout: 1m")
+    text = text.replace("    retry:", "    timeout: 30s\n    retry:")
+
+    [problem] = _problems(_write(tmp_path, text))
+
+    assert ":12:14: targets.erp.timeout 30s leaves no time to retry within broker.consumer_timeout 1m" in (
+        problem
+    )

@@ -18,6 +18,7 @@ import pytest
 
 from canonical.ids import partition_for
 from connectors.circuit import CircuitBreaker, CircuitSettings
+from connectors.delivery import AttemptResult, RetryInPlace
 from connectors.http_target import DeliveryOutcome, HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
@@ -174,8 +175,8 @@ def test_a_refused_event_parks_its_key_and_replay_after_the_fix_delivers_it_in_o
         # Released in the target's micro-batches, not one request per parked event.
         released = ["A-2", "A-3", "A-4", "A-5"]
         assert any([event["event_id"] for event in r.events] == released for r in rig.target.requests)
-    # A letter is marked replayed once its delivery is recorded, just after the target answered.
-    wait_until(lambda: len(_letters(rig.store, "replayed")) == 4, 10, "the released letters marked replayed")
+    # The target answers before the worker records the release: wait for the store, not the target.
+    wait_until(lambda: len(_letters(rig.store, "replayed")) == 4, 10, "the released letters recorded")
     assert _letters(rig.store, "replayed") == ["A-2", "A-3", "A-4", "A-5"]
     assert rig.store.count_open() == 0
     rig.publish([sale("A", 6)])
@@ -241,14 +242,18 @@ def test_an_older_stock_snapshot_is_skipped_and_counted(rig: Rig) -> None:
 def test_a_history_replay_resends_delivered_events_with_the_same_ids(rig: Rig) -> None:
     events = [snapshot("A", 1, minute=1), snapshot("A", 2, minute=2), sale("B", 1)]
     rig.publish(events)
-    wait_until(lambda: len(rig.received()) == 3, 10, "3 events")
-    journal = rig.store.journal("erp", since=T0 - timedelta(days=3650))
+    since = T0 - timedelta(days=3650)
+    # The target answers before the worker records the delivery: wait for the journal, not the target.
+    wait_until(lambda: len(rig.store.journal("erp", since=since)) == 3, 10, "3 events journalled")
+    journal = rig.store.journal("erp", since=since)
 
     rig.publish([entry.event for entry in journal], replay=True)
-    wait_until(lambda: len(rig.received()) == 6, 10, "3 events re-sent")
+    wait_until(lambda: len(rig.received()) == 5, 10, "2 events re-sent")
+    time.sleep(0.2)
 
-    assert sorted(rig.received()[3:]) == ["A-1", "A-2", "B-1"]
-    assert rig.received("A")[2:] == ["A-1", "A-2"]  # old snapshots go again, in order
+    assert sorted(rig.received()[3:]) == ["A-2", "B-1"]
+    # A-1 is older than the level applied since (A-2): replayed or not, it would roll stock back.
+    assert rig.received("A")[2:] == ["A-2"]
     assert len(rig.store.journal("erp", since=T0 - timedelta(days=3650))) == 3
 
 
@@ -306,3 +311,62 @@ def test_bad_circuit_settings_are_refused() -> None:
         CircuitSettings(failures=0)
     with pytest.raises(ValueError, match="cooldown must be a non-negative number of seconds"):
         CircuitSettings(cooldown=-1)
+
+
+def test_no_attempt_starts_after_the_deadline_and_the_delivery_ends_as_max_age() -> None:
+    """Retry in place bounded by the broker's consumer timeout: a clock that only moves when it waits."""
+    now = [0.0]
+    started: list[float] = []
+
+    def sleep(seconds: float, _: threading.Event | None) -> bool:
+        now[0] += seconds
+        return False
+
+    def attempt() -> AttemptResult:
+        started.append(now[0])
+        now[0] += 1.0  # each failing attempt takes a second
+        return AttemptResult("retry", 503, "HTTP 503 from erp")
+
+    policy = RetryPolicy(attempts=1000, initial=2.0, max_delay=2.0, max_age=600.0)
+    circuit = CircuitBreaker("erp", CircuitSettings(failures=1000, cooldown=1.0), clock=lambda: now[0])
+    retrying = RetryInPlace("erp", policy, circuit, sleep=sleep, clock=lambda: now[0])
+
+    result = retrying.deliver(attempt, deadline=30.0)
+
+    assert result.outcome is DeliveryOutcome.retries_exhausted and result.reason == "max_age"
+    assert max(started) <= 30.0 and now[0] <= 31.0  # well within max_age: the deadline came first
+    assert "held as long as the broker's consumer timeout allows" in result.detail
+
+
+def test_a_release_that_loses_its_lease_stops_before_the_next_request(tmp_path: Path) -> None:
+    """Another process took the key (this one's lease ran out): the parked events left stay parked for it."""
+
+    def slow(_: Any) -> bool:
+        time.sleep(0.2)  # each request takes a while; the release outlasts several renewals
+        return False
+
+    with (
+        SimulatedTarget("erp", TargetBehaviour(reject=slow)) as target,
+        Store(f"sqlite:///{tmp_path / 'state.db'}") as store,
+    ):
+        client = HttpTarget(HttpTargetSettings(name="erp", url=f"{target.url}/inventory", timeout=5))
+        settings = DeliverySettings(
+            target="erp", partitions=1, batch_max_events=None, batch_max_wait=0.05, lease_ttl=0.6
+        )
+        broker = BrokerSettings(url="memory://", prefix=f"t{uuid.uuid4().hex[:8]}")
+        worker = DeliveryWorker(broker, settings, client, PayloadRenderer(), store, threading.Event())
+        letters = [sale("A", n) for n in range(1, 21)]
+        store.add_dead_letters([worker._letter(event, "parked", "waiting") for event in letters])
+        releasing = threading.Thread(target=worker.release_parked, daemon=True)
+        releasing.start()
+        wait_until(lambda: len(target.events) >= 2, 10, "the release under way")
+        store.free_lease("release:erp", "A", worker._holder)  # its lease ran out and ...
+        assert store.claim_lease("release:erp", "A", "another-router", 60)  # ... another router took it
+        releasing.join(10)
+        client.close()
+
+        sent = [event["event_id"] for event in target.events]
+        assert not releasing.is_alive() and 2 <= len(sent) < 10
+        assert sent == [f"A-{n}" for n in range(1, len(sent) + 1)]
+        assert _letters(store, "parked") == [f"A-{n}" for n in range(len(sent) + 1, 21)]
+        assert _letters(store, "dead") == []

@@ -414,6 +414,20 @@ def test_snapshot_marks_only_move_forward(store: Store) -> None:
     assert store.delivery_state("erp", [_event("s4", "A", 30)]).snapshot_marks["A"].minute == 30
 
 
+def test_the_newest_snapshot_per_key_comes_from_the_journal_of_its_target(store: Store) -> None:
+    store.record_deliveries(
+        "erp", [_event("s1", "A", 10, "stock.snapshot"), _event("s2", "A", 20, "stock.snapshot")]
+    )
+    store.record_deliveries("erp", [_event("b1", "B", 5, "stock.snapshot"), _event("x", "C", 50)])
+    store.record_deliveries("wms", [_event("w1", "A", 40, "stock.snapshot")])
+
+    newest = store.newest_snapshots("erp", ["A", "B", "C", "D"])
+
+    assert {key: entry.event_id for key, entry in newest.items()} == {"A": "s2", "B": "b1"}
+    assert newest["A"].event["event_id"] == "s2" and newest["A"].occurred_at is not None
+    assert newest["A"].occurred_at.minute == 20
+
+
 def _delivery_letter(key: str, event_id: str, status: str = "dead", target: str = "erp") -> NewDeadLetter:
     return NewDeadLetter(
         route="pos-sales",
