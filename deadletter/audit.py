@@ -109,9 +109,7 @@ class ChainReport:
         }
 
 
-def record_hash(
-    *, at: datetime, actor: str, action: str, subject: str, detail: Any, prev_hash: str
-) -> str:
+def record_hash(*, at: datetime, actor: str, action: str, subject: str, detail: Any, prev_hash: str) -> str:
     """SHA-256 (hex) of a record's canonical serialisation chained to ``prev_hash``."""
     if at.tzinfo is None:
         raise ValueError(f"audit time {at.isoformat()} has no timezone; the chain hashes UTC instants")
@@ -275,9 +273,7 @@ class AuditChain:
         # An UPDATE, not SELECT ... FOR UPDATE: SQLite has no row locks, and a write is what takes its
         # database lock (the driver opens the transaction before the first write).
         session.execute(
-            update(AuditChainRow)
-            .where(AuditChainRow.id == HEAD_ID)
-            .values(last_hash=AuditChainRow.last_hash)
+            update(AuditChainRow).where(AuditChainRow.id == HEAD_ID).values(last_hash=AuditChainRow.last_hash)
         )
         head = session.scalar(select(AuditChainRow.last_hash).where(AuditChainRow.id == HEAD_ID))
         if head is None:
@@ -291,12 +287,13 @@ class AuditChain:
         """Create the chain head on a store's first open, chaining rows from before the chain; returns
         how many such rows were anchored (0 when the chain already existed or there were none)."""
         insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
-        created = session.execute(
+        created = session.connection().execute(
             insert(AuditChainRow)
             .values(id=HEAD_ID, last_hash=GENESIS, started_at=datetime.now(UTC))
             .on_conflict_do_nothing()
+            .returning(AuditChainRow.id)
         )
-        if not getattr(created, "rowcount", 0):
+        if created.first() is None:
             return 0
         legacy = list(session.scalars(select(AuditRow).where(AuditRow.hash.is_(None)).order_by(AuditRow.id)))
         head = GENESIS
