@@ -6,7 +6,9 @@ A record's hash is SHA-256 over the canonical JSON (sorted keys, no spaces, UTF-
 ``GENESIS``. The id is left out on purpose: ids are the order verify walks, so a moved record shows
 as moved rather than as changed. The head of the chain (the last hash) lives in the one-row table
 ``audit_chain``; every append first updates that row, which on PostgreSQL locks it until commit and
-on SQLite takes the database's write lock, so two writers never chain from the same head.
+on SQLite takes the database's write lock, so two writers never chain from the same head. Records
+are chained as the session flushes them, so they must be added as ``AuditRow`` objects
+(``session.add``); a Core INSERT bypasses the chain and verify reports its row as inserted.
 
 Rows written before the chain existed are chained once, in id order, when a chain-aware router first
 opens the store (the "anchor", itself recorded as an ``audit.anchored`` record): from then on they are
