@@ -6,6 +6,8 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deadletter.audit import GENESIS, BreakKind, ChainLink, find_break, record_hash
 
@@ -115,3 +117,32 @@ def test_a_changed_record_comes_before_its_broken_link() -> None:
     changed = replace(links[1], content_ok=False)
     broken = find_break([links[0], changed, links[2]], links[-1].hash)
     assert broken is not None and (broken.kind, broken.record) == (BreakKind.CONTENT_CHANGED, changed)
+
+
+@given(size=st.integers(2, 12), data=st.data())
+def test_any_single_deletion_swap_or_change_is_found_at_its_place(size: int, data: st.DataObject) -> None:
+    links = _chain(size)
+    head = links[-1].hash
+    first = data.draw(st.integers(0, size - 1), label="first")
+    tamper = data.draw(st.sampled_from(["delete", "swap", "change"]), label="tamper")
+    if tamper == "swap" and first == size - 1:
+        tamper = "change"
+
+    if tamper == "delete":
+        broken = find_break([*links[:first], *links[first + 1 :]], head)
+        named = links[first + 1] if first + 1 < size else links[first - 1]
+        assert broken is not None and (broken.kind, broken.record) == (BreakKind.DELETED, named)
+    elif tamper == "swap":
+        second = data.draw(st.integers(first + 1, size - 1), label="second")
+        moved = list(links)
+        moved[first], moved[second] = moved[second], moved[first]
+        broken = find_break(moved, head)
+        assert broken is not None and (broken.kind, broken.record) == (BreakKind.REORDERED, links[second])
+    else:
+        changed = list(links)
+        changed[first] = replace(links[first], content_ok=False)
+        broken = find_break(changed, head)
+        assert broken is not None and (broken.kind, broken.record) == (
+            BreakKind.CONTENT_CHANGED,
+            changed[first],
+        )
