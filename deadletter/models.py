@@ -1,5 +1,6 @@
-"""Tables of the store (SQLAlchemy 2 typed ORM): dead letters, audit trail, source cursors, the
-delivered-events ledger and journal, snapshot marks, release leases on parked keys and webhook ids.
+"""Tables of the store (SQLAlchemy 2 typed ORM): dead letters, audit trail and its chain head, source
+cursors, the delivered-events ledger and journal, snapshot marks, release leases on parked keys and
+webhook ids.
 
 Each concern has its own table, created by the same ``create_all`` on open.
 """
@@ -84,6 +85,20 @@ class AuditRow(StoreBase):
     action: Mapped[str] = mapped_column(String(100))
     subject: Mapped[str] = mapped_column(String(300))
     detail: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)
+    # The hash chain (deadletter.audit): None only on rows of a store from before the chain, until
+    # the store is opened by a router that chains them.
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditChainRow(StoreBase):
+    """The head of the audit hash chain: one row, locked by every append so the chain cannot fork."""
+
+    __tablename__ = "audit_chain"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_hash: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class SourceCursorRow(StoreBase):

@@ -36,6 +36,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, Operationa
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from deadletter.audit import AuditChain, ChainReport, add_chain_columns
 from deadletter.models import (
     AuditRow,
     DeadLetterRow,
@@ -347,8 +348,12 @@ class Store:
         self._lock: AbstractContextManager[Any] = nullcontext()
         self._engine = self._create_engine()
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        self._audit_chain = AuditChain(_dumps)
+        self._audit_chain.install(self._sessions)
         try:
             self._create_tables()
+            with self._transaction() as session:
+                self._audit_chain.start(session, default_actor())
         except OperationalError as error:
             self._engine.dispose()
             raise StoreUnavailable(f"store {_redacted(self.url)} unreachable: {error.orig}") from error
@@ -400,6 +405,7 @@ class Store:
                     if self.schema is not None:
                         connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
                     StoreBase.metadata.create_all(connection)
+                    add_chain_columns(connection)
                 return
             except (OperationalError, ProgrammingError, IntegrityError) as error:
                 if attempt == CREATE_TABLES_ATTEMPTS or not _lost_creation_race(error):
@@ -716,6 +722,11 @@ class Store:
                 )
                 for r in session.scalars(query)
             ]
+
+    def verify_audit(self) -> ChainReport:
+        """Check the audit trail's hash chain (``router audit verify``); names the first broken record."""
+        with self._transaction() as session:
+            return self._audit_chain.verify(session)
 
     def get_cursor(self, name: str) -> str | None:
         """The last position a polling source saved under ``name``, or None before its first run."""

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from ops.logging import configure_logging
 from ops.secrets import redact
+from router.audit_cli import audit
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import find_config_path
 from router.deadletter_cli import deadletter, replay_history
@@ -157,6 +158,7 @@ def status(config_path: str | None, as_json: bool) -> None:
 
 main.add_command(deadletter)
 main.add_command(replay_history)
+main.add_command(audit)
 
 
 if __name__ == "__main__":
