@@ -1,20 +1,131 @@
 """Publishing a complete local file as chunks of raw records: shared by the file and SFTP sources.
 
-Two streaming passes: the first hashes the content and checks the whole file parses (so a broken
-file is rejected before anything of it is published), the second publishes chunks of at most
-``chunk_size`` records. Memory holds one chunk at a time whatever the file size.
+Two streaming passes: the first hashes the content and checks the whole file parses and can be carried
+by the broker (so a broken file is rejected before anything of it is published), the second publishes
+chunks of at most ``chunk_size`` records. Memory holds one chunk at a time whatever the file size.
+
+Also here, because both sources need them: when a dropped file counts as complete (:class:`Readiness`),
+why a whole file is refused (:class:`Refusal`), and how a file name that is not UTF-8 is shown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
+from itertools import islice
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from connectors.chunks import ChunkSink, SourceChunk, batched
-from transforms.parsers import CsvDialect, check_file, iter_records
+from transforms.parsers import CsvDialect, FileFormatError, RawRecord, iter_records
 
 HASH_BLOCK = 1 << 20
+DEFAULT_MARKER = "{name}.done"
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+"""How source files are opened: never through a symbolic link (ELOOP), never blocking on a FIFO."""
+_JSON_ESCAPE = re.compile(rb"\\(?:u([0-9A-Fa-f]{4})|.)", re.DOTALL)
+_LOW_SURROGATE = re.compile(rb"\\u[dD][c-fC-F][0-9A-Fa-f]{2}")
+
+
+class ReadySignal(StrEnum):
+    """How a source tells that a dropped file is complete."""
+
+    stable = "stable"
+    """Size and mtime unchanged for ``stable_for``: a guess, wrong for a writer that pauses longer."""
+    marker = "marker"
+    """A marker file (``{name}.done``) exists: the writer creates it once the file is complete."""
+    rename = "rename"
+    """The name matches ``pattern``: the writer uses another name until done, then renames."""
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """A route's ``source.ready``: the signal, and for ``marker`` the marker's name template."""
+
+    signal: ReadySignal = ReadySignal.stable
+    marker: str = DEFAULT_MARKER
+
+    @classmethod
+    def parse(cls, value: object) -> Readiness:
+        """Read ``stable``, ``rename``, ``marker``, ``{marker: TEMPLATE}`` or a bare ``TEMPLATE``."""
+        if isinstance(value, dict) and set(value) == {"marker"}:
+            return cls(ReadySignal.marker, _marker_template(value["marker"]))
+        if isinstance(value, str) and value in ReadySignal.__members__:
+            return cls(ReadySignal(value))
+        if isinstance(value, str) and "{" in value:
+            return cls(ReadySignal.marker, _marker_template(value))
+        raise ValueError(
+            f'ready must be stable, rename, marker or {{marker: "{DEFAULT_MARKER}"}}, not {value!r}'
+        )
+
+    def marker_for(self, name: str) -> str:
+        """The marker file's name for the data file ``name``."""
+        return self.marker.format(name=name, stem=os.path.splitext(name)[0])
+
+    @property
+    def waits(self) -> bool:
+        """Whether completeness is only guessed from the file standing still (``stable``)."""
+        return self.signal is ReadySignal.stable
+
+
+def _marker_template(template: object) -> str:
+    if not isinstance(template, str) or not template:
+        raise ValueError(f"ready.marker must be a file name template such as {DEFAULT_MARKER!r}")
+    if "/" in template or "\\" in template:
+        raise ValueError(f"ready.marker {template!r} must be a name in the same folder, without '/'")
+    try:
+        example = template.format(name="a.csv", stem="a")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(
+            f"ready.marker {template!r} may only use {{name}} (the file's name) and {{stem}} (without "
+            "its extension)"
+        ) from None
+    if example == template:
+        raise ValueError(f"ready.marker {template!r} must contain {{name}} or {{stem}}")
+    if example in ("a.csv", "a", ".", ".."):
+        raise ValueError(f"ready.marker {template!r} must name another file than the data file")
+    return template
+
+
+class Refusal(StrEnum):
+    """Why a whole file went to the errors folder: the dead letter's reason category."""
+
+    parse = "parse"
+    link = "link"
+    file_name = "file_name"
+    changed = "changed"
+
+
+class FileRefused(FileFormatError):
+    """A file refused as a whole for another reason than its syntax; ``refusal`` says which."""
+
+    def __init__(
+        self, name: str, line: int | None, column: int | None, reason: str, refusal: Refusal
+    ) -> None:
+        super().__init__(name, line, column, reason)
+        self.refusal = refusal
+
+
+def refusal_of(error: FileFormatError) -> Refusal:
+    """The reason category of a file's rejection."""
+    return error.refusal if isinstance(error, FileRefused) else Refusal.parse
+
+
+def printable(name: str) -> str:
+    """``name`` fit for logs, dead letters and the broker: bytes that are not UTF-8 shown as ``\\xff``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a file name (as the OS gave it) is valid UTF-8, so it can travel in messages."""
+    return printable(name) == name
 
 
 @dataclass(frozen=True)
@@ -32,38 +143,182 @@ class FileParsing:
 
 @dataclass
 class FileProgress:
-    """Filled in as a file is published, so a caller knows how far it got when publishing failed."""
+    """Filled in as a file is published, so a caller knows how far it got when publishing failed.
+
+    ``sha256`` is the file's identity (part of every event id): the hash of its first ``size`` bytes
+    when it was first published. ``records`` is how many the last check found, ``published`` how many
+    the broker confirmed, in ``chunks`` chunks.
+    """
 
     sha256: str = ""
+    size: int | None = None
     records: int = 0
+    published: int = 0
     chunks: int = 0
 
 
-def file_sha256(path: Path) -> str:
-    """Content hash of a file, read in blocks; part of every event id derived from the file."""
+class _Prefix(io.RawIOBase):
+    """The first ``limit`` bytes of a binary file."""
+
+    def __init__(self, raw: BinaryIO, limit: int) -> None:
+        self._raw = raw
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            return 0
+        view = memoryview(buffer)[: self._left]
+        count = self._raw.readinto(view)
+        self._left -= count
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def open_prefix(path: Path, size: int | None = None) -> Iterator[BinaryIO]:
+    """Open ``path`` for reading, never through a symbolic link; only its first ``size`` bytes if given."""
+    raw = os.fdopen(os.open(path, READ_FLAGS), "rb")
+    stream: BinaryIO = raw if size is None else io.BufferedReader(_Prefix(raw, size))  # type: ignore[arg-type]
+    with stream:
+        yield stream
+
+
+def file_sha256(path: Path, size: int | None = None) -> str:
+    """Content hash of a file (or of its first ``size`` bytes), read in blocks; part of every event id."""
     digest = hashlib.sha256()
-    with path.open("rb") as stream:
+    with open_prefix(path, size) as stream:
         while block := stream.read(HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
 
 
+def _lone_surrogates(stream: BinaryIO, name: str) -> None:
+    """Refuse JSON text with a ``\\uD800``-``\\uDFFF`` escape not part of a pair: no character has it.
+
+    Checked on the raw text, block by block, because the parsers disagree: one keeps it (and the
+    broker cannot encode it), another silently turns it into ``?``, a third fails with an unrelated
+    error.
+    """
+    line, line_start, base, paired_low = 1, 0, 0, -1
+    buffer = b""
+    while True:
+        block = stream.read(HASH_BLOCK)
+        buffer += block
+        cut: int | None = None
+        for escape in _JSON_ESCAPE.finditer(buffer):
+            if block and escape.end() + 6 > len(buffer):
+                cut = escape.start()  # its pair may be in the next block: judge it then
+                break
+            code = int(escape.group(1), 16) if escape.group(1) else 0
+            if not 0xD800 <= code <= 0xDFFF:
+                continue
+            if code < 0xDC00 and _LOW_SURROGATE.match(buffer, escape.end()):
+                paired_low = base + escape.end()
+                continue
+            if code >= 0xDC00 and base + escape.start() == paired_low:
+                continue
+            newline = buffer.rfind(b"\n", 0, escape.start())
+            column = escape.start() - newline if newline >= 0 else base + escape.start() - line_start + 1
+            raise FileFormatError(
+                name,
+                line + buffer.count(b"\n", 0, escape.start()),
+                column,
+                f"the escape {escape.group().decode()} is half of a UTF-16 surrogate pair without its other "
+                "half, so it is no character and cannot be published (fix or re-export the file)",
+            )
+        if cut is None:
+            cut = len(buffer) - 1 if block and buffer.endswith(b"\\") else len(buffer)
+        line += buffer.count(b"\n", 0, cut)
+        newline = buffer.rfind(b"\n", 0, cut)
+        if newline >= 0:
+            line_start = base + newline + 1
+        base += cut
+        buffer = buffer[cut:]
+        if not block:
+            return
+
+
+def _unencodable(value: Any, where: str = "the record") -> str | None:
+    """Where ``value`` holds text UTF-8 cannot carry (a lone surrogate), or None when it is all fine."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return f"{where} holds {value[error.start]!a}, which UTF-8 cannot encode"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unencodable(str(key), f"a field name in {where}") or _unencodable(item, f"field {key!r}")
+            if found:
+                return found
+    if isinstance(value, list):
+        for position, item in enumerate(value):
+            found = _unencodable(item, f"item {position} of {where}")
+            if found:
+                return found
+    return None
+
+
+def _check_record(record: RawRecord, name: str) -> None:
+    """Refuse a record the broker could not carry (its JSON encoding must be UTF-8)."""
+    try:
+        json.dumps(record.data, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        where = _unencodable(record.data) or "the record holds text UTF-8 cannot encode"
+        raise FileFormatError(
+            name, record.line, None, f"record {record.number}: {where}; the file cannot be published"
+        ) from None
+
+
+def _check(path: Path, parsing: FileParsing, name: str, size: int | None, checked: int) -> int:
+    """Read the file once: the number of records, or FileFormatError when it cannot all be published."""
+    dialect = {"csv_delimiter": parsing.csv.delimiter, "encoding": parsing.csv.encoding}
+    if parsing.format in ("json", "jsonl"):
+        with open_prefix(path, size) as stream:
+            _lone_surrogates(stream, name)
+    count = 0
+    with open_prefix(path, size) as stream:
+        for record in iter_records(stream, parsing.format, parsing.records, name, **dialect):  # type: ignore[arg-type]
+            count += 1
+            if count > checked:
+                _check_record(record, name)
+    return count
+
+
 def publish_file(
-    path: Path, parsing: FileParsing, sink: ChunkSink, progress: FileProgress, *, name: str | None = None
+    path: Path,
+    parsing: FileParsing,
+    sink: ChunkSink,
+    progress: FileProgress,
+    *,
+    name: str | None = None,
+    size: int | None = None,
 ) -> FileProgress:
     """Check, then publish ``path`` chunk by chunk; every chunk is confirmed when this returns.
 
-    ``name`` is the file's name as the upstream knows it (defaults to the local name). Raises
+    ``name`` is the file's name as the upstream knows it (defaults to the local name); ``size`` reads
+    only the first bytes (a file its writer may still append to). A ``progress`` from an earlier call
+    on a shorter prefix of the same file continues it: the file keeps the identity it was first
+    published under and only the records after those already confirmed are published. Raises
     :class:`transforms.parsers.FileFormatError` before publishing anything when the file does not
-    parse, and whatever the sink raises when the broker does not confirm.
+    parse or cannot be carried, and whatever the sink raises when the broker does not confirm.
     """
     name = name or path.name
-    progress.sha256 = file_sha256(path)
+    if not progress.sha256:
+        progress.sha256 = file_sha256(path, size)
+        progress.size = size
+    progress.records = _check(path, parsing, name, size, progress.published)
     dialect = {"csv_delimiter": parsing.csv.delimiter, "encoding": parsing.csv.encoding}
-    progress.records = check_file(path, parsing.format, parsing.records, **dialect)
-    with path.open("rb") as stream:
-        records = iter_records(stream, parsing.format, parsing.records, name, **dialect)
-        for number, batch in enumerate(batched(records, parsing.chunk_size), start=1):
+    with open_prefix(path, size) as stream:
+        records = iter_records(stream, parsing.format, parsing.records, name, **dialect)  # type: ignore[arg-type]
+        for batch in batched(islice(records, progress.published, None), parsing.chunk_size):
+            number = progress.chunks + 1
             sink(
                 SourceChunk(
                     route=parsing.route,
@@ -75,4 +330,5 @@ def publish_file(
                 )
             )
             progress.chunks = number
+            progress.published += len(batch)
     return progress

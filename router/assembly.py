@@ -97,6 +97,7 @@ def file_drop_settings(config: RouterConfig, route: RouteConfig) -> FileDropSett
         records=route.records,
         chunk_size=route.chunk_size,
         csv=csv_dialect(route),
+        ready=source.readiness,
     )
 
 
@@ -256,4 +257,5 @@ def sftp_settings(config: RouterConfig, route: RouteConfig) -> SftpSettings:
         poll=source.poll,
         stable_for=source.stable_for,
         csv=csv_dialect(route),
+        ready=source.readiness,
     )
