@@ -1,0 +1,68 @@
+"""A POS file whose writer pauses longer than stable_for: the real `router run`, RabbitMQ, an HTTP target."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.simulated import SimulatedTarget
+from tests.integration.harness import STORES, RouterProcess, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+
+STABLE_FOR = 0.5
+PAUSE = 0.8  # longer than stable_for: the router takes the file while its writer still holds it
+
+
+def _row(n: int) -> dict[str, str]:
+    stores = list(STORES)
+    return {
+        "TXN": f"T{n:07d}",
+        "SKU": "SKU-001",  # one key, so the target must see the rows in file order
+        "STORE": stores[0],
+        "QTY": str(n),
+        "SOLD_AT": f"2026-11-24 09:00:{n:02d}",
+    }
+
+
+def _with_source(config: Path, **source: Any) -> None:
+    document = json.loads(config.read_text(encoding="utf-8"))
+    document["routes"][0]["source"].update(source)
+    config.write_text(json.dumps(document, indent=2), encoding="utf-8")
+
+
+def test_rows_a_pausing_writer_appends_after_the_file_was_taken_all_reach_the_target_in_order(
+    tmp_path: Path, rabbitmq_url: str, rabbitmq_namespace: str
+) -> None:
+    with SimulatedTarget("erp") as erp:
+        config = write_config(
+            tmp_path, broker_url=rabbitmq_url, prefix=rabbitmq_namespace, targets={"erp": erp.url}
+        )
+        _with_source(config, stable_for=f"{int(STABLE_FOR * 1000)}ms")
+        with RouterProcess(config) as router:
+            path = tmp_path / "inbox" / "pos-grow.csv"
+            with path.open("w", newline="", encoding="utf-8") as handle:  # held open, as a POS export is
+                writer = csv.DictWriter(handle, ["TXN", "SKU", "STORE", "QTY", "SOLD_AT"])
+                writer.writeheader()
+                writer.writerows([_row(1), _row(2)])
+                handle.flush()
+                for batch in range(3):
+                    time.sleep(PAUSE)
+                    writer.writerows([_row(3 + 2 * batch), _row(4 + 2 * batch)])
+                    handle.flush()
+            wait_until(lambda: len(erp.events) >= 8, 60, "all 8 rows at the ERP")
+            wait_until(lambda: (tmp_path / "archive" / "pos-grow.csv").exists(), 30, "the file archived")
+            assert router.terminate() == 0, router.output()
+
+    transactions = [event["transaction_id"] for event in erp.events]
+    assert transactions == [f"T{n:07d}" for n in range(1, 9)], transactions
+    assert len({event["event_id"] for event in erp.events}) == 8
+    assert "grew after it was taken" in router.output()
+    assert "archived: 8 records" in router.output()
+    archived = (tmp_path / "archive" / "pos-grow.csv").read_text(encoding="utf-8").splitlines()
+    assert len(archived) == 9
