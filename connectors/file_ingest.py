@@ -113,6 +113,23 @@ class FileRefused(FileFormatError):
         self.refusal = refusal
 
 
+def link_refused(name: str) -> FileRefused:
+    """The refusal of a symbolic link found where a file was expected."""
+    return FileRefused(name, None, None, "is a symbolic link; links are never followed", Refusal.link)
+
+
+def changed_refused(name: str, published: int, what: str) -> FileRefused:
+    """The refusal of a file that changed otherwise than by appending after part of it was published."""
+    return FileRefused(
+        name,
+        None,
+        None,
+        f"the file changed after it was taken: {what}; records 1-{published} of it were published, the "
+        "rest not. Ask its writer for a ready signal (marker or rename), then for the rest",
+        Refusal.changed,
+    )
+
+
 def refusal_of(error: FileFormatError) -> Refusal:
     """The reason category of a file's rejection."""
     return error.refusal if isinstance(error, FileRefused) else Refusal.parse

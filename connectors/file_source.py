@@ -53,8 +53,10 @@ from connectors.file_ingest import (
     Readiness,
     ReadySignal,
     Refusal,
+    changed_refused,
     file_sha256,
     is_utf8,
+    link_refused,
     printable,
     publish_file,
 )
@@ -237,15 +239,12 @@ class FileDropSource:
             except FileNotFoundError:
                 continue  # claimed by another process between listing and stat
             if stat.S_ISLNK(status.st_mode):
-                refused.append(
-                    self._refuse_unread(path, Refusal.link, "is a symbolic link; links are never followed")
-                )
+                refused.append(self._reject(path, link_refused(printable(entry.name))))
             elif not is_utf8(entry.name):
+                what = "the file name is not valid UTF-8, so no message can carry it"
                 refused.append(
-                    self._refuse_unread(
-                        path,
-                        Refusal.file_name,
-                        "the file name is not valid UTF-8, so no message can carry it",
+                    self._reject(
+                        path, FileRefused(printable(entry.name), None, None, what, Refusal.file_name)
                     )
                 )
             elif (
@@ -310,7 +309,7 @@ class FileDropSource:
             if error.errno != errno.ELOOP:
                 raise
             # A link swapped in after the listing: move it aside, still unread.
-            return self._refuse_unread(claimed, Refusal.link, "is a symbolic link; links are never followed")
+            return self._reject(claimed, link_refused(printable(claimed.name)))
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             status = os.fstat(handle.fileno())
@@ -488,20 +487,8 @@ class FileDropSource:
         )
 
     def _changed(self, claim: _Claim, what: str) -> FileResult:
-        published = claim.progress.published
-        error = FileRefused(
-            printable(claim.name),
-            None,
-            None,
-            f"the file changed after it was taken: {what}; records 1-{published} of it were published, "
-            "the rest not. Ask its writer for a ready signal (marker or rename), then re-export the rest",
-            Refusal.changed,
-        )
+        error = changed_refused(printable(claim.name), claim.progress.published, what)
         return self._reject(claim.path, error, claim)
-
-    def _refuse_unread(self, path: Path, refusal: Refusal, what: str) -> FileResult:
-        """Move an entry to errors without opening it, saying why."""
-        return self._reject(path, FileRefused(printable(path.name), None, None, what, refusal))
 
     def _reject(self, path: Path, error: FileFormatError, claim: _Claim | None = None) -> FileResult:
         if claim is not None:
