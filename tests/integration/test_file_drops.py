@@ -1,17 +1,19 @@
-"""A POS file whose writer pauses longer than stable_for: the real `router run`, RabbitMQ, an HTTP target."""
+"""Hard file drops against the real `router run`: a writer that pauses, links, names no message can carry."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from deadletter.store import Store
 from router.simulated import SimulatedTarget
-from tests.integration.harness import STORES, RouterProcess, wait_until, write_config
+from tests.integration.harness import STORES, RouterProcess, wait_until, write_config, write_pos_file
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +68,38 @@ def test_rows_a_pausing_writer_appends_after_the_file_was_taken_all_reach_the_ta
     assert "archived: 8 records" in router.output()
     archived = (tmp_path / "archive" / "pos-grow.csv").read_text(encoding="utf-8").splitlines()
     assert len(archived) == 9
+
+
+def test_a_link_and_a_name_that_is_not_utf8_end_in_errors_with_a_dead_letter_each_and_nothing_leaks(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n", encoding="utf-8")
+    with SimulatedTarget("erp") as erp:
+        config = write_config(tmp_path, broker_url="memory://", prefix="router", targets={"erp": erp.url})
+        (tmp_path / "inbox" / "x.csv").symlink_to(secret)
+        write_pos_file(Path(os.fsdecode(os.fsencode(tmp_path / "inbox") + b"/\xff-sales.csv")), 3)
+        write_pos_file(tmp_path / "inbox" / "good.csv", 2)
+        with RouterProcess(config) as router:
+            wait_until(lambda: len(erp.events) >= 2, 30, "the good file's events")
+            wait_until(lambda: len(_letters(tmp_path)) >= 2, 30, "two dead letters")
+            time.sleep(0.5)  # a few more polls: a refused entry must not come back
+            assert router.terminate() == 0, router.output()
+
+    letters = {letter.reason: letter for letter in _letters(tmp_path)}
+    assert sorted(letters) == ["file_name", "link"] and len(_letters(tmp_path)) == 2
+    assert "x.csv" in letters["link"].detail and "symbolic link" in letters["link"].detail
+    assert "\\xff-sales.csv" in letters["file_name"].detail
+    assert all("root:" not in letter.detail + json.dumps(letter.payload) for letter in letters.values())
+    assert (tmp_path / "errors" / "x.csv").is_symlink()
+    assert os.path.exists(os.fsencode(tmp_path / "errors") + b"/\xff-sales.csv")
+    assert {event["source"]["file"] for event in erp.events} == {"good.csv"}
+    assert "root:" not in router.output()
+
+
+def _letters(folder: Path) -> list:
+    store = Store(f"sqlite:///{folder / 'state.db'}")
+    try:
+        return store.list_dead_letters()
+    finally:
+        store.close()
