@@ -282,14 +282,22 @@ def _unencodable(value: Any, where: str = "the record") -> str | None:
     return None
 
 
-def _check_record(record: RawRecord, name: str) -> None:
-    """Refuse a record the broker could not carry (its JSON encoding must be UTF-8)."""
+def _check_carried(records: list[RawRecord], name: str) -> None:
+    """Refuse records the broker could not carry: their JSON must encode as UTF-8.
+
+    One encoding per batch keeps the check cheap; the record at fault is looked for only on failure.
+    """
     try:
-        json.dumps(record.data, ensure_ascii=False, default=str).encode("utf-8")
+        json.dumps([record.data for record in records], ensure_ascii=False, default=str).encode("utf-8")
     except UnicodeEncodeError:
-        where = _unencodable(record.data) or "the record holds text UTF-8 cannot encode"
+        for record in records:
+            where = _unencodable(record.data)
+            if where is not None:
+                raise FileFormatError(
+                    name, record.line, None, f"record {record.number}: {where}; the file cannot be published"
+                ) from None
         raise FileFormatError(
-            name, record.line, None, f"record {record.number}: {where}; the file cannot be published"
+            name, None, None, "text UTF-8 cannot encode; the file cannot be published"
         ) from None
 
 
@@ -301,10 +309,11 @@ def _check(path: Path, parsing: FileParsing, name: str, size: int | None, checke
             _lone_surrogates(stream, name)
     count = 0
     with open_prefix(path, size) as stream:
-        for record in iter_records(stream, parsing.format, parsing.records, name, **dialect):  # type: ignore[arg-type]
-            count += 1
+        records = iter_records(stream, parsing.format, parsing.records, name, **dialect)  # type: ignore[arg-type]
+        for batch in batched(records, parsing.chunk_size):
+            count += len(batch)
             if count > checked:
-                _check_record(record, name)
+                _check_carried(batch, name)
     return count
 
 
