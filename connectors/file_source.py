@@ -145,6 +145,8 @@ class _Claim:
     watch: float
     quiet_since: float
     published_to: int = 0
+    published_sha256: str = ""
+    """Hash of the bytes published so far: a change to them is a rewrite, not an append."""
 
     @property
     def name(self) -> str:
@@ -360,8 +362,6 @@ class FileDropSource:
         if end <= claim.published_to and not (final and size == 0):
             return None
         progress = claim.progress
-        if progress.sha256 and file_sha256(claim.path, progress.size) != progress.sha256:
-            return self._changed(claim, "its beginning was rewritten")
         if not progress.sha256:
             progress.sha256, progress.size = file_sha256(claim.path, end), end
             self._keep_identity(claim)
@@ -370,6 +370,7 @@ class FileDropSource:
         except FileFormatError as error:
             return self._reject(claim.path, error, claim)
         claim.published_to = end
+        claim.published_sha256 = progress.sha256 if end == progress.size else file_sha256(claim.path, end)
         return None
 
     def _keep_identity(self, claim: _Claim) -> None:
@@ -380,9 +381,13 @@ class FileDropSource:
 
     def _grew(self, claim: _Claim, current: _Signature) -> FileResult | None:
         """Note that a claimed file changed; a change other than an append rejects it."""
-        if not current.appended_to(claim.seen):
+        rewritten = claim.published_to > 0 and (
+            file_sha256(claim.path, claim.published_to) != claim.published_sha256
+        )
+        if not current.appended_to(claim.seen) or rewritten:
             return self._changed(
-                claim, f"it was replaced or truncated ({claim.seen.size} -> {current.size} bytes)"
+                claim,
+                f"it was replaced, truncated or rewritten ({claim.seen.size} -> {current.size} bytes)",
             )
         log.warning(
             "file %s grew after it was taken (%d -> %d bytes); publishing what was appended",

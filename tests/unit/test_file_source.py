@@ -410,3 +410,24 @@ def test_text_the_broker_cannot_encode_sends_the_file_to_errors(tmp_path: Path) 
     assert result.outcome is FileOutcome.rejected
     reason = (tmp_path / "errors" / "odd.csv.reason.txt").read_text(encoding="utf-8")
     assert "odd.csv:3: record 2: field 'SKU' holds '\\ud800'" in reason
+
+
+def test_a_watched_file_rewritten_in_place_goes_to_errors_not_to_the_archive(tmp_path: Path) -> None:
+    clock = FakeClock()
+    rejected: list[FileFormatError] = []
+    _drop(tmp_path, "pos-15.csv", SALES)
+    source = FileDropSource(
+        _settings(tmp_path, stable_for=1.0),
+        lambda chunk: None,
+        clock=clock,
+        on_rejected=lambda s, p, e: rejected.append(e),
+    )
+    source.poll_once()
+    claimed = tmp_path / "inbox" / ".processing" / "pos-15.csv"
+    with claimed.open("r+b") as writer:  # same size, other quantities: not an append
+        writer.seek(len("SKU,STORE,QTY\nA,S1,"))
+        writer.write(b"9")
+    clock.now += 0.5
+    [result] = source.poll_once()
+    assert result.outcome is FileOutcome.rejected
+    assert [refusal_of(e) for e in rejected] == [Refusal.changed] and "rewritten" in str(rejected[0])
