@@ -115,7 +115,14 @@ class FileRefused(FileFormatError):
 
 def link_refused(name: str) -> FileRefused:
     """The refusal of a symbolic link found where a file was expected."""
-    return FileRefused(name, None, None, "is a symbolic link; links are never followed", Refusal.link)
+    what = "is a symbolic link; links are never followed"
+    return FileRefused(printable(name), None, None, what, Refusal.link)
+
+
+def name_refused(name: str) -> FileRefused:
+    """The refusal of a file whose name (as the OS or server gave it) is not UTF-8."""
+    what = "the file name is not valid UTF-8, so no message can carry it; rename it"
+    return FileRefused(printable(name), None, None, what, Refusal.file_name)
 
 
 def changed_refused(name: str, published: int, what: str) -> FileRefused:

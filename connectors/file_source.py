@@ -52,11 +52,11 @@ from connectors.file_ingest import (
     FileRefused,
     Readiness,
     ReadySignal,
-    Refusal,
     changed_refused,
     file_sha256,
     is_utf8,
     link_refused,
+    name_refused,
     printable,
     publish_file,
 )
@@ -241,14 +241,9 @@ class FileDropSource:
             except FileNotFoundError:
                 continue  # claimed by another process between listing and stat
             if stat.S_ISLNK(status.st_mode):
-                refused.append(self._reject(path, link_refused(printable(entry.name))))
+                refused.append(self._reject(path, link_refused(entry.name)))
             elif not is_utf8(entry.name):
-                what = "the file name is not valid UTF-8, so no message can carry it"
-                refused.append(
-                    self._reject(
-                        path, FileRefused(printable(entry.name), None, None, what, Refusal.file_name)
-                    )
-                )
+                refused.append(self._reject(path, name_refused(entry.name)))
             elif (
                 stat.S_ISREG(status.st_mode)
                 and entry.name not in markers
@@ -311,7 +306,7 @@ class FileDropSource:
             if error.errno != errno.ELOOP:
                 raise
             # A link swapped in after the listing: move it aside, still unread.
-            return self._reject(claimed, link_refused(printable(claimed.name)))
+            return self._reject(claimed, link_refused(claimed.name))
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             status = os.fstat(handle.fileno())

@@ -40,16 +40,21 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 import paramiko
+from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR, SFTPError
 
 from connectors.chunks import ChunkSink, SourceChunk
 from connectors.file_ingest import (
     FileParsing,
     FileProgress,
+    FileRefused,
     Readiness,
     ReadySignal,
     changed_refused,
     file_sha256,
+    is_utf8,
     link_refused,
+    name_refused,
+    printable,
     publish_file,
 )
 from connectors.file_source import PROCESSING_DIR
@@ -232,9 +237,41 @@ def _stamped(name: str) -> str:
     return f"{path.stem}.{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}{path.suffix}"
 
 
+def _wire(path: str) -> bytes:
+    """A path as the server spells it: a name listed with bytes that are not UTF-8 keeps them."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _listdir(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAttributes]:
+    """The entries of ``folder`` with lstat attributes, like ``listdir_attr``, but a name that is not
+    UTF-8 comes back with its bytes as surrogate escapes instead of failing the whole listing (which
+    would stop every file of the route behind one badly named file)."""
+    kind, message = sftp._request(CMD_OPENDIR, _wire(folder))
+    if kind != CMD_HANDLE:
+        raise SFTPError(f"listing {folder}: expected a handle from the server")
+    handle = message.get_binary()
+    entries: list[paramiko.SFTPAttributes] = []
+    try:
+        while True:
+            try:
+                kind, message = sftp._request(CMD_READDIR, handle)
+            except EOFError:
+                return entries
+            if kind != CMD_NAME:
+                raise SFTPError(f"listing {folder}: expected names from the server")
+            for _ in range(message.get_int()):
+                name = message.get_string().decode("utf-8", "surrogateescape")
+                long_name = message.get_string().decode("utf-8", "replace")
+                attributes = paramiko.SFTPAttributes._from_msg(message, name, long_name)
+                if name not in (".", ".."):
+                    entries.append(attributes)
+    finally:
+        sftp._request(CMD_CLOSE, handle)
+
+
 def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
     try:
-        sftp.lstat(path)
+        sftp.lstat(_wire(path))
     except FileNotFoundError:
         return False
     return True
@@ -259,7 +296,7 @@ def _move(sftp: paramiko.SFTPClient, source: str, folder: str, name: str) -> str
     target = posixpath.join(folder, name)
     if _exists(sftp, target):
         target = posixpath.join(folder, _stamped(name))
-    sftp.rename(source, target)
+    sftp.rename(_wire(source), _wire(target))
     return target
 
 
@@ -309,10 +346,10 @@ class SftpSource:
         try:
             results.extend(self._settle_unsettled(sftp))
             self._return_expired_claims(sftp)
-            ready, links = self._ready_names(sftp)
-            for name in links:
+            ready, refused = self._ready_names(sftp)
+            for name, refusal in refused:
                 source = posixpath.join(self.settings.remote_dir, name)
-                results.append(self._reject(sftp, source, name, link_refused(name)))
+                results.append(self._reject(sftp, source, name, refusal))
             if ready:
                 _ensure_dir(sftp, self.settings.processing_dir)
             for name in ready:
@@ -387,39 +424,50 @@ class SftpSource:
     def _matches(self, entry: paramiko.SFTPAttributes) -> bool:
         return self._named(entry.filename) and stat.S_ISREG(entry.st_mode or 0)
 
-    def _ready_names(self, sftp: paramiko.SFTPClient) -> tuple[list[str], list[str]]:
-        """Names of complete files by the route's ``ready`` signal, oldest first; and of links to refuse."""
+    def _ready_names(self, sftp: paramiko.SFTPClient) -> tuple[list[str], list[tuple[str, FileRefused]]]:
+        """Names of complete files by the route's ``ready`` signal, oldest first; and the entries to
+        refuse unread (links, names that are not UTF-8)."""
         ready = self.settings.ready
         now = self._clock()
-        entries = sftp.listdir_attr(self.settings.remote_dir)
+        entries = _listdir(sftp, self.settings.remote_dir)
         names = {entry.filename for entry in entries}
         markers = {ready.marker_for(name) for name in names} if ready.signal is ReadySignal.marker else set()
         sightings: dict[str, _Sighting] = {}
         complete: list[tuple[int, str]] = []
-        links: list[str] = []
+        refused: list[tuple[str, FileRefused]] = []
         for entry in entries:
-            if self._named(entry.filename) and stat.S_ISLNK(entry.st_mode or 0):
-                links.append(entry.filename)
-            if not self._matches(entry) or entry.filename in markers:
+            name = entry.filename
+            if self._named(name) and stat.S_ISLNK(entry.st_mode or 0):
+                refused.append((name, link_refused(name)))
+            elif self._named(name) and not is_utf8(name):
+                refused.append((name, name_refused(name)))
+            elif name in markers or not self._matches(entry):
                 continue
-            if ready.signal is ReadySignal.stable:
-                signature = (entry.st_size, entry.st_mtime)
-                previous = self._sightings.get(entry.filename)
-                since = previous.since if previous is not None and previous.signature == signature else now
-                sightings[entry.filename] = _Sighting(signature, since)
-                if now - since < self.settings.stable_for:
-                    continue
-            elif ready.signal is ReadySignal.marker and ready.marker_for(entry.filename) not in names:
-                continue
-            complete.append((entry.st_mtime or 0, entry.filename))
+            elif self._complete(entry, names, now, sightings):
+                complete.append((entry.st_mtime or 0, name))
         self._sightings = sightings
-        return [name for _, name in sorted(complete)], links
+        return [name for _, name in sorted(complete)], refused
+
+    def _complete(
+        self, entry: paramiko.SFTPAttributes, names: set[str], now: float, sightings: dict[str, _Sighting]
+    ) -> bool:
+        """Whether a plain file is complete by the route's ``ready`` signal; notes how long it stood still."""
+        ready = self.settings.ready
+        if ready.signal is ReadySignal.marker:
+            return ready.marker_for(entry.filename) in names
+        if ready.signal is ReadySignal.rename:
+            return True
+        signature = (entry.st_size, entry.st_mtime)
+        previous = self._sightings.get(entry.filename)
+        since = previous.since if previous is not None and previous.signature == signature else now
+        sightings[entry.filename] = _Sighting(signature, since)
+        return now - since >= self.settings.stable_for
 
     def _return_expired_claims(self, sftp: paramiko.SFTPClient) -> None:
         """Rename claims whose lease ran out (their router died mid-file) back into remote_dir."""
         settings = self.settings
         try:
-            entries = sftp.listdir_attr(settings.processing_dir)
+            entries = _listdir(sftp, settings.processing_dir)
         except FileNotFoundError:
             return
         now = self._clock()
@@ -575,22 +623,22 @@ class SftpSource:
             if folder:
                 _move(sftp, marker, folder, ready.marker_for(name))
             else:
-                sftp.remove(marker)
+                sftp.remove(_wire(marker))
         except FileNotFoundError:
             return
 
     def _reject(self, sftp: paramiko.SFTPClient, claim: str, name: str, error: FileFormatError) -> SftpResult:
-        """Move a file (a claim, or a link never claimed) to errors with its reason beside it."""
+        """Move a file (a claim, or an entry refused unread) to errors with its reason beside it."""
         settings = self.settings
         moved = _move(sftp, claim, settings.errors_dir, name)
         self._unsettled.pop(claim, None)
         self._move_marker(sftp, name, settings.errors_dir)
-        with sftp.open(f"{moved}.reason.txt", "w") as reason:
+        with sftp.open(_wire(f"{moved}.reason.txt"), "w") as reason:
             reason.write(f"{error}\n")
         log.error(
             "route %s: %s from %s rejected to %s: %s",
-            settings.route, name, settings.address, settings.errors_dir, error,
-            extra={"route": settings.route, "file": name},
+            settings.route, printable(name), settings.address, settings.errors_dir, error,
+            extra={"route": settings.route, "file": printable(name)},
         )
         if self._on_rejected is not None:
             self._on_rejected(settings, moved, error)

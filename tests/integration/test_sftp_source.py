@@ -532,3 +532,32 @@ def test_rows_appended_to_a_claim_while_it_is_published_are_published_before_it_
     assert [r.data["SKU"] for c in sink.chunks for r in c.records] == ["A-100", "B-200", "C-300", "D-400"]
     assert len({c.origin["sha256"] for c in sink.chunks}) == 1
     assert (supplier_dir.parent / "archive" / "asn-0103.csv").read_text().endswith("D-400,DC3,9\n")
+
+
+def test_a_remote_name_that_is_not_utf8_goes_to_errors_and_the_other_files_flow(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    with open(os.fsencode(supplier_dir) + b"/asn-\xff.csv", "wb") as handle:
+        handle.write(ASN.encode())
+    drop(sftp_server, supplier_dir, "asn-0104.csv")
+    rejected: list[FileFormatError] = []
+    sink = RecordingSink()
+    source = SftpSource(
+        settings_for(sftp_server, supplier_dir),
+        sink,
+        on_rejected=lambda settings, moved, error: rejected.append(error),
+    )
+    try:
+        results = source.poll_once()
+        assert source.poll_once() == []
+    finally:
+        source.close()
+
+    assert sorted(r.outcome for r in results) == [SftpOutcome.archived, SftpOutcome.rejected]
+    assert [c.origin["file"] for c in sink.chunks] == ["asn-0104.csv", "asn-0104.csv"]
+    [error] = rejected
+    assert refusal_of(error) is Refusal.file_name and "asn-\\xff.csv" in str(error)
+    errors = os.fsencode(supplier_dir / "errors")
+    assert os.path.exists(errors + b"/asn-\xff.csv")
+    reason = (Path(os.fsdecode(errors + b"/asn-\xff.csv.reason.txt"))).read_text(encoding="utf-8")
+    assert "not valid UTF-8" in reason
