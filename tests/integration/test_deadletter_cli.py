@@ -301,3 +301,23 @@ def test_router_replay_resends_the_journal_in_order_to_the_partition_queues(
     assert [event["event_id"] for event in body["events"]] == ["A-1", "A-2", "A-3"]
     [entry] = store.list_audit("target:erp")
     assert entry.actor == "erin" and entry.detail is not None and entry.detail["events"] == 3
+
+
+@pytest.mark.parametrize(
+    ("reason", "advice"),
+    [("link", "symbolic link, never read"), ("file_name", "not UTF-8"), ("changed", "new event ids")],
+)
+def test_a_refused_file_that_going_back_would_not_fix_stays_in_errors_with_advice(
+    store: Store, config: Path, tmp_path: Path, reason: str, advice: str
+) -> None:
+    refused = tmp_path / "errors" / "pos-0010.csv"
+    refused.write_text("TXN,SKU,STORE,QTY,SOLD_AT\n", encoding="utf-8")
+    letter_id = store.add_dead_letter(
+        route="pos-sales", stage="ingress", reason=reason, detail="refused", payload={"file": str(refused)}
+    )
+
+    result = run(deadletter, config, "replay", str(letter_id))
+
+    assert refused.exists() and not (tmp_path / "inbox" / "pos-0010.csv").exists()
+    assert advice in result.output, result.output
+    assert store.get_dead_letter(letter_id).status == "dead"
