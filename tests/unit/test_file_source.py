@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -340,7 +340,9 @@ def test_a_link_found_among_the_claims_is_refused_not_followed(tmp_path: Path) -
     assert (tmp_path / "errors" / "y.csv").is_symlink()
 
 
-def test_a_file_name_that_is_not_utf8_goes_to_errors_once(tmp_path: Path) -> None:
+def test_a_file_name_that_is_not_utf8_goes_to_errors_once(
+    tmp_path: Path, through_the_broker: Callable[[SourceChunk], None]
+) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     raw = os.path.join(os.fsencode(inbox), b"\xff-sales.csv")
@@ -349,7 +351,7 @@ def test_a_file_name_that_is_not_utf8_goes_to_errors_once(tmp_path: Path) -> Non
     os.utime(raw, (time.time() - 60, time.time() - 60))
     rejected: list[FileFormatError] = []
     source = FileDropSource(
-        _settings(tmp_path), _through_the_broker(tmp_path), on_rejected=lambda s, p, e: rejected.append(e)
+        _settings(tmp_path), through_the_broker, on_rejected=lambda s, p, e: rejected.append(e)
     )
     [result] = source.poll_once()
     assert result.outcome is FileOutcome.rejected
@@ -360,12 +362,16 @@ def test_a_file_name_that_is_not_utf8_goes_to_errors_once(tmp_path: Path) -> Non
     assert source.poll_once() == []
 
 
-def _through_the_broker(tmp_path: Path) -> Callable[[SourceChunk], None]:
+@pytest.fixture
+def through_the_broker(tmp_path: Path) -> Iterator[Callable[[SourceChunk], None]]:
     """A sink publishing through the real broker layer (the embedded transport), as `router run` does."""
-    settings = BrokerSettings(url="memory://", prefix=f"t{tmp_path.name[-12:].replace('_', '')}")
+    settings = BrokerSettings(url="memory://", prefix="t" + tmp_path.name[-12:].replace("_", ""))
     topology = Topology(settings)
-    publisher = IngressPublisher(Publisher(connect(settings), topology), topology)
-    return publisher
+    connection = connect(settings)
+    try:
+        yield IngressPublisher(Publisher(connection, topology), topology)
+    finally:
+        connection.release()
 
 
 @pytest.mark.parametrize(
@@ -377,14 +383,18 @@ def _through_the_broker(tmp_path: Path) -> Callable[[SourceChunk], None]:
     ],
 )
 def test_a_lone_surrogate_sends_the_file_to_errors_instead_of_releasing_it_forever(
-    tmp_path: Path, name: str, content: str, fmt: str, records: str | None, position: str
+    tmp_path: Path,
+    through_the_broker: Callable[[SourceChunk], None],
+    name: str,
+    content: str,
+    fmt: str,
+    records: str | None,
+    position: str,
 ) -> None:
     settings = replace(_settings(tmp_path), pattern="*.json*", format=fmt, records=records)
     _drop(tmp_path, name, content)
     rejected: list[FileFormatError] = []
-    source = FileDropSource(
-        settings, _through_the_broker(tmp_path), on_rejected=lambda s, p, e: rejected.append(e)
-    )
+    source = FileDropSource(settings, through_the_broker, on_rejected=lambda s, p, e: rejected.append(e))
 
     [result] = source.poll_once()
     assert result.outcome is FileOutcome.rejected
@@ -403,10 +413,12 @@ def test_paired_surrogates_and_escaped_backslashes_pass(tmp_path: Path) -> None:
     assert [r.data["SKU"] for c in chunks for r in c.records] == ["\U0001f600", "\\ud800"]
 
 
-def test_text_the_broker_cannot_encode_sends_the_file_to_errors(tmp_path: Path) -> None:
+def test_text_the_broker_cannot_encode_sends_the_file_to_errors(
+    tmp_path: Path, through_the_broker: Callable[[SourceChunk], None]
+) -> None:
     settings = replace(_settings(tmp_path), csv=CsvDialect(encoding="raw_unicode_escape"))
     _drop(tmp_path, "odd.csv", "SKU,STORE,QTY\nA,S1,1\nB\\ud800,S1,2\n")
-    [result] = FileDropSource(settings, _through_the_broker(tmp_path)).poll_once()
+    [result] = FileDropSource(settings, through_the_broker).poll_once()
     assert result.outcome is FileOutcome.rejected
     reason = (tmp_path / "errors" / "odd.csv.reason.txt").read_text(encoding="utf-8")
     assert "odd.csv:3: record 2: field 'SKU' holds '\\ud800'" in reason
