@@ -18,7 +18,10 @@ from tests.integration.harness import STORES, RouterProcess, wait_until, write_c
 pytestmark = pytest.mark.slow
 
 STABLE_FOR = 0.5
-PAUSE = 0.8  # longer than stable_for: the router takes the file while its writer still holds it
+PAUSES = (0.1, 0.6, 1.2)
+"""The writer's pauses after the router took the file: the later ones longer than stable_for, each
+shorter than the watch window then (stable_for, doubled each time the file grew), so the test does
+not depend on how fast the router polls."""
 
 
 def _row(n: int) -> dict[str, str]:
@@ -47,14 +50,17 @@ def test_rows_a_pausing_writer_appends_after_the_file_was_taken_all_reach_the_ta
         )
         _with_source(config, stable_for=f"{int(STABLE_FOR * 1000)}ms")
         with RouterProcess(config) as router:
+            # The writer starts once the router polls, or it could finish before the router first looks.
+            wait_until(lambda: "router running" in router.output(), 60, "the router to start")
             path = tmp_path / "inbox" / "pos-grow.csv"
             with path.open("w", newline="", encoding="utf-8") as handle:  # held open, as a POS export is
                 writer = csv.DictWriter(handle, ["TXN", "SKU", "STORE", "QTY", "SOLD_AT"])
                 writer.writeheader()
                 writer.writerows([_row(1), _row(2)])
                 handle.flush()
-                for batch in range(3):
-                    time.sleep(PAUSE)
+                wait_until(lambda: not path.exists(), 30, "the router to take the file while it is written")
+                for batch, pause in enumerate(PAUSES):
+                    time.sleep(pause)
                     writer.writerows([_row(3 + 2 * batch), _row(4 + 2 * batch)])
                     handle.flush()
             wait_until(lambda: len(erp.events) >= 8, 60, "all 8 rows at the ERP")
