@@ -13,7 +13,7 @@ a broken transfer or an unconfirmed publish renames the claim back so a later po
 
 Links are never followed: the listing is lstat (OpenSSH reads directories with lstat), a symbolic
 link matching the pattern is renamed into ``errors`` as it is, unread, and a claim is checked with
-lstat before it is opened.
+lstat before it is opened. A name that is not UTF-8 goes to ``errors`` too: no message can carry it.
 
 Claim lease: the claimed file's mtime on the server is its lease. The claimer stamps it with its own
 clock just before the rename and re-stamps it every quarter of ``claim_ttl`` while it downloads and
@@ -246,6 +246,8 @@ def _listdir(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAttrib
     """The entries of ``folder`` with lstat attributes, like ``listdir_attr``, but a name that is not
     UTF-8 comes back with its bytes as surrogate escapes instead of failing the whole listing (which
     would stop every file of the route behind one badly named file)."""
+    # paramiko's listdir_attr decodes names strictly and has no bytes variant, so this is its loop
+    # (the same requests and attribute parsing) with a lenient decode.
     kind, message = sftp._request(CMD_OPENDIR, _wire(folder))
     if kind != CMD_HANDLE:
         raise SFTPError(f"listing {folder}: expected a handle from the server")
