@@ -1,11 +1,19 @@
 """SFTP source: suppliers drop ASN and receipt files on an SFTP server and the router takes them from there.
 
-A remote file is taken once its size and mtime stayed the same for ``stable_for`` across polls, claimed
-by an atomic rename into ``<remote_dir>/.processing`` (two routers never ingest it twice), downloaded
-streamed to a local staging file (byte count checked against the server's), published with
-:func:`connectors.file_ingest.publish_file`, and moved to ``archive`` (or deleted) only after the broker
-confirmed every chunk. A file that does not parse goes to ``errors`` with a ``.reason.txt`` beside it;
+A remote file is taken once it is complete by the route's ``ready`` signal: ``stable`` (size and mtime
+the same for ``stable_for`` across polls), ``marker`` (its marker file, ``{name}.done``, is listed) or
+``rename`` (its name matches ``pattern`` at all). It is claimed by an atomic rename into
+``<remote_dir>/.processing`` (two routers never ingest it twice), downloaded streamed to a local
+staging file (byte count checked against the server's), published with
+:func:`connectors.file_ingest.publish_file`, and moved to ``archive`` (or deleted, with its marker)
+only after the broker confirmed every chunk. Bytes appended to the claim while it was published are
+downloaded again and their records published after the others, under the same file identity, before
+the file is moved on. A file that does not parse goes to ``errors`` with a ``.reason.txt`` beside it;
 a broken transfer or an unconfirmed publish renames the claim back so a later poll takes it again.
+
+Links are never followed: the listing is lstat (OpenSSH reads directories with lstat), a symbolic
+link matching the pattern is renamed into ``errors`` as it is, unread, and a claim is checked with
+lstat before it is opened. A name that is not UTF-8 goes to ``errors`` too: no message can carry it.
 
 Claim lease: the claimed file's mtime on the server is its lease. The claimer stamps it with its own
 clock just before the rename and re-stamps it every quarter of ``claim_ttl`` while it downloads and
@@ -32,9 +40,23 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 import paramiko
+from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR, SFTPError
 
 from connectors.chunks import ChunkSink, SourceChunk
-from connectors.file_ingest import FileParsing, FileProgress, publish_file
+from connectors.file_ingest import (
+    FileParsing,
+    FileProgress,
+    FileRefused,
+    Readiness,
+    ReadySignal,
+    changed_refused,
+    file_sha256,
+    is_utf8,
+    link_refused,
+    name_refused,
+    printable,
+    publish_file,
+)
 from connectors.file_source import PROCESSING_DIR
 from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
 from ops import metrics
@@ -75,6 +97,7 @@ class SftpSettings:
     claim_ttl: float = 600.0
     reconnect_max: float = 60.0
     csv: CsvDialect = field(default_factory=CsvDialect)
+    ready: Readiness = field(default_factory=Readiness)
 
     def __post_init__(self) -> None:
         where = f"sftp source of route {self.route!r}"
@@ -204,6 +227,8 @@ class _Sighting:
 class _Unsettled:
     progress: FileProgress = field(default_factory=FileProgress)
     confirmed: bool = False
+    size: int = 0
+    """Bytes of the claim whose records the broker confirmed."""
 
 
 def _stamped(name: str) -> str:
@@ -212,9 +237,43 @@ def _stamped(name: str) -> str:
     return f"{path.stem}.{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}{path.suffix}"
 
 
+def _wire(path: str) -> bytes:
+    """A path as the server spells it: a name listed with bytes that are not UTF-8 keeps them."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _listdir(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAttributes]:
+    """The entries of ``folder`` with lstat attributes, like ``listdir_attr``, but a name that is not
+    UTF-8 comes back with its bytes as surrogate escapes instead of failing the whole listing (which
+    would stop every file of the route behind one badly named file)."""
+    # paramiko's listdir_attr decodes names strictly and has no bytes variant, so this is its loop
+    # (the same requests and attribute parsing) with a lenient decode.
+    kind, message = sftp._request(CMD_OPENDIR, _wire(folder))
+    if kind != CMD_HANDLE:
+        raise SFTPError(f"listing {folder}: expected a handle from the server")
+    handle = message.get_binary()
+    entries: list[paramiko.SFTPAttributes] = []
+    try:
+        while True:
+            try:
+                kind, message = sftp._request(CMD_READDIR, handle)
+            except EOFError:
+                return entries
+            if kind != CMD_NAME:
+                raise SFTPError(f"listing {folder}: expected names from the server")
+            for _ in range(message.get_int()):
+                name = message.get_string().decode("utf-8", "surrogateescape")
+                long_name = message.get_string().decode("utf-8", "replace")
+                attributes = paramiko.SFTPAttributes._from_msg(message, name, long_name)
+                if name not in (".", ".."):
+                    entries.append(attributes)
+    finally:
+        sftp._request(CMD_CLOSE, handle)
+
+
 def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
     try:
-        sftp.stat(path)
+        sftp.lstat(_wire(path))
     except FileNotFoundError:
         return False
     return True
@@ -239,7 +298,7 @@ def _move(sftp: paramiko.SFTPClient, source: str, folder: str, name: str) -> str
     target = posixpath.join(folder, name)
     if _exists(sftp, target):
         target = posixpath.join(folder, _stamped(name))
-    sftp.rename(source, target)
+    sftp.rename(_wire(source), _wire(target))
     return target
 
 
@@ -289,7 +348,10 @@ class SftpSource:
         try:
             results.extend(self._settle_unsettled(sftp))
             self._return_expired_claims(sftp)
-            ready = self._stable_names(sftp)
+            ready, refused = self._ready_names(sftp)
+            for name, refusal in refused:
+                source = posixpath.join(self.settings.remote_dir, name)
+                results.append(self._reject(sftp, source, name, refusal))
             if ready:
                 _ensure_dir(sftp, self.settings.processing_dir)
             for name in ready:
@@ -358,35 +420,56 @@ class SftpSource:
                      settings.route, settings.address, settings.username, extra={"route": settings.route})
         return sftp
 
-    def _matches(self, entry: paramiko.SFTPAttributes) -> bool:
-        return (
-            not entry.filename.startswith(".")
-            and stat.S_ISREG(entry.st_mode or 0)
-            and fnmatch.fnmatchcase(entry.filename, self.settings.pattern)
-        )
+    def _named(self, name: str) -> bool:
+        return not name.startswith(".") and fnmatch.fnmatchcase(name, self.settings.pattern)
 
-    def _stable_names(self, sftp: paramiko.SFTPClient) -> list[str]:
-        """Names of files whose size and mtime did not change for stable_for, oldest first."""
+    def _matches(self, entry: paramiko.SFTPAttributes) -> bool:
+        return self._named(entry.filename) and stat.S_ISREG(entry.st_mode or 0)
+
+    def _ready_names(self, sftp: paramiko.SFTPClient) -> tuple[list[str], list[tuple[str, FileRefused]]]:
+        """Names of complete files by the route's ``ready`` signal, oldest first; and the entries to
+        refuse unread (links, names that are not UTF-8)."""
+        ready = self.settings.ready
         now = self._clock()
+        entries = _listdir(sftp, self.settings.remote_dir)
+        names = {entry.filename for entry in entries}
+        markers = {ready.marker_for(name) for name in names} if ready.signal is ReadySignal.marker else set()
         sightings: dict[str, _Sighting] = {}
-        ready: list[tuple[int, str]] = []
-        for entry in sftp.listdir_attr(self.settings.remote_dir):
-            if not self._matches(entry):
+        complete: list[tuple[int, str]] = []
+        refused: list[tuple[str, FileRefused]] = []
+        for entry in entries:
+            name = entry.filename
+            if self._named(name) and stat.S_ISLNK(entry.st_mode or 0):
+                refused.append((name, link_refused(name)))
+            elif self._named(name) and not is_utf8(name):
+                refused.append((name, name_refused(name)))
+            elif name in markers or not self._matches(entry):
                 continue
-            signature = (entry.st_size, entry.st_mtime)
-            previous = self._sightings.get(entry.filename)
-            since = previous.since if previous is not None and previous.signature == signature else now
-            sightings[entry.filename] = _Sighting(signature, since)
-            if now - since >= self.settings.stable_for:
-                ready.append((entry.st_mtime or 0, entry.filename))
+            elif self._complete(entry, names, now, sightings):
+                complete.append((entry.st_mtime or 0, name))
         self._sightings = sightings
-        return [name for _, name in sorted(ready)]
+        return [name for _, name in sorted(complete)], refused
+
+    def _complete(
+        self, entry: paramiko.SFTPAttributes, names: set[str], now: float, sightings: dict[str, _Sighting]
+    ) -> bool:
+        """Whether a plain file is complete by the route's ``ready`` signal; notes how long it stood still."""
+        ready = self.settings.ready
+        if ready.signal is ReadySignal.marker:
+            return ready.marker_for(entry.filename) in names
+        if ready.signal is ReadySignal.rename:
+            return True
+        signature = (entry.st_size, entry.st_mtime)
+        previous = self._sightings.get(entry.filename)
+        since = previous.since if previous is not None and previous.signature == signature else now
+        sightings[entry.filename] = _Sighting(signature, since)
+        return now - since >= self.settings.stable_for
 
     def _return_expired_claims(self, sftp: paramiko.SFTPClient) -> None:
         """Rename claims whose lease ran out (their router died mid-file) back into remote_dir."""
         settings = self.settings
         try:
-            entries = sftp.listdir_attr(settings.processing_dir)
+            entries = _listdir(sftp, settings.processing_dir)
         except FileNotFoundError:
             return
         now = self._clock()
@@ -412,6 +495,8 @@ class SftpSource:
         claim = posixpath.join(self.settings.processing_dir, name)
         stamp = self._clock()
         try:
+            if stat.S_ISLNK(sftp.lstat(source).st_mode or 0):
+                return None  # became a link since the listing: refused next poll, never stamped through
             # Stamp first: a claim must never show up in .processing already looking expired.
             sftp.utime(source, (int(stamp), int(stamp)))
             sftp.rename(source, claim)
@@ -439,18 +524,46 @@ class SftpSource:
             # The staging copy keeps the remote name, so parse errors name the file the supplier sent.
             local = Path(staging) / name
             try:
-                self._download(sftp, claim, local, lease)
-                publish_file(local, self._parsing, lease.renewing(self._sink), progress, name=name)
+                unsettled.size = size = self._download(sftp, claim, local, lease)
+                publish_file(local, self._parsing, lease.renewing(self._sink), progress, name=name, size=size)
+                unsettled.confirmed = True
+                self._publish_appended(sftp, claim, local, lease, unsettled)
             except FileFormatError as error:
                 return self._reject(sftp, claim, name, error)
             except Exception as error:
                 return self._release(sftp, claim, name, progress, error)
-        unsettled.confirmed = True
         return self._finish(sftp, claim, name, progress)
 
-    def _download(self, sftp: paramiko.SFTPClient, claim: str, local: Path, lease: _ClaimLease) -> None:
-        """Stream ``claim`` into ``local`` window by window; raises unless exactly its size arrived."""
-        expected = sftp.stat(claim).st_size or 0
+    def _publish_appended(
+        self,
+        sftp: paramiko.SFTPClient,
+        claim: str,
+        local: Path,
+        lease: _ClaimLease,
+        unsettled: _Unsettled,
+    ) -> None:
+        """Publish what a writer appended to the claim while it was published, until it stops growing."""
+        name, progress, size = local.name, unsettled.progress, unsettled.size
+        while (grown := sftp.lstat(claim).st_size or 0) != size:
+            if grown < size:
+                raise changed_refused(name, progress.published, f"it was truncated ({size} -> {grown} bytes)")
+            log.warning(
+                "route %s: %s grew after it was taken (%d -> %d bytes); publishing what was appended",
+                self.settings.route, name, size, grown,
+                extra={"route": self.settings.route, "file": name},
+            )
+            size = self._download(sftp, claim, local, lease)
+            if file_sha256(local, progress.size) != progress.sha256:
+                raise changed_refused(name, progress.published, "its beginning was rewritten")
+            publish_file(local, self._parsing, lease.renewing(self._sink), progress, name=name, size=size)
+            unsettled.size = size
+
+    def _download(self, sftp: paramiko.SFTPClient, claim: str, local: Path, lease: _ClaimLease) -> int:
+        """Stream ``claim`` into ``local`` window by window; returns its size, raises unless all arrived."""
+        attributes = sftp.lstat(claim)
+        if stat.S_ISLNK(attributes.st_mode or 0):
+            raise link_refused(posixpath.basename(claim))
+        expected = attributes.st_size or 0
         received = 0
         with sftp.open(claim, "rb") as remote, local.open("wb") as staged:
             for window in range(0, expected, DOWNLOAD_WINDOW):
@@ -461,12 +574,13 @@ class SftpSource:
                     received += len(block)
                 lease.renew_if_due()
         # A size that moved means someone still writes to the file: it must not be ingested half-done.
-        final = sftp.stat(claim).st_size or 0
+        final = sftp.lstat(claim).st_size or 0
         if received != expected or final != expected:
             raise TransferIncomplete(
                 f"download of {claim} from {self.settings.address} incomplete: received {received} bytes, "
                 f"the server reported {expected} before and {final} after the transfer"
             )
+        return expected
 
     def _finish(self, sftp: paramiko.SFTPClient, claim: str, name: str, progress: FileProgress) -> SftpResult:
         """Archive or delete a claim whose every chunk the broker confirmed."""
@@ -479,6 +593,7 @@ class SftpSource:
             sftp.remove(claim)
             outcome = SftpOutcome.deleted
         del self._unsettled[claim]
+        self._move_marker(sftp, name, settings.archive)
         log.info(
             "route %s: %s from %s %s: %d records in %d chunks",
             settings.route, name, settings.address, outcome.value, progress.records, progress.chunks,
@@ -500,16 +615,32 @@ class SftpSource:
         del self._unsettled[claim]
         return SftpResult(name, SftpOutcome.released, progress.records, progress.chunks, str(error), moved)
 
+    def _move_marker(self, sftp: paramiko.SFTPClient, name: str, folder: str | None) -> None:
+        """Move a data file's marker along with it (or delete it with it), when the route uses markers."""
+        ready = self.settings.ready
+        if ready.signal is not ReadySignal.marker:
+            return
+        marker = posixpath.join(self.settings.remote_dir, ready.marker_for(name))
+        try:
+            if folder:
+                _move(sftp, marker, folder, ready.marker_for(name))
+            else:
+                sftp.remove(_wire(marker))
+        except FileNotFoundError:
+            return
+
     def _reject(self, sftp: paramiko.SFTPClient, claim: str, name: str, error: FileFormatError) -> SftpResult:
+        """Move a file (a claim, or an entry refused unread) to errors with its reason beside it."""
         settings = self.settings
         moved = _move(sftp, claim, settings.errors_dir, name)
-        del self._unsettled[claim]
-        with sftp.open(f"{moved}.reason.txt", "w") as reason:
+        self._unsettled.pop(claim, None)
+        self._move_marker(sftp, name, settings.errors_dir)
+        with sftp.open(_wire(f"{moved}.reason.txt"), "w") as reason:
             reason.write(f"{error}\n")
         log.error(
             "route %s: %s from %s rejected to %s: %s",
-            settings.route, name, settings.address, settings.errors_dir, error,
-            extra={"route": settings.route, "file": name},
+            settings.route, printable(name), settings.address, settings.errors_dir, error,
+            extra={"route": settings.route, "file": printable(name)},
         )
         if self._on_rejected is not None:
             self._on_rejected(settings, moved, error)
@@ -524,6 +655,11 @@ class SftpSource:
                 log.warning("route %s: claim %s was taken over by another router while disconnected",
                             self.settings.route, claim, extra={"route": self.settings.route, "file": name})
                 del self._unsettled[claim]
+            elif unsettled.confirmed and (sftp.lstat(claim).st_size or 0) != unsettled.size:
+                # Appended to while the connection was down: what is not published must not be archived.
+                what = "it grew while the server was away"
+                lost = changed_refused(name, unsettled.progress.published, what)
+                results.append(self._reject(sftp, claim, name, lost))
             elif unsettled.confirmed:
                 results.append(self._finish(sftp, claim, name, unsettled.progress))
             else:

@@ -98,6 +98,7 @@ def file_drop_settings(config: RouterConfig, route: RouteConfig) -> FileDropSett
         records=route.records,
         chunk_size=route.chunk_size,
         csv=csv_dialect(route),
+        ready=source.readiness,
     )
 
 
@@ -259,4 +260,5 @@ def sftp_settings(config: RouterConfig, route: RouteConfig) -> SftpSettings:
         poll=source.poll,
         stable_for=source.stable_for,
         csv=csv_dialect(route),
+        ready=source.readiness,
     )

@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from canonical.events import EVENT_MODELS, EVENT_TYPES
+from connectors.file_ingest import Readiness
 from connectors.signatures import secret_key
 from ops.secrets import redact, register_config_secrets
 from router.broker import DEFAULT_CONSUMER_TIMEOUT, retry_budget
@@ -294,24 +295,47 @@ class SftpTargetConfig(_TargetBase, SftpConnection):
 TargetConfig = Annotated[HttpTargetConfig | FileTargetConfig | SftpTargetConfig, Field(discriminator="type")]
 
 
-class FileSourceConfig(_Section):
+class _DropSource(_Section):
+    """What the file and SFTP sources share: which names to take, and when a file counts as complete."""
+
+    pattern: str = "*"
+    ready: Any = "stable"
+    """``stable``, ``rename``, ``marker`` or ``{marker: "{name}.done"}`` (see connectors.file_ingest)."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _in_the_folder(cls, pattern: str) -> str:
+        if not pattern or "/" in pattern or pattern in (".", ".."):
+            raise ValueError(f"pattern {pattern!r} must match file names in the folder, without '/'")
+        return pattern
+
+    @field_validator("ready")
+    @classmethod
+    def _known_signal(cls, ready: Any) -> Any:
+        Readiness.parse(ready)
+        return ready
+
+    @property
+    def readiness(self) -> Readiness:
+        return Readiness.parse(self.ready)
+
+
+class FileSourceConfig(_DropSource):
     """``source: {type: file}``: a local drop folder (POS exports)."""
 
     type: Literal["file"]
     path: str
-    pattern: str = "*"
     stable_for: Duration = 1.0
     archive: str | None = None
     errors: str | None = None
     poll: Duration = 1.0
 
 
-class SftpSourceConfig(SftpConnection):
+class SftpSourceConfig(SftpConnection, _DropSource):
     """``source: {type: sftp}``: a supplier's SFTP folder, host key pinned in ``known_hosts``."""
 
     type: Literal["sftp"]
     remote_dir: str
-    pattern: str = "*"
     archive: str | None = None
     delete: bool = False
     errors: str | None = None

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from canonical.events import parse_event
 from canonical.ids import partition_for
+from connectors.file_ingest import Refusal
 from deadletter.store import DeadLetter, DeadLetterStateError, JournalEntry, StatusChange, Store
 from router import assembly
 from router.broker import Publisher, Topology, publisher
@@ -153,6 +154,9 @@ class Replayer:
         )
 
     def _return_file(self, letter: DeadLetter, reason: str, report: ReplayReport) -> None:
+        if letter.reason in _FILES_NOT_RETURNED:
+            report.skipped[letter.id] = _FILES_NOT_RETURNED[letter.reason]
+            return
         try:
             route = self.config.route(letter.route)
         except KeyError as error:
@@ -342,6 +346,21 @@ def _older(entry: JournalEntry, mark: JournalEntry) -> bool:
     if entry.occurred_at is None or mark.occurred_at is None:
         return False
     return entry.occurred_at < mark.occurred_at
+
+
+_FILES_NOT_RETURNED: dict[str, str] = {
+    Refusal.link: (
+        "it is a symbolic link, never read: put the real file in the inbox, then discard the letter"
+    ),
+    Refusal.file_name: (
+        "its name is not UTF-8: rename it in the errors folder, move it to the inbox, then discard the letter"
+    ),
+    Refusal.changed: (
+        "part of it was published before it changed, and publishing it again would send those records under "
+        "new event ids: get the missing rows as a new file, then discard the letter"
+    ),
+}
+"""Rejected files that going back to the inbox would not fix, with what to do instead."""
 
 
 def _not_replayable(letter: DeadLetter) -> str:

@@ -20,6 +20,7 @@ from typing import Protocol
 from starlette.applications import Starlette
 
 from connectors.chunks import ChunkSink
+from connectors.file_ingest import printable, refusal_of
 from connectors.file_source import FileDropSettings, FileDropSource
 from connectors.rest_source import RestPollSource
 from connectors.sftp_source import SftpSettings, SftpSource
@@ -173,20 +174,21 @@ class RouterRuntime:
             connection.release()
 
     def _file_rejected(self, route: str, location: str, error: FileFormatError) -> None:
-        """A whole file did not parse: it sits in the errors folder; the dead letter says where and why."""
+        """A whole file was refused: it sits in the errors folder; the dead letter says where and why."""
+        reason = refusal_of(error).value
         self._store.add_dead_letters(
             [
                 NewDeadLetter(
                     route=route,
                     stage="ingress",
-                    reason="parse",
+                    reason=reason,
                     detail=str(error),
-                    payload={"file": location},
+                    payload={"file": printable(location)},
                     source_ref={"file": error.name, "line": error.line},
                 )
             ]
         )
-        metrics.DEADLETTERS.labels(route=route, stage="ingress", reason="parse").inc()
+        metrics.DEADLETTERS.labels(route=route, stage="ingress", reason=reason).inc()
         metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
 
     def _start_http(self) -> None:

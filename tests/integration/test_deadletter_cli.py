@@ -377,3 +377,23 @@ def test_replays_that_would_publish_to_the_commands_own_memory_broker_are_refuse
     assert store.list_audit() == []
     assert dry.exit_code == 0 and {d["id"] for d in json.loads(dry.output)} == {delivery, record}
     assert history_dry.exit_code == 0 and "would re-send 1 event(s) to erp" in history_dry.output
+
+
+@pytest.mark.parametrize(
+    ("reason", "advice"),
+    [("link", "symbolic link, never read"), ("file_name", "not UTF-8"), ("changed", "new event ids")],
+)
+def test_a_refused_file_that_going_back_would_not_fix_stays_in_errors_with_advice(
+    store: Store, config: Path, tmp_path: Path, reason: str, advice: str
+) -> None:
+    refused = tmp_path / "errors" / "pos-0010.csv"
+    refused.write_text("TXN,SKU,STORE,QTY,SOLD_AT\n", encoding="utf-8")
+    letter_id = store.add_dead_letter(
+        route="pos-sales", stage="ingress", reason=reason, detail="refused", payload={"file": str(refused)}
+    )
+
+    result = run(deadletter, config, "replay", str(letter_id))
+
+    assert refused.exists() and not (tmp_path / "inbox" / "pos-0010.csv").exists()
+    assert advice in result.output, result.output
+    assert store.get_dead_letter(letter_id).status == "dead"

@@ -16,9 +16,11 @@ import pytest
 
 from connectors import sftp_source
 from connectors.chunks import SourceChunk
+from connectors.file_ingest import Readiness, Refusal, refusal_of
 from connectors.sftp_source import SftpOutcome, SftpSettings, SftpSource
 from ops.metrics import REGISTRY
 from tests.sftp_server import CLIENT_KEY_PASSPHRASE, SftpServer, generate_key, running_sftp_server
+from transforms.parsers import FileFormatError
 
 ASN = "SKU,STORE,QTY\nA-100,DC1,12\nB-200,DC1,4\nC-300,DC2,7\n"
 LOGGER = "connectors.sftp_source"
@@ -427,3 +429,135 @@ def test_settings_refuse_contradictory_or_missing_options(overrides: dict[str, A
     with pytest.raises(ValueError, match="supplier-asn") as raised:
         SftpSettings(**{**base, **overrides})
     assert complaint in str(raised.value)
+
+
+def test_a_symbolic_link_on_the_server_is_moved_to_errors_unread(
+    sftp_server: SftpServer, supplier_dir: Path, tmp_path: Path
+) -> None:
+    secret = tmp_path / "passwd.csv"
+    secret.write_text("SKU,STORE,QTY\nroot,x,0\n", encoding="utf-8")
+    (supplier_dir / "asn-link.csv").symlink_to(secret)
+    rejected: list[FileFormatError] = []
+    sink = RecordingSink()
+    source = SftpSource(
+        settings_for(sftp_server, supplier_dir),
+        sink,
+        on_rejected=lambda settings, moved, error: rejected.append(error),
+    )
+    try:
+        [result] = source.poll_once()
+        assert source.poll_once() == []
+    finally:
+        source.close()
+
+    errors = supplier_dir / "errors"
+    assert result.outcome is SftpOutcome.rejected and sink.chunks == []
+    assert (errors / "asn-link.csv").is_symlink() and os.readlink(errors / "asn-link.csv") == str(secret)
+    assert [refusal_of(error) for error in rejected] == [Refusal.link]
+    reason = (errors / "asn-link.csv.reason.txt").read_text(encoding="utf-8")
+    assert "symbolic link" in reason and "root" not in reason
+    assert secret.read_text(encoding="utf-8").endswith("root,x,0\n")
+
+
+def test_with_a_marker_a_file_is_taken_only_once_its_marker_is_there_and_leaves_with_it(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    ready = Readiness.parse({"marker": "{stem}.ok"})
+    settings = settings_for(sftp_server, supplier_dir, pattern="*", ready=ready, stable_for=60.0)
+    drop(sftp_server, supplier_dir, "asn-0100.csv")
+    sink = RecordingSink()
+    source = SftpSource(settings, sink)
+    try:
+        assert source.poll_once() == []
+        drop(sftp_server, supplier_dir, "asn-0100.ok", "")
+        [result] = source.poll_once()
+    finally:
+        source.close()
+    assert (result.name, result.outcome, result.records) == ("asn-0100.csv", SftpOutcome.archived, 3)
+    archived = sorted(p.name for p in (supplier_dir.parent / "archive").iterdir())
+    assert archived == ["asn-0100.csv", "asn-0100.ok"]
+    assert sorted(p.name for p in supplier_dir.iterdir()) == [".processing"]
+
+
+def test_with_a_marker_and_delete_the_marker_is_deleted_too(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    settings = settings_for(
+        sftp_server, supplier_dir, ready=Readiness.parse("marker"), archive=None, delete=True
+    )
+    drop(sftp_server, supplier_dir, "asn-0101.csv")
+    drop(sftp_server, supplier_dir, "asn-0101.csv.done", "")
+    source = SftpSource(settings, RecordingSink())
+    try:
+        [result] = source.poll_once()
+    finally:
+        source.close()
+    assert result.outcome is SftpOutcome.deleted
+    assert sorted(p.name for p in supplier_dir.iterdir()) == [".processing"]
+
+
+def test_with_rename_a_matching_file_is_taken_without_waiting(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    settings = settings_for(sftp_server, supplier_dir, ready=Readiness.parse("rename"), stable_for=600.0)
+    drop(sftp_server, supplier_dir, "asn-0102.csv.tmp")
+    drop(sftp_server, supplier_dir, "asn-0102.csv")
+    source = SftpSource(settings, RecordingSink())
+    try:
+        [result] = source.poll_once()
+    finally:
+        source.close()
+    assert (result.name, result.outcome) == ("asn-0102.csv", SftpOutcome.archived)
+    assert (supplier_dir / "asn-0102.csv.tmp").exists()
+
+
+def test_rows_appended_to_a_claim_while_it_is_published_are_published_before_it_is_archived(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    drop(sftp_server, supplier_dir, "asn-0103.csv")
+    sink = RecordingSink()
+
+    def appending_sink(chunk: SourceChunk) -> None:
+        if not sink.chunks:  # the supplier's writer still holds the file it uploaded
+            with (supplier_dir / ".processing" / "asn-0103.csv").open("a", encoding="utf-8") as writer:
+                writer.write("D-400,DC3,9\n")
+        sink(chunk)
+
+    source = SftpSource(settings_for(sftp_server, supplier_dir), appending_sink)
+    try:
+        [result] = source.poll_once()
+    finally:
+        source.close()
+    assert (result.outcome, result.records) == (SftpOutcome.archived, 4)
+    assert [r.data["SKU"] for c in sink.chunks for r in c.records] == ["A-100", "B-200", "C-300", "D-400"]
+    assert len({c.origin["sha256"] for c in sink.chunks}) == 1
+    assert (supplier_dir.parent / "archive" / "asn-0103.csv").read_text().endswith("D-400,DC3,9\n")
+
+
+def test_a_remote_name_that_is_not_utf8_goes_to_errors_and_the_other_files_flow(
+    sftp_server: SftpServer, supplier_dir: Path
+) -> None:
+    with open(os.fsencode(supplier_dir) + b"/asn-\xff.csv", "wb") as handle:
+        handle.write(ASN.encode())
+    drop(sftp_server, supplier_dir, "asn-0104.csv")
+    rejected: list[FileFormatError] = []
+    sink = RecordingSink()
+    source = SftpSource(
+        settings_for(sftp_server, supplier_dir),
+        sink,
+        on_rejected=lambda settings, moved, error: rejected.append(error),
+    )
+    try:
+        results = source.poll_once()
+        assert source.poll_once() == []
+    finally:
+        source.close()
+
+    assert sorted(r.outcome for r in results) == [SftpOutcome.archived, SftpOutcome.rejected]
+    assert [c.origin["file"] for c in sink.chunks] == ["asn-0104.csv", "asn-0104.csv"]
+    [error] = rejected
+    assert refusal_of(error) is Refusal.file_name and "asn-\\xff.csv" in str(error)
+    errors = os.fsencode(supplier_dir / "errors")
+    assert os.path.exists(errors + b"/asn-\xff.csv")
+    reason = (Path(os.fsdecode(errors + b"/asn-\xff.csv.reason.txt"))).read_text(encoding="utf-8")
+    assert "not valid UTF-8" in reason

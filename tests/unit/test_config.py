@@ -358,3 +358,41 @@ def test_a_timeout_that_leaves_no_time_to_retry_is_refused(tmp_path: Path) -> No
     assert ":12:14: targets.erp.timeout 30s leaves no time to retry within broker.consumer_timeout 1m" in (
         problem
     )
+
+
+@pytest.mark.parametrize(
+    ("ready", "signal", "marker"),
+    [
+        ("stable", "stable", None),
+        ("rename", "rename", None),
+        ("marker", "marker", "x.csv.done"),
+        ('"{stem}.ok"', "marker", "x.ok"),
+        ('{marker: "{name}.done"}', "marker", "x.csv.done"),
+    ],
+)
+def test_ready_takes_a_signal_or_a_marker_template(
+    tmp_path: Path, ready: str, signal: str, marker: str | None
+) -> None:
+    text = VALID.replace("stable_for: 2s}", f"stable_for: 2s, ready: {ready}}}")
+    readiness = load_config(_write(tmp_path, text), {}).routes[0].source.readiness
+    assert readiness.signal == signal
+    if marker is not None:
+        assert readiness.marker_for("x.csv") == marker
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("ready: stabel", "ready must be stable, rename, marker or"),
+        ('ready: {marker: "done.txt"}', "must contain {name} or {stem}"),
+        ('ready: {marker: "../{name}.done"}', "must be a name in the same folder"),
+        ('ready: {marker: "{name}.done", wait: 1}', "ready must be stable, rename, marker or"),
+        ('pattern: "../*.csv"', "must match file names in the folder"),
+    ],
+)
+def test_ready_and_pattern_mistakes_are_reported_at_their_position(
+    tmp_path: Path, setting: str, complaint: str
+) -> None:
+    text = VALID.replace('pattern: "*.csv", stable_for: 2s}', f"stable_for: 2s, {setting}}}")
+    [problem] = _problems(_write(tmp_path, text))
+    assert problem.startswith(f"{tmp_path / 'routes.yaml'}:15:") and complaint in problem, problem
