@@ -1,0 +1,284 @@
+"""The console's access control on a real loopback listener: closed unless configured, sign-in, CSRF and
+Origin checks on every form, bearer token and trusted proxy header, a listener of its own, safe output.
+
+The router runs in-process (HTTP stage only, memory:// broker); requests are real HTTP over loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deadletter.store import Store
+from ops.secrets import redact
+from router.config import load_config
+from router.console.passwords import hash_password
+from router.runtime import RouterRuntime
+from tests.integration.harness import write_config
+
+PASSWORD = "open sesame 7"
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def _config(folder: Path, console: Mapping[str, Any] | None, **http: Any) -> Path:
+    path = write_config(
+        folder, broker_url="memory://", prefix="console", targets={"erp": "http://127.0.0.1:9"}
+    )
+    document = json.loads(path.read_text())
+    document["http"] = {"listen": "127.0.0.1:0", **http}
+    if console is not None:
+        document["console"] = dict(console)
+    path.write_text(json.dumps(document))
+    return path
+
+
+def _letter(folder: Path, **fields: Any) -> int:
+    with Store(f"sqlite:///{folder / 'state.db'}") as store:
+        return store.add_dead_letter(
+            **{
+                "route": "pos-sales",
+                "stage": "delivery",
+                "reason": "rejected",
+                "detail": f"HTTP 422 from erp: {HOSTILE}",
+                "payload": {"event_id": "e-1", "sequence_key": "k-1", "note": HOSTILE},
+                "target": "erp",
+                "event_id": "e-1",
+                "sequence_key": "k-1",
+                **fields,
+            }
+        )
+
+
+class Running:
+    """The router's HTTP stage for one config, and the base URLs of its listener(s)."""
+
+    def __init__(self, path: Path) -> None:
+        self.runtime = RouterRuntime(load_config(path), only=("http",))
+        self.runtime.start()
+        assert self.runtime.listener is not None
+        self.url = f"http://127.0.0.1:{self.runtime.listener.port}"
+        console = self.runtime.console_listener
+        self.console_url = f"http://127.0.0.1:{console.port}" if console else self.url
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.console_url, timeout=10, follow_redirects=False, **kwargs)
+
+    def stop(self) -> None:
+        self.runtime.stop(timeout=5)
+
+
+@pytest.fixture
+def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Running]:
+    marker = request.node.get_closest_marker("console")
+    console, http = (
+        (marker.args[0], marker.kwargs) if marker else ({"users": {"alice": hash_password(PASSWORD)}}, {})
+    )
+    router = Running(_config(tmp_path, console, **http))
+    try:
+        yield router
+    finally:
+        router.stop()
+
+
+def _csrf(page: httpx.Response) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert match, page.text
+    return match.group(1)
+
+
+@contextmanager
+def _signed_in(router: Running, user: str = "alice", password: str = PASSWORD) -> Iterator[httpx.Client]:
+    with router.client() as client:
+        form = client.get("/console/login")
+        answer = client.post(
+            "/console/login",
+            data={"user": user, "password": password, "csrf": _csrf(form)},
+            headers={"Origin": router.console_url},
+        )
+        assert answer.status_code == 303, answer.text
+        yield client
+
+
+def _status(folder: Path, letter_id: int) -> str:
+    with Store(f"sqlite:///{folder / 'state.db'}") as store:
+        letter = store.get_dead_letter(letter_id)
+        assert letter is not None
+        return letter.status
+
+
+@pytest.mark.console(None)
+def test_without_a_console_section_the_console_is_closed_and_says_why(
+    running: Running, tmp_path: Path
+) -> None:
+    letter_id = _letter(tmp_path)
+    with running.client() as client:
+        for path in ("/console", "/console/", "/console/letters"):
+            answer = client.get(path)
+            assert answer.status_code == 404 and "console is not configured" in answer.text
+        refused = client.post(f"/console/letters/{letter_id}/discard", data={"reason": "x"})
+        assert refused.status_code == 404
+        assert client.get("/healthz").status_code == 200
+    assert _status(tmp_path, letter_id) == "dead"
+
+
+def test_unauthenticated_requests_are_sent_to_sign_in_or_refused(running: Running, tmp_path: Path) -> None:
+    letter_id = _letter(tmp_path)
+    with running.client() as client:
+        page = client.get(f"/console/letters/{letter_id}")
+        assert page.status_code == 303 and page.headers["location"].startswith("/console/login?next=")
+        assert HOSTILE not in page.text and "e-1" not in page.text
+        post = client.post(f"/console/letters/{letter_id}/discard", data={"reason": "no"})
+        assert post.status_code == 403 and "sign in" in post.text
+        wrong = client.post(
+            "/console/login",
+            data={"user": "alice", "password": "guess", "csrf": _csrf(client.get("/console/login"))},
+            headers={"Origin": running.console_url},
+        )
+        assert wrong.status_code == 401 and "wrong password" in wrong.text
+        basic = client.get("/console/", auth=("alice", "guess"))
+        assert basic.status_code == 403
+    assert _status(tmp_path, letter_id) == "dead"
+
+
+def test_a_cross_site_post_or_one_without_the_sessions_csrf_token_is_refused(
+    running: Running, tmp_path: Path
+) -> None:
+    letter_id = _letter(tmp_path)
+    with _signed_in(running) as client:
+        token = _csrf(client.get(f"/console/letters/{letter_id}"))
+        evil = client.post(
+            f"/console/letters/{letter_id}/discard",
+            data={"reason": "evil", "csrf": token},
+            headers={"Origin": "http://127.0.0.1:1"},
+        )
+        assert evil.status_code == 403 and "not sent from the console" in evil.text
+        by_referer = client.post(
+            f"/console/letters/{letter_id}/discard",
+            data={"reason": "evil", "csrf": token},
+            headers={"Referer": "http://attacker.example/page"},
+        )
+        assert by_referer.status_code == 403
+        tokenless = client.post(
+            f"/console/letters/{letter_id}/discard",
+            data={"reason": "evil"},
+            headers={"Origin": running.console_url},
+        )
+        assert tokenless.status_code == 403 and "CSRF" in tokenless.text
+        assert _status(tmp_path, letter_id) == "dead"
+        done = client.post(
+            f"/console/letters/{letter_id}/discard",
+            data={"reason": "duplicate of a corrected order", "csrf": token},
+            headers={"Origin": running.console_url},
+        )
+        assert done.status_code == 200 and "discarded" in done.text
+    assert _status(tmp_path, letter_id) == "discarded"
+    with Store(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        [entry] = store.list_audit(f"deadletter:{letter_id}")
+    assert (
+        entry.actor == "alice" and entry.detail and entry.detail["reason"] == "duplicate of a corrected order"
+    )
+
+
+def test_pages_escape_hostile_data_and_carry_security_headers(running: Running, tmp_path: Path) -> None:
+    letter_id = _letter(tmp_path)
+    with _signed_in(running) as client:
+        for path in (f"/console/letters/{letter_id}", "/console/letters", "/console/"):
+            page = client.get(path)
+            assert page.status_code == 200, page.text
+            assert "<script>alert" not in page.text and "<img src=x" not in page.text
+            assert page.headers["content-security-policy"].startswith("default-src 'self'")
+            assert page.headers["x-frame-options"] == "DENY"
+            assert page.headers["cache-control"] == "no-store"
+        assert "&lt;script&gt;alert" in client.get(f"/console/letters/{letter_id}").text
+    with running.client() as client:
+        form = client.get("/console/login")
+        signed = client.post(
+            "/console/login",
+            data={"user": "alice", "password": PASSWORD, "csrf": _csrf(form)},
+            headers={"Origin": running.console_url},
+        )
+    set_cookie = signed.headers["set-cookie"].lower()
+    assert "httponly" in set_cookie and "samesite=strict" in set_cookie and "path=/console" in set_cookie
+
+
+def test_another_operators_change_is_shown_as_a_conflict_not_an_error(
+    running: Running, tmp_path: Path
+) -> None:
+    letter_id = _letter(tmp_path)
+    with _signed_in(running) as client:
+        token = _csrf(client.get(f"/console/letters/{letter_id}"))
+        with Store(f"sqlite:///{tmp_path / 'state.db'}") as store:
+            store.set_status(letter_id, "discarded", actor="bob", reason="not ours")
+        answer = client.post(
+            f"/console/letters/{letter_id}/replay",
+            data={"csrf": token, "reason": "retry"},
+            headers={"Origin": running.console_url},
+        )
+    assert answer.status_code == 409
+    assert "not replayed" in answer.text and "discarded by bob" in answer.text
+    assert _status(tmp_path, letter_id) == "discarded"
+
+
+def test_an_edit_that_is_not_valid_is_refused_and_nothing_changes(running: Running, tmp_path: Path) -> None:
+    letter_id = _letter(tmp_path, payload={"event_id": "e-1", "sequence_key": "k-1", "type": "sale"})
+    with _signed_in(running) as client:
+        token = _csrf(client.get(f"/console/letters/{letter_id}"))
+        for payload, expected in (
+            ('{"event_id": "e-1",', "not JSON (line 1"),
+            ('{"event_id": "e-1", "sequence_key": "k-1", "type": "sale"}', "the edited event is not valid"),
+            ('{"event_id": "e-2", "sequence_key": "k-1"}', "event_id must stay"),
+        ):
+            answer = client.post(
+                f"/console/letters/{letter_id}/edit",
+                data={"csrf": token, "payload": payload},
+                headers={"Origin": running.console_url},
+            )
+            assert answer.status_code == 400 and expected in answer.text, answer.text
+    assert _status(tmp_path, letter_id) == "dead"
+
+
+@pytest.mark.console({"token": "console-token-0123456789"})
+def test_a_bearer_token_signs_in_as_api_token_and_is_masked(running: Running, tmp_path: Path) -> None:
+    letter_id = _letter(tmp_path)
+    assert redact("token is console-token-0123456789") == "token is ***"
+    with running.client(headers={"Authorization": "Bearer console-token-0123456789"}) as client:
+        page = client.get(f"/console/letters/{letter_id}")
+        assert page.status_code == 200
+        no_csrf = client.post(f"/console/letters/{letter_id}/replay", data={})
+        assert no_csrf.status_code == 403
+        done = client.post(f"/console/letters/{letter_id}/replay", data={"csrf": _csrf(page)})
+        assert done.status_code == 200, done.text
+    with running.client(headers={"Authorization": "Bearer wrong"}) as client:
+        assert client.get("/console/").status_code == 403
+    with Store(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        assert [entry.actor for entry in store.list_audit(f"deadletter:{letter_id}")] == ["api-token"]
+
+
+@pytest.mark.console({"trusted_header": "X-Remote-User"})
+def test_a_trusted_proxy_header_names_the_operator_when_configured(running: Running) -> None:
+    with running.client() as client:
+        assert client.get("/console/", headers={"X-Remote-User": "carol"}).status_code == 200
+        assert client.get("/console/").status_code == 303
+
+
+def test_a_proxy_header_is_ignored_unless_configured(running: Running) -> None:
+    with running.client() as client:
+        assert client.get("/console/", headers={"X-Remote-User": "carol"}).status_code == 303
+
+
+@pytest.mark.console({"users": {"alice": hash_password(PASSWORD)}}, console_listen="127.0.0.1:0")
+def test_console_listen_keeps_the_console_off_the_webhook_port(running: Running) -> None:
+    assert running.console_url != running.url
+    with httpx.Client(base_url=running.url) as partners:
+        answer = partners.get("/console/login")
+        assert answer.status_code == 404 and "http.console_listen" in answer.text
+        assert partners.get("/healthz").status_code == 200
+    with _signed_in(running) as client:
+        assert client.get("/console/").status_code == 200
