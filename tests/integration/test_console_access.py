@@ -6,72 +6,18 @@ The router runs in-process (HTTP stage only, memory:// broker); requests are rea
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from deadletter.store import Store
 from ops.secrets import redact
-from router.config import load_config
 from router.console.passwords import hash_password
-from router.runtime import RouterRuntime
-from tests.integration.harness import write_config
-
-PASSWORD = "open sesame 7"
-HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
-
-
-def _config(folder: Path, console: Mapping[str, Any] | None, **http: Any) -> Path:
-    path = write_config(
-        folder, broker_url="memory://", prefix="console", targets={"erp": "http://127.0.0.1:9"}
-    )
-    document = json.loads(path.read_text())
-    document["http"] = {"listen": "127.0.0.1:0", **http}
-    if console is not None:
-        document["console"] = dict(console)
-    path.write_text(json.dumps(document))
-    return path
-
-
-def _letter(folder: Path, **fields: Any) -> int:
-    with Store(f"sqlite:///{folder / 'state.db'}") as store:
-        return store.add_dead_letter(
-            **{
-                "route": "pos-sales",
-                "stage": "delivery",
-                "reason": "rejected",
-                "detail": f"HTTP 422 from erp: {HOSTILE}",
-                "payload": {"event_id": "e-1", "sequence_key": "k-1", "note": HOSTILE},
-                "target": "erp",
-                "event_id": "e-1",
-                "sequence_key": "k-1",
-                **fields,
-            }
-        )
-
-
-class Running:
-    """The router's HTTP stage for one config, and the base URLs of its listener(s)."""
-
-    def __init__(self, path: Path) -> None:
-        self.runtime = RouterRuntime(load_config(path), only=("http",))
-        self.runtime.start()
-        assert self.runtime.listener is not None
-        self.url = f"http://127.0.0.1:{self.runtime.listener.port}"
-        console = self.runtime.console_listener
-        self.console_url = f"http://127.0.0.1:{console.port}" if console else self.url
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.console_url, timeout=10, follow_redirects=False, **kwargs)
-
-    def stop(self) -> None:
-        self.runtime.stop(timeout=5)
+from tests.integration.console_harness import HOSTILE, PASSWORD, Running, add_letter, console_config
 
 
 @pytest.fixture
@@ -80,7 +26,7 @@ def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Running]
     console, http = (
         (marker.args[0], marker.kwargs) if marker else ({"users": {"alice": hash_password(PASSWORD)}}, {})
     )
-    router = Running(_config(tmp_path, console, **http))
+    router = Running(console_config(tmp_path, console, **http))
     try:
         yield router
     finally:
@@ -117,7 +63,7 @@ def _status(folder: Path, letter_id: int) -> str:
 def test_without_a_console_section_the_console_is_closed_and_says_why(
     running: Running, tmp_path: Path
 ) -> None:
-    letter_id = _letter(tmp_path)
+    letter_id = add_letter(tmp_path)
     with running.client() as client:
         for path in ("/console", "/console/", "/console/letters"):
             answer = client.get(path)
@@ -129,7 +75,7 @@ def test_without_a_console_section_the_console_is_closed_and_says_why(
 
 
 def test_unauthenticated_requests_are_sent_to_sign_in_or_refused(running: Running, tmp_path: Path) -> None:
-    letter_id = _letter(tmp_path)
+    letter_id = add_letter(tmp_path)
     with running.client() as client:
         page = client.get(f"/console/letters/{letter_id}")
         assert page.status_code == 303 and page.headers["location"].startswith("/console/login?next=")
@@ -150,7 +96,7 @@ def test_unauthenticated_requests_are_sent_to_sign_in_or_refused(running: Runnin
 def test_a_cross_site_post_or_one_without_the_sessions_csrf_token_is_refused(
     running: Running, tmp_path: Path
 ) -> None:
-    letter_id = _letter(tmp_path)
+    letter_id = add_letter(tmp_path)
     with _signed_in(running) as client:
         token = _csrf(client.get(f"/console/letters/{letter_id}"))
         evil = client.post(
@@ -187,7 +133,7 @@ def test_a_cross_site_post_or_one_without_the_sessions_csrf_token_is_refused(
 
 
 def test_pages_escape_hostile_data_and_carry_security_headers(running: Running, tmp_path: Path) -> None:
-    letter_id = _letter(tmp_path)
+    letter_id = add_letter(tmp_path)
     with _signed_in(running) as client:
         for path in (f"/console/letters/{letter_id}", "/console/letters", "/console/"):
             page = client.get(path)
@@ -211,7 +157,7 @@ def test_pages_escape_hostile_data_and_carry_security_headers(running: Running, 
 def test_another_operators_change_is_shown_as_a_conflict_not_an_error(
     running: Running, tmp_path: Path
 ) -> None:
-    letter_id = _letter(tmp_path)
+    letter_id = add_letter(tmp_path)
     with _signed_in(running) as client:
         token = _csrf(client.get(f"/console/letters/{letter_id}"))
         with Store(f"sqlite:///{tmp_path / 'state.db'}") as store:
@@ -227,7 +173,7 @@ def test_another_operators_change_is_shown_as_a_conflict_not_an_error(
 
 
 def test_an_edit_that_is_not_valid_is_refused_and_nothing_changes(running: Running, tmp_path: Path) -> None:
-    letter_id = _letter(tmp_path, payload={"event_id": "e-1", "sequence_key": "k-1", "type": "sale"})
+    letter_id = add_letter(tmp_path, payload={"event_id": "e-1", "sequence_key": "k-1", "type": "sale"})
     with _signed_in(running) as client:
         token = _csrf(client.get(f"/console/letters/{letter_id}"))
         for payload, expected in (
@@ -246,7 +192,7 @@ def test_an_edit_that_is_not_valid_is_refused_and_nothing_changes(running: Runni
 
 @pytest.mark.console({"token": "console-token-0123456789"})
 def test_a_bearer_token_signs_in_as_api_token_and_is_masked(running: Running, tmp_path: Path) -> None:
-    letter_id = _letter(tmp_path)
+    letter_id = add_letter(tmp_path)
     assert redact("token is console-token-0123456789") == "token is ***"
     with running.client(headers={"Authorization": "Bearer console-token-0123456789"}) as client:
         page = client.get(f"/console/letters/{letter_id}")
