@@ -38,6 +38,9 @@ from router.status import collect_status
 PREFIX = "/console"
 PAGE_SIZE = 50
 PREVIEW_ROWS = 20
+PARKED = "parked"
+"""The reason of a letter held behind an earlier dead letter of its key: a consequence, not a failure."""
+LAST_ERROR_PAGES = 10
 HERE = Path(__file__).parent
 SECURITY_HEADERS = {
     "content-security-policy": (
@@ -140,8 +143,8 @@ def _templates() -> jinja2.Environment:
     return environment
 
 
-def _lag_p95(target: str) -> float | None:
-    """The 95th percentile of event lag at ``target`` seen by this process (a bucket's upper bound)."""
+def _lag_p95(target: str) -> str:
+    """The 95th percentile of event lag at ``target`` seen by this process, as a bucket's bound."""
     buckets: list[tuple[float, float]] = []
     for family in metrics.REGISTRY.collect():
         if family.name != "router_event_lag_seconds":
@@ -152,8 +155,18 @@ def _lag_p95(target: str) -> float | None:
     buckets.sort()
     total = buckets[-1][1] if buckets else 0.0
     if not total:
-        return None
-    return next(bound for bound, count in buckets if count >= 0.95 * total)
+        return "-"
+    bound = next(bound for bound, count in buckets if count >= 0.95 * total)
+    if math.isinf(bound):
+        return f"> {_duration(buckets[-2][0])}"
+    return f"≤ {_duration(bound)}"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
 
 
 def _circuit(target: str) -> str:
@@ -303,10 +316,20 @@ class Console:
         return self.render(request, "overview.html", operator=operator, report=report)
 
     def _last_errors(self) -> dict[str, DeadLetter]:
+        """Each target's newest failure: its newest letter that is not merely parked behind another."""
         latest: dict[str, DeadLetter] = {}
         for name in self.config.targets:
-            for letter in self.store.list_dead_letters(target=name, newest_first=True, limit=1):
-                latest[name] = letter
+            after = None
+            for _ in range(LAST_ERROR_PAGES):
+                page = self.store.list_dead_letters(
+                    target=name, newest_first=True, after_id=after, limit=PAGE_SIZE
+                )
+                failure = next((letter for letter in page if letter.reason != PARKED), None)
+                if failure is not None or len(page) < PAGE_SIZE:
+                    if failure is not None:
+                        latest[name] = failure
+                    break
+                after = page[-1].id
         return latest
 
     async def letters(self, request: Request, operator: Operator) -> Response:
