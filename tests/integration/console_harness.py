@@ -4,7 +4,9 @@ router's HTTP stage running in-process on loopback."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,16 @@ PASSWORD = "open sesame 7"
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 
 
-def console_config(folder: Path, console: Mapping[str, Any] | None, **http: Any) -> Path:
+def console_config(
+    folder: Path,
+    console: Mapping[str, Any] | None,
+    *,
+    broker_url: str = "memory://",
+    prefix: str = "console",
+    **http: Any,
+) -> Path:
     """A memory:// routes.yaml listening on a free port, with ``console`` as its console: section."""
-    path = write_config(
-        folder, broker_url="memory://", prefix="console", targets={"erp": "http://127.0.0.1:9"}
-    )
+    path = write_config(folder, broker_url=broker_url, prefix=prefix, targets={"erp": "http://127.0.0.1:9"})
     document = json.loads(path.read_text())
     document["http"] = {"listen": "127.0.0.1:0", **http}
     if console is not None:
@@ -66,3 +73,32 @@ class Running:
 
     def stop(self) -> None:
         self.runtime.stop(timeout=5)
+
+
+def csrf_of(page: httpx.Response) -> str:
+    """The CSRF token of the first form on a console page."""
+    match = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert match, page.text
+    return match.group(1)
+
+
+@contextmanager
+def signed_in(router: Running, user: str = "alice", password: str = PASSWORD) -> Iterator[httpx.Client]:
+    """An HTTP client signed in to the console through its login form."""
+    with router.client() as client:
+        form = client.get("/console/login")
+        answer = client.post(
+            "/console/login",
+            data={"user": user, "password": password, "csrf": csrf_of(form)},
+            headers={"Origin": router.console_url},
+        )
+        assert answer.status_code == 303, answer.text
+        yield client
+
+
+def letter_status(folder: Path, letter_id: int) -> str:
+    """The status of a dead letter in the folder's store."""
+    with Store(f"sqlite:///{folder / 'state.db'}") as store:
+        letter = store.get_dead_letter(letter_id)
+        assert letter is not None
+        return letter.status

@@ -6,9 +6,7 @@ The router runs in-process (HTTP stage only, memory:// broker); requests are rea
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -17,7 +15,16 @@ import pytest
 from deadletter.store import Store
 from ops.secrets import redact
 from router.console.passwords import hash_password
-from tests.integration.console_harness import HOSTILE, PASSWORD, Running, add_letter, console_config
+from tests.integration.console_harness import (
+    HOSTILE,
+    PASSWORD,
+    Running,
+    add_letter,
+    console_config,
+    csrf_of,
+    letter_status,
+    signed_in,
+)
 
 
 @pytest.fixture
@@ -33,32 +40,6 @@ def running(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Running]
         router.stop()
 
 
-def _csrf(page: httpx.Response) -> str:
-    match = re.search(r'name="csrf" value="([^"]+)"', page.text)
-    assert match, page.text
-    return match.group(1)
-
-
-@contextmanager
-def _signed_in(router: Running, user: str = "alice", password: str = PASSWORD) -> Iterator[httpx.Client]:
-    with router.client() as client:
-        form = client.get("/console/login")
-        answer = client.post(
-            "/console/login",
-            data={"user": user, "password": password, "csrf": _csrf(form)},
-            headers={"Origin": router.console_url},
-        )
-        assert answer.status_code == 303, answer.text
-        yield client
-
-
-def _status(folder: Path, letter_id: int) -> str:
-    with Store(f"sqlite:///{folder / 'state.db'}") as store:
-        letter = store.get_dead_letter(letter_id)
-        assert letter is not None
-        return letter.status
-
-
 @pytest.mark.console(None)
 def test_without_a_console_section_the_console_is_closed_and_says_why(
     running: Running, tmp_path: Path
@@ -71,7 +52,7 @@ def test_without_a_console_section_the_console_is_closed_and_says_why(
         refused = client.post(f"/console/letters/{letter_id}/discard", data={"reason": "x"})
         assert refused.status_code == 404
         assert client.get("/healthz").status_code == 200
-    assert _status(tmp_path, letter_id) == "dead"
+    assert letter_status(tmp_path, letter_id) == "dead"
 
 
 def test_unauthenticated_requests_are_sent_to_sign_in_or_refused(running: Running, tmp_path: Path) -> None:
@@ -84,21 +65,21 @@ def test_unauthenticated_requests_are_sent_to_sign_in_or_refused(running: Runnin
         assert post.status_code == 403 and "sign in" in post.text
         wrong = client.post(
             "/console/login",
-            data={"user": "alice", "password": "guess", "csrf": _csrf(client.get("/console/login"))},
+            data={"user": "alice", "password": "guess", "csrf": csrf_of(client.get("/console/login"))},
             headers={"Origin": running.console_url},
         )
         assert wrong.status_code == 401 and "wrong password" in wrong.text
         basic = client.get("/console/", auth=("alice", "guess"))
         assert basic.status_code == 403
-    assert _status(tmp_path, letter_id) == "dead"
+    assert letter_status(tmp_path, letter_id) == "dead"
 
 
 def test_a_cross_site_post_or_one_without_the_sessions_csrf_token_is_refused(
     running: Running, tmp_path: Path
 ) -> None:
     letter_id = add_letter(tmp_path)
-    with _signed_in(running) as client:
-        token = _csrf(client.get(f"/console/letters/{letter_id}"))
+    with signed_in(running) as client:
+        token = csrf_of(client.get(f"/console/letters/{letter_id}"))
         evil = client.post(
             f"/console/letters/{letter_id}/discard",
             data={"reason": "evil", "csrf": token},
@@ -117,14 +98,14 @@ def test_a_cross_site_post_or_one_without_the_sessions_csrf_token_is_refused(
             headers={"Origin": running.console_url},
         )
         assert tokenless.status_code == 403 and "CSRF" in tokenless.text
-        assert _status(tmp_path, letter_id) == "dead"
+        assert letter_status(tmp_path, letter_id) == "dead"
         done = client.post(
             f"/console/letters/{letter_id}/discard",
             data={"reason": "duplicate of a corrected order", "csrf": token},
             headers={"Origin": running.console_url},
         )
         assert done.status_code == 200 and "discarded" in done.text
-    assert _status(tmp_path, letter_id) == "discarded"
+    assert letter_status(tmp_path, letter_id) == "discarded"
     with Store(f"sqlite:///{tmp_path / 'state.db'}") as store:
         [entry] = store.list_audit(f"deadletter:{letter_id}")
     assert (
@@ -134,7 +115,7 @@ def test_a_cross_site_post_or_one_without_the_sessions_csrf_token_is_refused(
 
 def test_pages_escape_hostile_data_and_carry_security_headers(running: Running, tmp_path: Path) -> None:
     letter_id = add_letter(tmp_path)
-    with _signed_in(running) as client:
+    with signed_in(running) as client:
         for path in (f"/console/letters/{letter_id}", "/console/letters", "/console/"):
             page = client.get(path)
             assert page.status_code == 200, page.text
@@ -147,7 +128,7 @@ def test_pages_escape_hostile_data_and_carry_security_headers(running: Running, 
         form = client.get("/console/login")
         signed = client.post(
             "/console/login",
-            data={"user": "alice", "password": PASSWORD, "csrf": _csrf(form)},
+            data={"user": "alice", "password": PASSWORD, "csrf": csrf_of(form)},
             headers={"Origin": running.console_url},
         )
     set_cookie = signed.headers["set-cookie"].lower()
@@ -158,8 +139,8 @@ def test_another_operators_change_is_shown_as_a_conflict_not_an_error(
     running: Running, tmp_path: Path
 ) -> None:
     letter_id = add_letter(tmp_path)
-    with _signed_in(running) as client:
-        token = _csrf(client.get(f"/console/letters/{letter_id}"))
+    with signed_in(running) as client:
+        token = csrf_of(client.get(f"/console/letters/{letter_id}"))
         with Store(f"sqlite:///{tmp_path / 'state.db'}") as store:
             store.set_status(letter_id, "discarded", actor="bob", reason="not ours")
         answer = client.post(
@@ -169,13 +150,13 @@ def test_another_operators_change_is_shown_as_a_conflict_not_an_error(
         )
     assert answer.status_code == 409
     assert "not replayed" in answer.text and "discarded by bob" in answer.text
-    assert _status(tmp_path, letter_id) == "discarded"
+    assert letter_status(tmp_path, letter_id) == "discarded"
 
 
 def test_an_edit_that_is_not_valid_is_refused_and_nothing_changes(running: Running, tmp_path: Path) -> None:
     letter_id = add_letter(tmp_path, payload={"event_id": "e-1", "sequence_key": "k-1", "type": "sale"})
-    with _signed_in(running) as client:
-        token = _csrf(client.get(f"/console/letters/{letter_id}"))
+    with signed_in(running) as client:
+        token = csrf_of(client.get(f"/console/letters/{letter_id}"))
         for payload, expected in (
             ('{"event_id": "e-1",', "not JSON (line 1"),
             ('{"event_id": "e-1", "sequence_key": "k-1", "type": "sale"}', "the edited event is not valid"),
@@ -187,7 +168,7 @@ def test_an_edit_that_is_not_valid_is_refused_and_nothing_changes(running: Runni
                 headers={"Origin": running.console_url},
             )
             assert answer.status_code == 400 and expected in answer.text, answer.text
-    assert _status(tmp_path, letter_id) == "dead"
+    assert letter_status(tmp_path, letter_id) == "dead"
 
 
 @pytest.mark.console({"token": "console-token-0123456789"})
@@ -199,7 +180,7 @@ def test_a_bearer_token_signs_in_as_api_token_and_is_masked(running: Running, tm
         assert page.status_code == 200
         no_csrf = client.post(f"/console/letters/{letter_id}/replay", data={})
         assert no_csrf.status_code == 403
-        done = client.post(f"/console/letters/{letter_id}/replay", data={"csrf": _csrf(page)})
+        done = client.post(f"/console/letters/{letter_id}/replay", data={"csrf": csrf_of(page)})
         assert done.status_code == 200, done.text
     with running.client(headers={"Authorization": "Bearer wrong"}) as client:
         assert client.get("/console/").status_code == 403
@@ -226,5 +207,5 @@ def test_console_listen_keeps_the_console_off_the_webhook_port(running: Running)
         answer = partners.get("/console/login")
         assert answer.status_code == 404 and "http.console_listen" in answer.text
         assert partners.get("/healthz").status_code == 200
-    with _signed_in(running) as client:
+    with signed_in(running) as client:
         assert client.get("/console/").status_code == 200
