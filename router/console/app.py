@@ -513,7 +513,8 @@ class Console:
         }
         if form.get("confirm") != "yes":
             return self.render(request, "bulk.html", preview=True, report=None, **context)
-        reason = str(form.get("reason") or "").strip() or "replayed in bulk from the console"
+        # "why" (audited), not "reason": that is a filter on the letters' reason code.
+        reason = str(form.get("why") or "").strip() or "replayed in bulk from the console"
         try:
             report = await run_in_threadpool(lambda: replayer.replay_letters(letters, reason=reason))
         except ReplayError as error:
