@@ -715,6 +715,12 @@ def _check_semantics(document: ConfigDocument, config: RouterConfig) -> None:
     for name, target in config.targets.items():
         if name in used and isinstance(target, SftpTargetConfig):
             _check_known_hosts(document, config, target, ("targets", name, "known_hosts"))
+    if config.console.trusted_header and not config.http.console_listen:
+        document.problem(
+            ("console", "trusted_header"),
+            "a trusted proxy header needs http.console_listen: on the partners' listener anyone could send "
+            "it; serve the console on its own address that only the proxy reaches",
+        )
 
 
 def _check_route(

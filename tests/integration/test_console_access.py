@@ -188,7 +188,7 @@ def test_a_bearer_token_signs_in_as_api_token_and_is_masked(running: Running, tm
         assert [entry.actor for entry in store.list_audit(f"deadletter:{letter_id}")] == ["api-token"]
 
 
-@pytest.mark.console({"trusted_header": "X-Remote-User"})
+@pytest.mark.console({"trusted_header": "X-Remote-User"}, console_listen="127.0.0.1:0")
 def test_a_trusted_proxy_header_names_the_operator_when_configured(running: Running) -> None:
     with running.client() as client:
         assert client.get("/console/", headers={"X-Remote-User": "carol"}).status_code == 200

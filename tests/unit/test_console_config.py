@@ -1,4 +1,4 @@
-"""Console password hashes: salted scrypt in a documented format; routes.yaml refuses anything else."""
+"""The console's configuration: salted scrypt password hashes, and routes.yaml refusing unsafe settings."""
 
 from __future__ import annotations
 
@@ -52,3 +52,15 @@ def test_routes_yaml_refuses_a_plain_password_under_console_users(tmp_path: Path
     message = str(raised.value)
     assert "console.users" in message and "alice" in message and "hash-password" in message
     assert "hunter22" not in message
+
+
+def test_a_trusted_proxy_header_is_refused_on_the_partners_listener(tmp_path: Path) -> None:
+    path = write_config(tmp_path, broker_url="memory://", prefix="x", targets={"erp": "http://127.0.0.1:9"})
+    document = json.loads(path.read_text())
+    document["console"] = {"trusted_header": "X-Remote-User"}
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=r"a trusted proxy header needs http\.console_listen"):
+        load_config(path)
+    document["http"] = {"console_listen": "127.0.0.1:8081"}
+    path.write_text(json.dumps(document))
+    assert load_config(path).console.trusted_header == "X-Remote-User"
