@@ -38,6 +38,9 @@ from router.status import collect_status
 PREFIX = "/console"
 PAGE_SIZE = 50
 PREVIEW_ROWS = 20
+MAX_FORM_BYTES = 4 * 1024 * 1024
+"""A console form's largest body: an edited payload fits, a body meant to exhaust memory does not."""
+MAX_LOGIN_BYTES = 16 * 1024
 PARKED = "parked"
 """The reason of a letter held behind an earlier dead letter of its key: a consequence, not a failure."""
 LAST_ERROR_PAGES = 10
@@ -211,7 +214,8 @@ class Console:
         self, handler: Callable[[Request, Operator], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
         async def page(request: Request) -> Response:
-            operator = self.auth.operator(request)
+            # Off the event loop: checking a Basic password runs scrypt.
+            operator = await run_in_threadpool(self.auth.operator, request)
             if operator is None:
                 if request.headers.get("authorization"):
                     return _refused("the credentials given are not valid for the console", 403)
@@ -225,13 +229,15 @@ class Console:
         self, handler: Callable[[Request, Operator], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
         async def action(request: Request) -> Response:
-            operator = self.auth.operator(request)
+            operator = await run_in_threadpool(self.auth.operator, request)
             if operator is None:
                 return _refused("sign in to the console first; nothing was changed", 403)
             if not same_origin(request):
                 return _refused(
                     "this form was not sent from the console's own pages; nothing was changed", 403
                 )
+            if not _bounded(request, MAX_FORM_BYTES):
+                return _refused(f"a console form is at most {MAX_FORM_BYTES} bytes, with Content-Length", 413)
             form = await request.form()
             if not csrf_ok(operator, str(form.get("csrf") or "")):
                 return _refused(
@@ -262,6 +268,10 @@ class Console:
         problem = None
         status = 200
         if request.method == "POST":
+            if not _bounded(request, MAX_LOGIN_BYTES):
+                return _refused(
+                    f"a sign-in form is at most {MAX_LOGIN_BYTES} bytes, with Content-Length", 413
+                )
             form = await request.form()
             name, password = str(form.get("user") or ""), str(form.get("password") or "")
             if not same_origin(request) or not self.auth.login_csrf_ok(request, str(form.get("csrf") or "")):
@@ -562,6 +572,12 @@ class Console:
                 request, "history.html", 400, preview=None, done=None, problem=str(error), **page
             )
         return self.render(request, "history.html", preview=None, done=count, problem=None, **page)
+
+
+def _bounded(request: Request, limit: int) -> bool:
+    """Whether the request says its body's length and it is within ``limit`` (read before any form)."""
+    length = request.headers.get("content-length", "")
+    return length.isdigit() and int(length) <= limit
 
 
 def _int(value: str | None) -> int | None:

@@ -209,3 +209,20 @@ def test_console_listen_keeps_the_console_off_the_webhook_port(running: Running)
         assert partners.get("/healthz").status_code == 200
     with signed_in(running) as client:
         assert client.get("/console/").status_code == 200
+
+
+def test_an_oversized_form_is_refused_before_it_is_read(running: Running, tmp_path: Path) -> None:
+    letter_id = add_letter(tmp_path)
+    with running.client() as client:
+        login = client.post(
+            "/console/login", content=b"user=" + b"a" * 100_000, headers={"Origin": running.console_url}
+        )
+        assert login.status_code == 413
+    with signed_in(running) as client:
+        huge = client.post(
+            f"/console/letters/{letter_id}/edit",
+            content=b"payload=" + b"x" * (5 * 1024 * 1024),
+            headers={"Origin": running.console_url, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert huge.status_code == 413
+    assert letter_status(tmp_path, letter_id) == "dead"
