@@ -7,6 +7,7 @@ Set CONSOLE_SCREENSHOTS to a folder to keep screenshots of the pages the test go
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -49,10 +50,17 @@ def _free_port() -> int:
 
 
 def _shot(browser: WebDriver, name: str) -> None:
+    """The whole page as a PNG in $CONSOLE_SCREENSHOTS (nothing without it)."""
     folder = os.environ.get("CONSOLE_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(Path(folder) / f"{name}.png"))
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    size = browser.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    page = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+    shot = browser.execute_cdp_cmd(
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": page}
+    )
+    (Path(folder) / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
 def _wait(browser: WebDriver, text: str, timeout: float = 20) -> None:
