@@ -516,33 +516,69 @@ class Store:
         target: str | None = None,
         status: DeadLetterStatus | None = None,
         stage: DeadLetterStage | None = None,
+        reason: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
         sequence_key: str | None = None,
+        after_id: int | None = None,
+        newest_first: bool = False,
         limit: int = 1000,
     ) -> list[DeadLetter]:
-        """Dead letters oldest first, matching every filter given (``since`` <= created_at < ``until``)."""
+        """Dead letters oldest first (or newest first), matching every filter given (``since`` <=
+        created_at < ``until``); ``after_id`` pages on: only letters past that id in this order."""
+        conditions = self._letter_conditions(
+            route=route,
+            target=target,
+            status=status,
+            stage=stage,
+            reason=reason,
+            since=since,
+            until=until,
+            sequence_key=sequence_key,
+        )
+        if after_id is not None:
+            conditions.append(DeadLetterRow.id < after_id if newest_first else DeadLetterRow.id > after_id)
+        order = DeadLetterRow.id.desc() if newest_first else DeadLetterRow.id
+        query = select(DeadLetterRow).where(*conditions).order_by(order).limit(limit)
+        with self._transaction() as session:
+            return [DeadLetter.from_row(row) for row in session.scalars(query)]
+
+    def count_dead_letters(self, **filters: Any) -> int:
+        """How many dead letters match the filters of :meth:`list_dead_letters` (paging aside)."""
+        query = select(func.count()).select_from(DeadLetterRow).where(*self._letter_conditions(**filters))
+        with self._transaction() as session:
+            return int(session.scalar(query) or 0)
+
+    @staticmethod
+    def _letter_conditions(
+        *,
+        route: str | None = None,
+        target: str | None = None,
+        status: DeadLetterStatus | None = None,
+        stage: DeadLetterStage | None = None,
+        reason: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        sequence_key: str | None = None,
+    ) -> list[Any]:
         if status is not None and status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
         if stage is not None and stage not in STAGES:
             raise ValueError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
-        query = select(DeadLetterRow).order_by(DeadLetterRow.id).limit(limit)
-        if route is not None:
-            query = query.where(DeadLetterRow.route == route)
-        if target is not None:
-            query = query.where(DeadLetterRow.target == target)
-        if status is not None:
-            query = query.where(DeadLetterRow.status == status)
-        if stage is not None:
-            query = query.where(DeadLetterRow.stage == stage)
-        if sequence_key is not None:
-            query = query.where(DeadLetterRow.sequence_key == sequence_key)
+        columns = {
+            DeadLetterRow.route: route,
+            DeadLetterRow.target: target,
+            DeadLetterRow.status: status,
+            DeadLetterRow.stage: stage,
+            DeadLetterRow.reason: reason,
+            DeadLetterRow.sequence_key: sequence_key,
+        }
+        conditions: list[Any] = [column == value for column, value in columns.items() if value is not None]
         if since is not None:
-            query = query.where(DeadLetterRow.created_at >= _aware("since", since))
+            conditions.append(DeadLetterRow.created_at >= _aware("since", since))
         if until is not None:
-            query = query.where(DeadLetterRow.created_at < _aware("until", until))
-        with self._transaction() as session:
-            return [DeadLetter.from_row(row) for row in session.scalars(query)]
+            conditions.append(DeadLetterRow.created_at < _aware("until", until))
+        return conditions
 
     def count_open(self, route: str | None = None) -> int:
         """How many dead letters still need an operator (status dead or parked), for one route or all."""

@@ -1,4 +1,4 @@
-"""The `router` command line: validate, run, demo, status, schema.
+"""The `router` command line: validate, run, demo, status, schema, deadletter, replay, console.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad configuration.
 """
@@ -154,6 +154,29 @@ def status(config_path: str | None, as_json: bool) -> None:
         render_status(report, Console())
     if report.get("errors"):
         sys.exit(EXIT_RUNTIME)
+
+
+@main.group("console")
+def console_group() -> None:
+    """The web console: helpers for its configuration."""
+
+
+@console_group.command("hash-password")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from the first line of stdin (for scripts)."
+)
+def hash_password_command(password_stdin: bool) -> None:
+    """Print a scrypt hash of a password for console.users in routes.yaml (the password is not echoed)."""
+    from router.console.passwords import hash_password
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
+    if not password:
+        click.echo("router console hash-password: the password is empty", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(hash_password(password))
 
 
 main.add_command(deadletter)

@@ -40,6 +40,7 @@ from ops.secrets import redact, register_config_secrets
 from router.broker import DEFAULT_CONSUMER_TIMEOUT, retry_budget
 from router.config_source import ConfigDocument, ConfigError, ConfigPath, ConfigProblem, read_document
 from router.config_types import Duration, Rate, Size
+from router.console.passwords import PasswordHash
 from transforms.filters import EventPredicate
 from transforms.lookups import Lookup, LookupTableError
 from transforms.mapping import compile_mapping
@@ -113,14 +114,21 @@ class StoreConfig(_Section):
         return self.url
 
 
+def _split_host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class HttpConfig(_Section):
-    """``http:``: the one listener for webhooks, /metrics, /healthz and /readyz.
+    """``http:``: the one listener for webhooks, /metrics, /healthz, /readyz and the console.
 
     The limits bound what slow or hostile clients can hold: connections, the time to send headers
     and body, idle keep-alive time, header size, and invalid signatures per peer address.
+    ``console_listen`` serves the console on a listener of its own, never on the partners' port.
     """
 
     listen: str = "127.0.0.1:8080"
+    console_listen: str | None = None
     enabled: bool = True
     max_connections: int = Field(1000, gt=0)
     header_timeout: Duration = Field(10.0, gt=0)
@@ -129,9 +137,11 @@ class HttpConfig(_Section):
     max_header_size: Size = Field(16 * 1024, ge=1024)
     signature_failures: Rate = (20, 60.0)
 
-    @field_validator("listen")
+    @field_validator("listen", "console_listen")
     @classmethod
-    def _host_port(cls, listen: str) -> str:
+    def _host_port(cls, listen: str | None) -> str | None:
+        if listen is None:
+            return None
         host, _, port = listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"expected HOST:PORT such as 127.0.0.1:8080, not {listen!r}")
@@ -139,11 +149,54 @@ class HttpConfig(_Section):
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return _split_host_port(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return _split_host_port(self.listen)[1]
+
+    @property
+    def console_address(self) -> tuple[str, int] | None:
+        """Where the console listens apart from the webhooks, or None when it shares ``listen``."""
+        return _split_host_port(self.console_listen) if self.console_listen else None
+
+
+class ConsoleConfig(_Section):
+    """``console:``: who may use the web console; closed (404) unless one way to sign in is set.
+
+    ``users`` maps names to scrypt hashes (`router console hash-password`); ``token`` is a bearer token
+    from the environment (audited as ``api-token``); ``trusted_header`` names a header set by an
+    authenticating proxy, honoured only when configured here.
+    """
+
+    users: dict[str, str] = Field(default_factory=dict)
+    token: str | None = Field(None, repr=False)
+    trusted_header: str | None = None
+    secure_cookie: bool = False
+    session_secret: str | None = Field(None, repr=False)
+    session_ttl: Duration = Field(8 * 3600.0, gt=0)
+
+    @field_validator("users")
+    @classmethod
+    def _hashed(cls, users: dict[str, str]) -> dict[str, str]:
+        for name, encoded in users.items():
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"user name {name!r} must be lowercase letters, digits, '.', '_' or '-'")
+            try:
+                PasswordHash.parse(encoded)
+            except ValueError as error:
+                raise ValueError(f"user {name!r}: {error}") from None
+        return users
+
+    @field_validator("token", "trusted_header", "session_secret")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any way to sign in is configured; without one the console stays closed."""
+        return bool(self.users or self.token or self.trusted_header)
 
 
 class JournalConfig(_Section):
@@ -444,6 +497,7 @@ class RouterConfig(_Section):
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     journal: JournalConfig = Field(default_factory=JournalConfig)
     lookups: dict[str, LookupConfig] = Field(default_factory=dict)
     targets: dict[str, TargetConfig] = Field(min_length=1)
@@ -692,6 +746,12 @@ def _check_semantics(document: ConfigDocument, config: RouterConfig) -> None:
         _check_retry_fits(document, config.broker, name, target)
         if name in used and isinstance(target, SftpTargetConfig):
             _check_known_hosts(document, config, target, ("targets", name, "known_hosts"))
+    if config.console.trusted_header and not config.http.console_listen:
+        document.problem(
+            ("console", "trusted_header"),
+            "a trusted proxy header needs http.console_listen: on the partners' listener anyone could send "
+            "it; serve the console on its own address that only the proxy reaches",
+        )
 
 
 def _check_route(

@@ -263,7 +263,7 @@ def replay_letters(
         if ids:
             letters = [letter for letter in _letters(store, ids) if _matches(letter, given)]
         else:
-            letters = store.list_dead_letters(status="dead", limit=1_000_000, **given)
+            letters = Replayer(config, store, actor).replayable(**given)
         if dry_run:
             _preview(letters, as_json)
             return
@@ -332,15 +332,7 @@ def edit(config_path: str | None, letter_id: int, reason: str, actor: str) -> No
             click.echo(f"dead letter {letter_id}: no change; nothing replayed")
             return
         try:
-            payload = json.loads(edited)
-        except json.JSONDecodeError as error:
-            _fail(
-                f"router deadletter edit: the edited payload is not JSON (line {error.lineno}, column "
-                f"{error.colno}: {error.msg}); nothing changed",
-                EXIT_CONFIG,
-            )
-        try:
-            report = replayer.edit(letter, payload, reason=reason)
+            report = replayer.edit_text(letter, edited, reason=reason)
         except ReplayError as error:
             _fail(f"router deadletter edit: {error}; nothing changed", EXIT_CONFIG)
         except DeadLetterStateError as error:
@@ -387,21 +379,20 @@ def replay_history(
     with _opened(config_path) as (config, store):
         replayer = Replayer(config, store, actor)
         try:
-            entries = replayer.history(target, since=since, until=until, sequence_key=sequence_key)
-            if not dry_run:
-                replayer.require_shared_broker(f"re-sending {target}'s history")
+            if dry_run:
+                count = len(replayer.history(target, since=since, until=until, sequence_key=sequence_key))
+            else:
+                count = replayer.replay_history(
+                    target,
+                    since=since,
+                    until=until,
+                    sequence_key=sequence_key,
+                    progress_for=lambda total: _progress(total, as_json),
+                )
         except ReplayError as error:
             _fail(f"router replay: {error}", EXIT_CONFIG)
-        if not dry_run and entries:
-            why = {
-                "since": since.isoformat(),
-                "until": until.isoformat() if until else None,
-                "key": sequence_key,
-            }
-            with _progress(len(entries), as_json) as advance:
-                replayer.resend(target, entries, why=why, progress=advance)
     verb = "would re-send" if dry_run else "re-sent"
     if as_json:
-        click.echo(json.dumps({"target": target, "dry_run": dry_run, "events": len(entries)}))
+        click.echo(json.dumps({"target": target, "dry_run": dry_run, "events": count}))
     else:
-        click.echo(f"{verb} {len(entries)} event(s) to {target}")
+        click.echo(f"{verb} {count} event(s) to {target}")

@@ -1,4 +1,4 @@
-"""Replay and repair: what `router deadletter replay|edit|discard` and `router replay` do.
+"""Replay and repair: what `router deadletter replay|edit|discard`, `router replay` and the console do.
 
 Replaying a letter depends on where it failed:
 - delivery: it becomes ``parked`` again; being the oldest letter of its key, the running router's
@@ -15,6 +15,7 @@ replay during live traffic never leaves a target on an older level.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -36,6 +37,8 @@ from router.pipeline import validation_detail
 from router.workers import MALFORMED_MESSAGE, REPLAY_HEADER, SNAPSHOT_TYPE
 
 REPLAY_MESSAGE_EVENTS = 200
+BULK_LIMIT = 1_000_000
+"""At most this many letters are replayed by one filtered (bulk) replay."""
 
 Progress = Callable[[int], None]
 
@@ -85,6 +88,11 @@ class Replayer:
                 "process that no running router reads, and would be lost. Point broker.url at the "
                 "RabbitMQ the router uses (amqp://...), or run the command where it can reach that broker"
             )
+
+    def replayable(self, **filters: Any) -> list[DeadLetter]:
+        """The ``dead`` letters matching ``filters`` (those of Store.list_dead_letters), oldest first:
+        what a filtered replay replays."""
+        return self.store.list_dead_letters(status="dead", limit=BULK_LIMIT, **filters)
 
     def replay_letters(
         self, letters: Sequence[DeadLetter], *, reason: str, progress: Progress = _ignore_progress
@@ -213,6 +221,16 @@ class Replayer:
         )
         return self.replay_letters([edited], reason=reason)
 
+    def edit_text(self, letter: DeadLetter, text: str, *, reason: str) -> ReplayReport:
+        """:meth:`edit` with the payload as an operator typed it: JSON text, refused with where it breaks."""
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ReplayError(
+                f"the edited payload is not JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+            ) from None
+        return self.edit(letter, payload, reason=reason)
+
     def check_editable(self, letter: DeadLetter) -> None:
         """Raise ReplayError when ``letter`` cannot be edited and replayed (its status, stage or a
         memory:// broker its record would be lost in)."""
@@ -272,6 +290,35 @@ class Replayer:
         entries = self.store.journal(target, since=since, until=until, sequence_key=sequence_key)
         keys = {entry.sequence_key for entry in entries if _is_snapshot(entry) and entry.sequence_key}
         return newest_last(entries, self.store.newest_snapshots(target, keys))
+
+    def replay_history(
+        self,
+        target: str,
+        *,
+        since: datetime,
+        until: datetime | None = None,
+        sequence_key: str | None = None,
+        progress_for: Callable[[int], AbstractContextManager[Progress]] | None = None,
+    ) -> int:
+        """Re-send ``target``'s journal in [since, until) (one key or all) in order; returns the count.
+
+        ``progress_for(total)`` may give a progress callback for the re-send. Raises ReplayError for an
+        unknown target and BrokerNotShared before sending anything to a memory:// broker.
+        """
+        entries = self.history(target, since=since, until=until, sequence_key=sequence_key)
+        self.require_shared_broker(f"re-sending {target}'s history")
+        if entries:
+            why = {
+                "since": since.isoformat(),
+                "until": until.isoformat() if until else None,
+                "key": sequence_key,
+            }
+            if progress_for is None:
+                self.resend(target, entries, why=why)
+            else:
+                with progress_for(len(entries)) as advance:
+                    self.resend(target, entries, why=why, progress=advance)
+        return len(entries)
 
     def resend(
         self,

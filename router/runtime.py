@@ -31,6 +31,7 @@ from ops.health import ops_routes
 from router import assembly
 from router.broker import Publisher, Topology, connect, queue_depth
 from router.config import RouteConfig, RouterConfig
+from router.console.app import ELSEWHERE, NOT_CONFIGURED, Console, closed_console_routes
 from router.http_server import HttpListener
 from router.ingress import IngressPublisher, SharedIngressSink
 from router.workers import DeliveryWorker, TransformWorker
@@ -63,6 +64,7 @@ class RouterRuntime:
     stop_event: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _listener: HttpListener | None = None
+    _console_listener: HttpListener | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -202,6 +204,17 @@ class RouterRuntime:
             sink = SharedIngressSink(self.broker)
             self._closers.append(sink.close)
             routes += webhook_routes(receivers, sink, assembly.StoreWebhookLedger(self._store))
+        console = self.config.http.console_address
+        if not self.config.console.enabled:
+            routes += closed_console_routes(NOT_CONFIGURED)
+        elif console is None:
+            routes += Console(self.config, self._store).routes()
+        else:
+            routes += closed_console_routes(ELSEWHERE)
+            app = Starlette(routes=Console(self.config, self._store).routes())
+            self._console_listener = HttpListener(app, *console, self.config.http)
+            self._console_listener.start()
+            log.info("console listener on %s:%d", console[0], self._console_listener.port)
         app = Starlette(routes=routes)
         port = self.config.http.port if self.http_port is None else self.http_port
         self._listener = HttpListener(app, self.config.http.host, port, self.config.http)
@@ -234,6 +247,11 @@ class RouterRuntime:
     def listener(self) -> HttpListener | None:
         return self._listener
 
+    @property
+    def console_listener(self) -> HttpListener | None:
+        """The console's own listener when ``http.console_listen`` is set."""
+        return self._console_listener
+
     def stop(self, timeout: float = 30.0) -> None:
         """Drain: signal every stage, wait for them to finish the work in hand, release resources."""
         self.stop_event.set()
@@ -241,8 +259,9 @@ class RouterRuntime:
             thread.join(timeout)
             if thread.is_alive():
                 log.error("stage %s did not drain within %.0fs", thread.name, timeout)
-        if self._listener is not None:
-            self._listener.stop()
+        for listener in (self._listener, self._console_listener):
+            if listener is not None:
+                listener.stop()
         for close in reversed(self._closers):
             close()
 
