@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from connectors.chunks import ChunkSink, SourceChunk, batched
-from transforms.parsers import CsvDialect, check_file, iter_records
+from transforms.edi import EDI_FORMATS, record_identity
+from transforms.parsers import CsvDialect, RawRecord, check_file, iter_records
 
 HASH_BLOCK = 1 << 20
 
@@ -61,6 +62,7 @@ def publish_file(
     progress.sha256 = file_sha256(path)
     dialect = {"csv_delimiter": parsing.csv.delimiter, "encoding": parsing.csv.encoding}
     progress.records = check_file(path, parsing.format, parsing.records, **dialect)
+    edi = parsing.format in EDI_FORMATS
     with path.open("rb") as stream:
         records = iter_records(stream, parsing.format, parsing.records, name, **dialect)
         for number, batch in enumerate(batched(records, parsing.chunk_size), start=1):
@@ -72,7 +74,15 @@ def publish_file(
                     origin={"file": name, "sha256": progress.sha256},
                     records=batch,
                     chunk=number,
+                    record_ids=_edi_identities(batch) if edi else None,
+                    # An EDI record is identified by its interchange control number, transaction and
+                    # line: the same interchange sent again under another file name is the same events.
+                    extra={"id_origin": {}} if edi else {},
                 )
             )
             progress.chunks = number
     return progress
+
+
+def _edi_identities(batch: list[RawRecord]) -> list[str]:
+    return [record_identity(record.data) or f"record-{record.number}" for record in batch]

@@ -379,7 +379,7 @@ class RouteConfig(_Section):
     name: str
     enabled: bool = True
     source: SourceConfig
-    format: Literal["csv", "xml", "json", "jsonl"]
+    format: Literal["csv", "xml", "json", "jsonl", "x12", "edifact"]
     records: str | None = None
     csv: CsvConfig | None = None
     map: dict[str, Any]

@@ -115,6 +115,8 @@ class RoutePipeline:
         """Turn one ingress message (a chunk of raw records) into routed events and failures."""
         recorded_at = (now or datetime.now(UTC)).isoformat()
         origin: Mapping[str, Any] = message.get("origin", {})
+        # What of the origin makes event ids unique; EDI records carry a complete identity of their own.
+        id_origin: Mapping[str, Any] = message.get("id_origin", origin)
         result = TransformResult()
         for raw in message["records"]:
             record = RawRecord(
@@ -131,7 +133,7 @@ class RoutePipeline:
             identity = raw.get("id", record.number)
             # A replayed dead letter carries the id its record had, so the target sees the same event.
             event_id = raw.get("event_id") or derive_event_id(
-                self.route, message["system"], *origin.values(), identity
+                self.route, message["system"], *id_origin.values(), identity
             )
             event = self._event(record, source_ref, event_id, recorded_at, result)
             if event is not None:

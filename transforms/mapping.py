@@ -20,7 +20,14 @@ from transforms.casts import CAST_TYPES, Caster, CastError, make_caster
 from transforms.lookups import Lookup, LookupMiss
 from transforms.parsers import FORMATS, RawRecord, safe_xml_parser
 
-SELECTOR_FOR_FORMAT = {"csv": "column", "json": "path", "jsonl": "path", "xml": "xpath"}
+SELECTOR_FOR_FORMAT = {
+    "csv": "column",
+    "json": "path",
+    "jsonl": "path",
+    "xml": "xpath",
+    "x12": "path",
+    "edifact": "path",
+}
 SELECTORS = ("column", "path", "xpath")
 OPTIONS = ("as", "tz", "format", "default", "lookup")
 
