@@ -359,3 +359,9 @@ def test_a_lookup_table_reloads_when_its_file_changes_and_keeps_the_old_table_if
         stores.refresh()
     assert stores.get("S006") == "0614141000067"  # the table in use stays
     assert not stores.refresh()  # the broken file is reported once, not on every check
+
+
+def test_a_jmespath_function_failing_on_one_record_is_that_records_mapping_error() -> None:
+    mapping = compile_mapping({"occurred_at": {"path": "join('', [d, t])"}}, "json", {})
+    with pytest.raises(MappingError, match=r"field 'occurred_at': path .* failed: In function join\(\)"):
+        mapping.apply(RawRecord(1, None, {"d": "20261130"}))
