@@ -37,6 +37,7 @@ from connectors.signatures import secret_key
 from ops.secrets import redact, register_config_secrets
 from router.config_source import ConfigDocument, ConfigError, ConfigPath, ConfigProblem, read_document
 from router.config_types import Duration, Rate, Size
+from transforms.edi import EDI_FORMATS
 from transforms.filters import EventPredicate
 from transforms.lookups import Lookup, LookupTableError
 from transforms.mapping import compile_mapping
@@ -674,6 +675,11 @@ def _check_route(
         check_records_path(route.format, route.records)
     except ValueError as error:
         document.problem((*at, "records"), str(error))
+    if route.format in EDI_FORMATS and not isinstance(route.source, FileSourceConfig | SftpSourceConfig):
+        document.problem(
+            (*at, "format"),
+            f"format: {route.format} is read from files (file, sftp), not a {route.source.type} source",
+        )
     if route.csv is not None:
         if route.format != "csv":
             document.problem((*at, "csv"), f"csv: applies to format: csv, not format: {route.format}")
