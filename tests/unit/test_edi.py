@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -438,3 +440,65 @@ def test_hostile_interchanges_are_rejected_naming_a_segment_or_yield_records(
     for record in found:
         assert isinstance(record.data, dict) and "envelope" in record.data
         assert record.error is None or _NAMES_A_SEGMENT.search(record.error), record.error
+
+
+# Streaming: memory follows the largest transaction, not the file.
+
+
+class _GeneratedFile:
+    """A read()-able file produced on the fly, so the test holds none of it."""
+
+    def __init__(self, parts: Iterator[bytes]) -> None:
+        self._parts = parts
+        self._buffer = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            part = next(self._parts, None)
+            if part is None:
+                break
+            self._buffer += part
+        cut = len(self._buffer) if size < 0 else size
+        block, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return block
+
+
+def _x12_846(transactions: int) -> Iterator[bytes]:
+    yield ISA.format(icn="000000001").encode() + b"\nGS*IB*A*B*20261130*2200*1*X*004010~\n"
+    for number in range(1, transactions + 1):
+        body = [
+            b"BIA*00*MM*INV*20261130",
+            *(b"LIN*%d*UP*012345678905~QTY*17*%d" % (n, n) for n in range(1, 21)),
+        ]
+        yield b"ST*846*%04d~\n%s~\nCTT*20~\nSE*%d*%04d~\n" % (number, b"~\n".join(body), 44, number)
+    yield b"GE*%d*1~\nIEA*1*000000001~\n" % transactions
+
+
+def _invrpt(transactions: int) -> Iterator[bytes]:
+    yield b"UNB+UNOC:3+S:14+R:14+261130:2300+REF'\n"
+    for number in range(1, transactions + 1):
+        lines = b"".join(b"LIN+%d++4006381333931:SRV'QTY+145:%d'" % (n, n) for n in range(1, 21))
+        yield b"UNH+%d+INVRPT:D:96A:UN'BGM+35+INV+9'%sCNT+2:20'UNT+44+%d'\n" % (number, lines, number)
+    yield b"UNZ+%d+REF'\n" % transactions
+
+
+def _peak_bytes(fmt: str, parts: Iterator[bytes]) -> tuple[int, int]:
+    tracemalloc.start()
+    try:
+        count = 0
+        for record in iter_records(_GeneratedFile(parts), fmt, "LIN", "big"):  # type: ignore[arg-type]
+            assert record.error is None, record.error
+            count += 1
+        return count, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fmt", "generate"), [("x12", _x12_846), ("edifact", _invrpt)])
+def test_memory_stays_flat_over_many_transactions(fmt: str, generate: Any) -> None:
+    small_count, small_peak = _peak_bytes(fmt, generate(20))
+    large_count, large_peak = _peak_bytes(fmt, generate(400))
+    assert (small_count, large_count) == (400, 8000)
+    # Twenty times the transactions, about the same memory: one transaction is held at a time.
+    assert large_peak < small_peak * 1.5 + 256 * 1024, (small_peak, large_peak)
