@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from canonical.events import parse_event
 from canonical.ids import derive_event_id, partition_for, sequence_key_for
+from transforms.edi import EDI_FORMATS, record_segment
 from transforms.filters import EventPredicate, FilterError
 from transforms.mapping import MappingError, RecordMapping
 from transforms.parsers import RawRecord
@@ -84,10 +85,12 @@ class TransformResult:
 
 
 def describe_position(source_ref: Mapping[str, Any]) -> str:
-    """Human form of a record's origin: ``pos-001.csv line 14 (record 13)``."""
+    """Human form of a record's origin: ``pos.csv line 14 (record 13)``, ``a.x12 segment 17 (record 1)``."""
     parts = [str(source_ref.get("file") or source_ref.get("message_id") or "message")]
     if source_ref.get("line") is not None:
         parts.append(f"line {source_ref['line']}")
+    if source_ref.get("segment") is not None:
+        parts.append(f"segment {source_ref['segment']}")
     parts.append(f"(record {source_ref.get('record')})")
     return " ".join(parts)
 
@@ -130,6 +133,8 @@ class RoutePipeline:
                 "file": origin.get("file"),
                 "line": record.line,
             }
+            if self.mapping.format in EDI_FORMATS:
+                source_ref["segment"] = record_segment(record.data)
             identity = raw.get("id", record.number)
             # A replayed dead letter carries the id its record had, so the target sees the same event.
             event_id = raw.get("event_id") or derive_event_id(

@@ -329,6 +329,13 @@ def record_identity(data: Any) -> str | None:
     return "/".join(str(envelope.get(part, "")) for part in parts)
 
 
+def record_segment(data: Any) -> int | None:
+    """Where an EDI record starts in its file (its first segment's position), for error messages."""
+    envelope = data.get("envelope") if isinstance(data, dict) else None
+    segment = envelope.get("segment") if isinstance(envelope, dict) else None
+    return segment if isinstance(segment, int) and not isinstance(segment, bool) and segment > 0 else None
+
+
 def read_blocks(stream: Any) -> Iterator[str]:
     """The stream as text blocks; Latin-1 maps every byte to one character, so no delimiter is lost
     and multi-byte text is decoded later, element by element, in the interchange's character set."""

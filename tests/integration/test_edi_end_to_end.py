@@ -81,6 +81,14 @@ def test_an_856_becomes_asn_events_a_resend_deduplicates_and_a_bad_envelope_is_r
     assert first["gtin"] == "00012345678905" and first["location"] == "0614141000036"
     assert first["quantity"] == "24" and first["supplier"] == "ZZ:ACMESUPPLY"
     assert first["occurred_at"] == "2026-11-30T09:15:00-05:00"
+    assert first["source"] == {
+        "route": "supplier-asn-x12",
+        "system": "file",
+        "message_id": first["source"]["message_id"],
+        "record": 1,
+        "file": "asn-0001.x12",
+        "segment": 17,
+    }
     assert [event["quantity"] for event in events] == ["24", "12", "6"]
     reason = (tmp_path / "errors" / "broken.x12.reason.txt").read_text(encoding="utf-8")
     assert "broken.x12: segment 32 (IEA): IEA02 '000004799' does not match segment 1 (ISA)'s ISA13" in reason

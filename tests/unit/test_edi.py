@@ -368,6 +368,21 @@ def test_event_ids_come_from_the_interchange_control_number_not_the_file(tmp_pat
     assert set(_event_ids(next_one, "c.x12")).isdisjoint(ids)
 
 
+def test_a_line_that_does_not_map_is_dead_lettered_naming_its_file_segment_record_and_field(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.x12"
+    path.write_bytes(x12(ASN_BODY).replace(b"LIN*2*UP*036000291452", b"LIN*2*UP*036000291453"))
+    chunks: list[Any] = []
+    publish_file(path, FileParsing("asn", "sftp", "x12", "HL:I", 500), chunks.append, FileProgress())
+    [result] = [_pipeline("x12").transform(chunk_message(chunk)) for chunk in chunks]
+    assert [event["source"]["segment"] for event in result.accepted] == [9]
+    [failure] = result.failures
+    assert failure.reason == "validation"
+    assert failure.detail.startswith("a.x12 segment 12 (record 2): field 'gtin': ")
+    assert failure.payload["LIN"][0]["e3"] == "036000291453"  # the record as read, for an edit and a replay
+
+
 def test_the_sample_interchanges_parse() -> None:
     expected = {"asn-856.x12": 3, "stock-846.x12": 2, "desadv.edi": 3, "invrpt.edi": 2}
     specs = {"asn-856.x12": "HL:I", "stock-846.x12": "LIN", "desadv.edi": "CPS/LIN", "invrpt.edi": "LIN"}
