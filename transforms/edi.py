@@ -305,11 +305,7 @@ class Transaction:
 
     def records(self, first_number: int) -> Iterator[RawRecord]:
         """The transaction's records, numbered on from ``first_number``; all refused if it has a problem."""
-        if not self.problems:
-            try:
-                self.builder.close()
-            except EdiError as error:
-                self.problems.append(str(error))
+        self.builder.close()
         problem = "; ".join(self.problems) if self.problems else None
         if problem is not None:
             problem += (
@@ -344,7 +340,7 @@ def read_blocks(stream: Any) -> Iterator[str]:
 
 
 def decode_text(text: str, charset: str, segment_label: str) -> str:
-    """Re-decode a Latin-1-read value in the interchange's character set; raises EdiError-like text."""
+    """Re-decode a Latin-1-read value in the interchange's character set; raises EdiError if it is not."""
     if charset == "latin-1":
         return text
     try:

@@ -321,6 +321,13 @@ def test_an_edifact_message_mismatch_dead_letters_its_lines_naming_the_segment(
     assert reason in str(found[0].error) and "message '1' (segment 3 (UNH))" in str(found[0].error)
 
 
+def test_a_message_without_summary_keeps_its_last_line_when_its_trailer_is_wrong() -> None:
+    body = [line for line in DESADV_BODY if not line.startswith("CNT")]
+    found = records(edifact(body).replace(b"UNT+10+1", b"UNT+9+1"), "edifact", "CPS/LIN")
+    assert [r.data["LIN"][0]["e1"] for r in found] == ["1", "2"]
+    assert all("UNT01 says 9 segments, counted 10" in str(r.error) for r in found)
+
+
 def test_edifact_groups_are_counted_by_une_and_unz() -> None:
     content = edifact(DESADV_BODY).replace(b"UNH+", b"UNG+DESADV+S+R+261130:0915+G1'\nUNH+", 1)
     content = content.replace(b"UNZ+1+", b"UNE+1+G1'\nUNZ+1+")
