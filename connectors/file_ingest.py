@@ -74,7 +74,7 @@ def publish_file(
                     origin={"file": name, "sha256": progress.sha256},
                     records=batch,
                     chunk=number,
-                    record_ids=_edi_identities(batch) if edi else None,
+                    record_ids=_edi_identities(batch, progress.sha256) if edi else None,
                     # An EDI record is identified by its interchange control number, transaction and
                     # line: the same interchange sent again under another file name is the same events.
                     extra={"id_origin": {}} if edi else {},
@@ -84,5 +84,6 @@ def publish_file(
     return progress
 
 
-def _edi_identities(batch: list[RawRecord]) -> list[str]:
-    return [record_identity(record.data) or f"record-{record.number}" for record in batch]
+def _edi_identities(batch: list[RawRecord], sha256: str) -> list[str]:
+    """Each EDI record's interchange identity; the content hash stands in should one lack its envelope."""
+    return [record_identity(record.data) or f"{sha256}#{record.number}" for record in batch]
