@@ -166,6 +166,8 @@ class SourceRef(CanonicalModel):
     """The source file name, for file and SFTP sources."""
     line: int | None = Field(default=None, ge=1)
     """The line in the source file where the record starts."""
+    segment: int | None = Field(default=None, ge=1)
+    """For X12 and EDIFACT: the position in the file of the record's first segment."""
 
 
 class BizTransaction(CanonicalModel):

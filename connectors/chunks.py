@@ -18,7 +18,8 @@ class SourceChunk:
     with each record's identity it is what event ids derive from, so the same input always yields
     the same events. A record's identity is its number in the message, unless the source knows a
     better one (a REST record's own id): then ``record_ids`` gives one per record, and ``origin``
-    holds only what stays stable across re-polls.
+    holds only what stays stable across re-polls. ``extra`` is added to the ingress message; an
+    ``id_origin`` there replaces ``origin`` in event ids (``{}`` for EDI, whose record ids are complete).
     """
 
     route: str

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from connectors.chunks import ChunkSink, SourceChunk, batched
+from transforms.edi import EDI_FORMATS, record_identity
 from transforms.parsers import CsvDialect, FileFormatError, RawRecord, iter_records
 
 HASH_BLOCK = 1 << 20
@@ -296,6 +297,7 @@ def publish_file(
         progress.size = size
     progress.records = _check(path, parsing, name, size, progress.published)
     dialect = {"csv_delimiter": parsing.csv.delimiter, "encoding": parsing.csv.encoding}
+    edi = parsing.format in EDI_FORMATS
     with open_prefix(path, size) as stream:
         records = iter_records(stream, parsing.format, parsing.records, name, **dialect)  # type: ignore[arg-type]
         for batch in batched(islice(records, progress.published, None), parsing.chunk_size):
@@ -308,8 +310,17 @@ def publish_file(
                     origin={"file": name, "sha256": progress.sha256},
                     records=batch,
                     chunk=number,
+                    record_ids=_edi_identities(batch, progress.sha256) if edi else None,
+                    # An EDI record is identified by its interchange control number, transaction and
+                    # line: the same interchange sent again under another file name is the same events.
+                    extra={"id_origin": {}} if edi else {},
                 )
             )
             progress.chunks = number
             progress.published += len(batch)
     return progress
+
+
+def _edi_identities(batch: list[RawRecord], sha256: str) -> list[str]:
+    """Each EDI record's interchange identity; the content hash stands in should one lack its envelope."""
+    return [record_identity(record.data) or f"{sha256}#{record.number}" for record in batch]

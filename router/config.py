@@ -41,6 +41,7 @@ from router.broker import DEFAULT_CONSUMER_TIMEOUT, retry_budget
 from router.config_source import ConfigDocument, ConfigError, ConfigPath, ConfigProblem, read_document
 from router.config_types import Duration, Rate, Size
 from router.console.passwords import PasswordHash
+from transforms.edi import EDI_FORMATS
 from transforms.filters import EventPredicate
 from transforms.lookups import Lookup, LookupTableError
 from transforms.mapping import compile_mapping
@@ -462,7 +463,7 @@ class RouteConfig(_Section):
     name: str
     enabled: bool = True
     source: SourceConfig
-    format: Literal["csv", "xml", "json", "jsonl"]
+    format: Literal["csv", "xml", "json", "jsonl", "x12", "edifact"]
     records: str | None = None
     csv: CsvConfig | None = None
     map: dict[str, Any]
@@ -765,6 +766,11 @@ def _check_route(
         check_records_path(route.format, route.records)
     except ValueError as error:
         document.problem((*at, "records"), str(error))
+    if route.format in EDI_FORMATS and not isinstance(route.source, FileSourceConfig | SftpSourceConfig):
+        document.problem(
+            (*at, "format"),
+            f"format: {route.format} is read from files (file, sftp), not a {route.source.type} source",
+        )
     if route.csv is not None:
         if route.format != "csv":
             document.problem((*at, "csv"), f"csv: applies to format: csv, not format: {route.format}")

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from canonical.events import parse_event
 from canonical.ids import derive_event_id, partition_for, sequence_key_for
+from transforms.edi import EDI_FORMATS, record_segment
 from transforms.filters import EventPredicate, FilterError
 from transforms.mapping import MappingError, RecordMapping
 from transforms.parsers import RawRecord, shorten
@@ -41,8 +42,9 @@ def check_chunk(body: Any) -> Mapping[str, Any]:
     for name in ("route", "system", "message_id"):
         if not isinstance(body.get(name), str):
             raise MalformedChunk(f"ingress message has no {name!r} text")
-    if not isinstance(body.get("origin", {}), Mapping):
-        raise MalformedChunk("ingress message 'origin' is not an object")
+    for name in ("origin", "id_origin"):
+        if not isinstance(body.get(name, {}), Mapping):
+            raise MalformedChunk(f"ingress message {name!r} is not an object")
     records = body.get("records")
     if not isinstance(records, list):
         raise MalformedChunk("ingress message has no 'records' list")
@@ -114,10 +116,12 @@ class TransformResult:
 
 
 def describe_position(source_ref: Mapping[str, Any]) -> str:
-    """Human form of a record's origin: ``pos-001.csv line 14 (record 13)``."""
+    """Human form of a record's origin: ``pos.csv line 14 (record 13)``, ``a.x12 segment 17 (record 1)``."""
     parts = [str(source_ref.get("file") or source_ref.get("message_id") or "message")]
     if source_ref.get("line") is not None:
         parts.append(f"line {source_ref['line']}")
+    if source_ref.get("segment") is not None:
+        parts.append(f"segment {source_ref['segment']}")
     parts.append(f"(record {source_ref.get('record')})")
     return " ".join(parts)
 
@@ -131,8 +135,10 @@ def validation_detail(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def _source_ref(route: str, message: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+def _source_ref(
+    route: str, message: Mapping[str, Any], raw: Mapping[str, Any], *, edi: bool = False
+) -> dict[str, Any]:
+    source_ref = {
         "route": route,
         "system": message["system"],
         "message_id": message["message_id"],
@@ -140,13 +146,18 @@ def _source_ref(route: str, message: Mapping[str, Any], raw: Mapping[str, Any]) 
         "file": message.get("origin", {}).get("file"),
         "line": raw.get("line"),
     }
+    if edi:
+        source_ref["segment"] = record_segment(raw.get("data"))
+    return source_ref
 
 
 def _event_id(route: str, message: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
     # A replayed dead letter carries the id its record had, so the target sees the same event.
-    origin: Mapping[str, Any] = message.get("origin", {})
+    # ``id_origin`` is what of the origin makes ids unique; EDI records carry a complete identity of
+    # their own, so their chunks name none and a resent interchange keeps its ids.
+    id_origin: Mapping[str, Any] = message.get("id_origin", message.get("origin", {}))
     return raw.get("event_id") or derive_event_id(
-        route, message["system"], *origin.values(), raw.get("id", raw["n"])
+        route, message["system"], *id_origin.values(), raw.get("id", raw["n"])
     )
 
 
@@ -188,7 +199,7 @@ class RoutePipeline:
         result = TransformResult()
         for raw in message["records"]:
             record = _raw_record(raw)
-            source_ref = _source_ref(self.route, message, raw)
+            source_ref = _source_ref(self.route, message, raw, edi=self.mapping.format in EDI_FORMATS)
             event_id = _event_id(self.route, message, raw)
             try:
                 event = self._event(record, source_ref, event_id, recorded_at, result)

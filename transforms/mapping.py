@@ -20,7 +20,14 @@ from transforms.casts import CAST_TYPES, Caster, CastError, make_caster
 from transforms.lookups import Lookup, LookupMiss
 from transforms.parsers import FORMATS, RawRecord, safe_xml_parser
 
-SELECTOR_FOR_FORMAT = {"csv": "column", "json": "path", "jsonl": "path", "xml": "xpath"}
+SELECTOR_FOR_FORMAT = {
+    "csv": "column",
+    "json": "path",
+    "jsonl": "path",
+    "xml": "xpath",
+    "x12": "path",
+    "edifact": "path",
+}
 SELECTORS = ("column", "path", "xpath")
 OPTIONS = ("as", "tz", "format", "default", "lookup")
 
@@ -208,7 +215,15 @@ def _compile_selector(selector: str, expression: str, name: str) -> Selector:
             compiled = jmespath.compile(expression)
         except JMESPathError as error:
             raise ValueError(f"field {name!r}: path {expression!r} is not valid JMESPath: {error}") from None
-        return compiled.search
+
+        def select_path(content: Any) -> Any:
+            try:
+                return compiled.search(content)
+            except JMESPathError as error:
+                # A function given the wrong type (join over a missing element) is this record's fault.
+                raise MappingError(name, f"path {expression!r} failed: {error}") from None
+
+        return select_path
     try:
         xpath = etree.XPath(expression)
     except etree.XPathSyntaxError as error:

@@ -1,7 +1,8 @@
-"""Streaming record splitters: turn a CSV, XML, JSON or JSONL file into raw records one at a time.
+"""Streaming record splitters: turn a CSV, XML, JSON, JSONL or EDI file into raw records one at a time.
 
 Memory stays flat whatever the file size: CSV and JSONL are read line by line, XML with lxml's
-iterparse (each record element is cleared once yielded), JSON with ijson for simple record paths.
+iterparse (each record element is cleared once yielded), JSON with ijson for simple record paths,
+X12 and EDIFACT segment by segment (transforms.x12, transforms.edifact) one transaction at a time.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import jmespath
 from jmespath.exceptions import JMESPathError
 from lxml import etree
 
-RecordFormat = Literal["csv", "xml", "json", "jsonl"]
-FORMATS: tuple[str, ...] = ("csv", "xml", "json", "jsonl")
+RecordFormat = Literal["csv", "xml", "json", "jsonl", "x12", "edifact"]
+FORMATS: tuple[str, ...] = ("csv", "xml", "json", "jsonl", "x12", "edifact")
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 """Longest physical line read from CSV/JSONL; beyond it the file is refused rather than buffered."""
@@ -165,6 +166,11 @@ def _compile_splitter(fmt: str, records: str | None) -> Splitter:
         return lambda stream, name, **_: _xml_records(stream, name, path_matches)
     if fmt == "json":
         return _compile_json_path(records)
+    if fmt in ("x12", "edifact"):
+        # Imported here: the EDI readers build on this module's RawRecord and FileFormatError.
+        from transforms import edifact, x12
+
+        return (x12 if fmt == "x12" else edifact).splitter(records)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 

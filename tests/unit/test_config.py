@@ -216,7 +216,7 @@ def test_validate_command_exit_codes(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert good.returncode == 0 and "ok: 4 route(s)" in good.stdout, good.stderr
+    assert good.returncode == 0 and "ok: 5 route(s)" in good.stdout, good.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "router.cli", "validate", "-c", str(tmp_path / "nowhere.yaml")],
         capture_output=True,
@@ -396,3 +396,27 @@ def test_ready_and_pattern_mistakes_are_reported_at_their_position(
     text = VALID.replace('pattern: "*.csv", stable_for: 2s}', f"stable_for: 2s, {setting}}}")
     [problem] = _problems(_write(tmp_path, text))
     assert problem.startswith(f"{tmp_path / 'routes.yaml'}:15:") and complaint in problem, problem
+
+
+def test_an_edi_route_needs_a_file_source_and_a_record_loop(tmp_path: Path) -> None:
+    route = (
+        "  - name: {name}\n"
+        "    source: {source}\n"
+        "    format: {fmt}\n"
+        "    {records}\n"
+        '    map: {{type: asn, asn_id: {{path: "header.BSN[0].e2"}}, gtin: {{path: "LIN[0].e3"}}}}\n'
+        "    deliver: [erp]\n"
+    )
+    path = _write(
+        tmp_path,
+        VALID
+        + route.format(name="x12-ok", source="{type: file, path: edi}", fmt="x12", records="records: HL:I")
+        + route.format(name="x12-no-loop", source="{type: file, path: edi}", fmt="x12", records="")
+        + route.format(name="edifact-hook", source="{type: webhook}", fmt="edifact", records="records: LIN"),
+    )
+    problems = _problems(path)
+    assert any(":30:5: records is required for x12: the loop that is one record" in p for p in problems)
+    assert any(
+        ":38:13: format: edifact is read from files (file, sftp), not a webhook source" in p for p in problems
+    )
+    assert len(problems) == 3, problems  # the third: the webhook has no secret

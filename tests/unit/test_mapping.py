@@ -373,3 +373,9 @@ def test_an_integer_too_long_for_python_is_a_cast_error_not_a_crash_or_a_hang() 
     assert cast_value(Decimal("1E+3"), "int", tz=None, fmt=None) == 1000
     with pytest.raises(CastError, match="is not an integer"):
         cast_value(Decimal("Infinity"), "int", tz=None, fmt=None)
+
+
+def test_a_jmespath_function_failing_on_one_record_is_that_records_mapping_error() -> None:
+    mapping = compile_mapping({"occurred_at": {"path": "join('', [d, t])"}}, "json", {})
+    with pytest.raises(MappingError, match=r"field 'occurred_at': path .* failed: In function join\(\)"):
+        mapping.apply(RawRecord(1, None, {"d": "20261130"}))
