@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -108,6 +109,13 @@ class RabbitCluster:
             account = pwd.getpwnam(RUN_AS)
         except KeyError:
             raise ClusterUnavailable(f"there is no {RUN_AS!r} user to run the nodes as") from None
+        for node in self.nodes:
+            for port in (node.port, DIST_PORT + node.index - 1):
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", port)) == 0:
+                        raise ClusterUnavailable(
+                            f"port {port} of {node.name} is taken (another test session's cluster?)"
+                        )
         self._write_files()
         for path in [self.base, *self.base.rglob("*")]:
             os.chown(path, account.pw_uid, account.pw_gid)
