@@ -208,8 +208,8 @@ class FailoverConnection(Connection):
 
 
 def connect(settings: BrokerSettings) -> Connection:
-    """Open a kombu connection: to the first reachable URL of the list with publisher confirms on
-    RabbitMQ, fast polling in memory."""
+    """A kombu connection (opened on first use) over the broker's URLs, tried in turn, with publisher
+    confirms on RabbitMQ; fast polling in memory."""
     if settings.is_memory:
         # The embedded transport polls; a short interval keeps the demo and unit tests snappy.
         return Connection(settings.url, transport_options={"polling_interval": 0.005}, connect_timeout=5)
