@@ -35,6 +35,7 @@ _AUTH_SCHEMES = "basic|bearer|digest|token|negotiate"
 _SECRET_FIELD = re.compile(_SECRET_WORD, re.IGNORECASE)
 # Bounded repetitions keep every pattern linear on long unbroken text such as a base64 body.
 _URL = re.compile(r"\b(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,30}://)(?P<rest>[^\s\"'<>`]+)")
+_URL_LIST = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]{0,30}://)")
 _SECRET_ASSIGNMENT = re.compile(
     rf"(?P<name>(?:{_SECRET_WORD})[\w-]{{0,40}})(?P<sep>[\"']?\s*[=:]\s*[\"']?)"
     rf"(?!(?:{_AUTH_SCHEMES})\s+\*\*\*)(?P<scheme>(?:{_AUTH_SCHEMES})\s+)?(?!\*\*\*)[^\s&,;\"']+",
@@ -96,7 +97,8 @@ class SecretRegistry:
         Other query values (``status=active``) are left out: masked everywhere they would eat ordinary
         words; in the URL itself every query value is masked anyway.
         """
-        for match in _URL.finditer(url):
+        # A broker's failover list joins its nodes' URLs with ';': each has its own password.
+        for match in _URL.finditer(_URL_LIST.sub(" ", url)):
             parts = _UrlParts.parse(match["rest"])
             if parts.password is not None:
                 self.add(parts.password)

@@ -43,7 +43,7 @@ from transforms.render import PayloadRenderer
 def broker_settings(config: RouterConfig) -> BrokerSettings:
     broker = config.broker
     return BrokerSettings(
-        url=broker.url,
+        url=";".join(broker.url),
         queue_type=broker.queue_type,
         prefix=broker.prefix,
         confirm_timeout=broker.confirm_timeout,

@@ -11,19 +11,26 @@ publishing guarantees are defined once:
 - one direct exchange ``<prefix>`` routing by queue name;
 - persistent messages published with publisher confirms: ``publish`` returns only once RabbitMQ has
   taken responsibility for the message, which is what lets a source acknowledge upstream.
+
+``broker.url`` may name every node of a RabbitMQ cluster (``;``-separated here): a connection tries
+them in turn (round-robin) when it connects or reconnects, and a publish whose connection fails, or
+whose confirm does not come, is published again through the next node. A message may then be taken
+twice; event ids make the copy harmless downstream, while a message never confirmed is never dropped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
+
+from ops.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +61,30 @@ class BrokerSettings:
     """What the broker layer needs from the `broker:` section of routes.yaml."""
 
     url: str = "memory://"
+    """One broker URL, or the URLs of a cluster's nodes separated by ``;``."""
     queue_type: str = "quorum"
     prefix: str = "router"
     confirm_timeout: float = 30.0
     consumer_timeout: float = DEFAULT_CONSUMER_TIMEOUT
 
     @property
+    def urls(self) -> list[str]:
+        """The broker URLs in the order they are tried."""
+        return [url.strip() for url in self.url.split(";") if url.strip()]
+
+    @property
     def is_memory(self) -> bool:
         return self.url.startswith("memory://")
+
+    @property
+    def display(self) -> str:
+        """The URLs fit to print: passwords masked."""
+        return redact_urls(self.urls)
+
+
+def redact_urls(urls: Iterable[str]) -> str:
+    """Broker URLs fit to print, each password masked, separated by ``, ``."""
+    return ", ".join(redact(url) for url in urls)
 
 
 def _json_default(value: Any) -> Any:
@@ -152,14 +175,50 @@ class Topology:
                 ) from None
 
 
+class FailoverConnection(Connection):
+    """A kombu connection that tries every URL of its list before it gives up connecting.
+
+    kombu's own connection tries two URLs when opened lazily (``channel()``, ``drain_events``); with
+    three nodes and the first two down that would never reach the third.
+    """
+
+    def _ensure_connection(
+        self,
+        errback: Callable[[Exception, float], None] | None = None,
+        max_retries: int | None = None,
+        interval_start: float = 2,
+        interval_step: float = 2,
+        interval_max: float = 30,
+        callback: Callable[[], None] | None = None,
+        reraise_as_library_errors: bool = True,
+        timeout: float | None = None,
+    ) -> Any:
+        if max_retries is not None:
+            max_retries = max(max_retries, len(self.alt) - 1)
+        return super()._ensure_connection(
+            errback,
+            max_retries,
+            interval_start,
+            interval_step,
+            interval_max,
+            callback,
+            reraise_as_library_errors,
+            timeout,
+        )
+
+
 def connect(settings: BrokerSettings) -> Connection:
-    """Open a kombu connection with publisher confirms on RabbitMQ and fast polling in memory."""
+    """A kombu connection (opened on first use) over the broker's URLs, tried in turn, with publisher
+    confirms on RabbitMQ; fast polling in memory."""
     if settings.is_memory:
         # The embedded transport polls; a short interval keeps the demo and unit tests snappy.
-        options: dict[str, Any] = {"polling_interval": 0.005}
-    else:
-        options = {"confirm_publish": True}
-    return Connection(settings.url, transport_options=options, connect_timeout=5)
+        return Connection(settings.url, transport_options={"polling_interval": 0.005}, connect_timeout=5)
+    return FailoverConnection(
+        settings.urls,
+        failover_strategy="round-robin",
+        transport_options={"confirm_publish": True},
+        connect_timeout=5,
+    )
 
 
 class Publisher:
@@ -181,12 +240,21 @@ class Publisher:
     ) -> None:
         """Publish one message to ``queue``; returns once the broker confirmed it.
 
-        Raises :class:`BrokerUnavailable` when the broker is unreachable, refuses or does not
-        confirm within the configured time, so the caller keeps its upstream unacknowledged.
+        When the connection fails or the confirm does not come (its node stopped, or sits in a
+        minority partition), the message is published again through the next node of the list, once
+        per node. Raises :class:`BrokerUnavailable` when no node confirms it, so the caller keeps its
+        upstream unacknowledged.
         """
         try:
             producer = self._ensure_producer()
-            producer.publish(
+            publish = self._connection.ensure(
+                producer,
+                producer.publish,
+                errback=self._failing_over,
+                max_retries=len(self._topology.settings.urls),
+                interval_start=0,
+            )
+            publish(
                 encode_body(body),
                 routing_key=queue.routing_key,
                 content_type=CONTENT_TYPE,
@@ -201,6 +269,11 @@ class Publisher:
             self._producer = None
             self._reset_connection()
             raise BrokerUnavailable(f"publish to {queue.name} was not confirmed: {exc}") from exc
+
+    def _failing_over(self, error: Exception, _interval: float) -> None:
+        log.warning(
+            "broker connection lost while publishing (%s); publishing again through the next node", error
+        )
 
     def _reset_connection(self) -> None:
         try:

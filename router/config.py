@@ -24,7 +24,9 @@ from typing import Annotated, Any, Literal
 import jmespath
 from jmespath.exceptions import JMESPathError
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -37,7 +39,7 @@ from canonical.events import EVENT_MODELS, EVENT_TYPES
 from connectors.file_ingest import Readiness
 from connectors.signatures import secret_key
 from ops.secrets import redact, register_config_secrets
-from router.broker import DEFAULT_CONSUMER_TIMEOUT, retry_budget
+from router.broker import DEFAULT_CONSUMER_TIMEOUT, redact_urls, retry_budget
 from router.config_source import ConfigDocument, ConfigError, ConfigPath, ConfigProblem, read_document
 from router.config_types import Duration, Rate, Size
 from router.console.passwords import PasswordHash
@@ -57,6 +59,7 @@ __all__ = [
     "load_config",
     "read_json_schema",
     "redact_url",
+    "redact_urls",
 ]
 
 DEFAULT_CONFIG = "routes.yaml"
@@ -73,10 +76,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _broker_urls(value: Any) -> Any:
+    """``broker.url`` as a list: one URL, a list of them, or a ``;``-separated string of them."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(";")]
+    return value
+
+
+def _broker_url(url: str) -> str:
+    """Refuse a URL kombu would not take for a RabbitMQ node (or the embedded broker)."""
+    if not url.startswith(("amqp://", "amqps://", "memory://")):
+        raise ValueError(
+            f"{redact(url)!r} is no broker URL; expected amqp://USER:PASSWORD@HOST:PORT/VHOST or memory://"
+        )
+    return url
+
+
+BrokerUrls = Annotated[
+    list[Annotated[str, AfterValidator(_broker_url)]], BeforeValidator(_broker_urls), Field(min_length=1)
+]
+"""The nodes of one RabbitMQ cluster, tried in turn on connect and reconnect."""
+
+
 class BrokerConfig(_Section):
     """``broker:``: RabbitMQ (amqp://) in production, the embedded memory:// broker for the demo."""
 
-    url: str = "memory://"
+    url: BrokerUrls = Field(default_factory=lambda: ["memory://"])
     queue_type: Literal["quorum", "classic"] = "quorum"
     prefix: str = "router"
     prefetch: int = Field(4, ge=1, le=1000)
@@ -87,10 +112,13 @@ class BrokerConfig(_Section):
 
     @field_validator("url")
     @classmethod
-    def _known_scheme(cls, url: str) -> str:
-        if not url.startswith(("amqp://", "amqps://", "memory://")):
-            raise ValueError("expected amqp://USER:PASSWORD@HOST:PORT/VHOST or memory://")
-        return url
+    def _memory_alone(cls, urls: list[str]) -> list[str]:
+        if len(urls) > 1 and any(url.startswith("memory://") for url in urls):
+            raise ValueError(
+                "memory:// is a broker inside one process and cannot fail over: give it alone, or list "
+                "only the amqp:// URLs of the cluster's nodes"
+            )
+        return urls
 
     @field_validator("prefix")
     @classmethod
@@ -546,7 +574,7 @@ class RouterConfig(_Section):
         )
         return (
             f"{self._path}: ok: {len(self.routes)} route(s) ({routes}), {len(self.targets)} target(s), "
-            f"broker {redact_url(self.broker.url)}, store {redact_url(self.store.url)}"
+            f"broker {redact_urls(self.broker.url)}, store {redact_url(self.store.url)}"
         )
 
 

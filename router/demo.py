@@ -23,7 +23,7 @@ from rich.table import Table
 
 from deadletter.store import Store
 from ops.metrics import REGISTRY
-from router.config import ConfigError, RouterConfig, load_config, redact_url
+from router.config import ConfigError, RouterConfig, load_config, redact_urls
 from router.runtime import RouterRuntime
 from router.simulated import SimulatedTarget, TargetBehaviour
 from router.terminal import data_text
@@ -109,7 +109,7 @@ def _run(
 
     console.rule("[bold]Retail inventory router · demo")
     console.print(
-        f"config [cyan]{config_path}[/] · broker [cyan]{redact_url(config.broker.url)}[/] · "
+        f"config [cyan]{config_path}[/] · broker [cyan]{redact_urls(config.broker.url)}[/] · "
         f"store [cyan]temporary SQLite[/] · route [cyan]{route.name}[/]"
     )
     for name, simulator in simulators.items():

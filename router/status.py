@@ -22,7 +22,7 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
     topology = Topology(broker)
     report: dict[str, Any] = {
         "config": str(config.path),
-        "broker": redact_url(broker.url),
+        "broker": broker.display,
         "store": redact_url(config.store.url),
         "routes": [],
         "targets": [],
@@ -45,7 +45,7 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
                             connection, topology.delivery_queue(name, n)
                         )
         except Exception as error:
-            report["errors"].append(f"broker {redact_url(broker.url)} unreachable: {error}")
+            report["errors"].append(f"broker {broker.display} unreachable: {error}")
     open_letters: dict[str, int] = {}
     parked_keys: dict[str, int] = {}
     try:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.rabbit_cluster import ClusterUnavailable, RabbitCluster
+
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -78,6 +80,24 @@ def rabbitmq_namespace(rabbitmq_url: str, broker_prefix: str) -> Iterator[str]:
         channel = connection.channel()
         channel.exchange_delete(broker_prefix)
         channel.close()
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster() -> Iterator[RabbitCluster]:
+    """Three RabbitMQ nodes clustered on this machine for the whole session, removed afterwards."""
+    cluster = RabbitCluster()
+    try:
+        cluster.start()
+    except ClusterUnavailable as error:
+        cluster.stop()
+        message = f"the three-node RabbitMQ cluster did not start: {error}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI must be able to start it)")
+        pytest.skip(message)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

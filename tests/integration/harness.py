@@ -19,7 +19,7 @@ STORES = {"S001": "0614141000012", "S002": "0614141000029", "S003": "06141410000
 def write_config(
     folder: Path,
     *,
-    broker_url: str,
+    broker_url: str | list[str],
     prefix: str,
     targets: Mapping[str, str],
     batch: Mapping[str, int | None] | None = None,

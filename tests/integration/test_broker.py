@@ -90,3 +90,23 @@ def test_a_queue_declared_with_other_settings_says_how_to_fix_it(
     with connect(quorum.settings) as connection, pytest.raises(BrokerTopologyMismatch) as caught:
         quorum.declare(connection, [quorum.ingress_queue("pos-sales")])
     assert "x-queue-type" in str(caught.value) and "broker.queue_type" in str(caught.value)
+
+
+def test_every_connection_tries_each_url_of_the_list_in_turn(
+    rabbitmq_url: str, rabbitmq_namespace: str
+) -> None:
+    # Two nodes that refuse, then the live one: kombu alone gives up after the second URL.
+    dead = ["amqp://guest:guest@127.0.0.1:1//", "amqp://guest:guest@127.0.0.1:2//"]
+    settings = _settings(";".join([*dead, rabbitmq_url]), rabbitmq_namespace)
+    topology = Topology(settings)
+    queue = topology.delivery_queue("erp", 0)
+    with connect(settings) as connection:
+        topology.declare(connection, [queue])
+    with connect(settings) as connection:
+        Publisher(connection, topology).publish(queue, {"n": 1})
+    with connect(settings) as connection:
+        consumer = BufferedConsumer(connection, [queue], prefetch=1)
+        [message] = consumer.fetch(5)
+        assert decode_body(message.body) == {"n": 1}
+        message.ack()
+        consumer.close()

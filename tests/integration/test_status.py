@@ -73,3 +73,23 @@ def test_status_with_the_broker_unreachable_says_so_without_the_password_and_exi
     assert code == 1
     assert any("unreachable" in error for error in report["errors"]), report
     assert "s3cret" not in json.dumps(report) and report["broker"] == "amqp://router:***@127.0.0.1:1//"
+
+
+def test_status_reaches_the_broker_through_any_node_of_the_list_and_masks_each_password(
+    tmp_path: Path, rabbitmq_url: str, rabbitmq_namespace: str
+) -> None:
+    dead = ["amqp://router:first-s3cret@127.0.0.1:1//", "amqp://router:second-s3cret@127.0.0.1:2//"]
+    config = write_config(
+        tmp_path,
+        broker_url=[*dead, rabbitmq_url],
+        prefix=rabbitmq_namespace,
+        targets={"erp": "http://127.0.0.1:9"},
+    )
+
+    code, report, _ = _status(config)
+
+    assert code == 0 and report["errors"] == [], report
+    assert "s3cret" not in json.dumps(report)
+    assert report["broker"].startswith(
+        "amqp://router:***@127.0.0.1:1//, amqp://router:***@127.0.0.1:2//, amqp://"
+    )

@@ -57,7 +57,7 @@ def _problems(path: Path, env: dict[str, str] | None = None) -> list[str]:
 
 def test_the_shipped_sample_validates_with_no_environment() -> None:
     config = load_config(REPO / "routes.yaml", {})
-    assert config.broker.url == "memory://"
+    assert config.broker.url == ["memory://"]
     assert [route.name for route in config.enabled_routes] == ["pos-sales"]
     assert {route.source.type for route in config.routes} == {"file", "sftp", "webhook", "rest"}
     assert config.targets["erp"].auth is not None and config.targets["erp"].auth.bearer is None
@@ -150,6 +150,38 @@ def test_unset_variable_is_a_problem_and_secrets_are_never_echoed(tmp_path: Path
 
     config = load_config(_write(tmp_path, VALID), {"BROKER": "amqp://router:hunter2@mq:5672//"})
     assert "hunter2" not in config.summary() and "router:***@mq" in config.summary()
+
+
+def test_broker_url_lists_every_node_of_a_cluster_in_either_form(tmp_path: Path) -> None:
+    nodes = ["amqp://router:first-pass@mq1:5672//", "amqp://router:second-pass@mq2:5672//"]
+    listed = VALID.replace(
+        'broker: {url: "${BROKER:-memory://}"}', f"broker: {{url: [{nodes[0]}, {nodes[1]}]}}"
+    )
+    config = load_config(_write(tmp_path, listed), {})
+    assert config.broker.url == nodes
+    joined = load_config(_write(tmp_path, VALID), {"BROKER": " ; ".join(nodes)})
+    assert joined.broker.url == nodes
+    summary = joined.summary()
+    assert "first-pass" not in summary and "second-pass" not in summary
+    assert "router:***@mq1:5672//, amqp://router:***@mq2:5672//" in summary
+
+
+def test_a_bad_url_in_the_broker_list_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        VALID.replace(
+            'broker: {url: "${BROKER:-memory://}"}',
+            "broker:\n  url:\n    - amqp://router:top-secret@mq1:5672//\n    - http://router:top-secret@mq2//",
+        ),
+    )
+    [problem] = _problems(path)
+    assert problem.startswith(f"{path}:5:7: ") and "is no broker URL; expected amqp://" in problem, problem
+    assert "top-secret" not in problem
+
+    mixed = _write(tmp_path, VALID.replace("${BROKER:-memory://}", "memory://;amqp://mq1//"))
+    [problem] = _problems(mixed)
+    assert problem.startswith(f"{mixed}:2:") and "memory:// is a broker inside one process" in problem
+    assert _problems(_write(tmp_path, VALID.replace("${BROKER:-memory://}", "amqp://mq1//;")))
 
 
 @pytest.mark.parametrize(

@@ -124,3 +124,9 @@ def test_ordinary_query_values_of_a_configured_url_stay_readable_outside_it() ->
     assert (
         redact("GET https://api.example/orders?status=shipped") == "GET https://api.example/orders?status=***"
     )
+
+
+def test_each_password_of_a_broker_failover_list_is_a_known_secret() -> None:
+    SECRETS.add_url("amqp://router:node-one-pw@mq1:5672//;amqp://router:node-two-pw@mq2:5672//")
+
+    assert redact("auth failed for node-one-pw, then node-two-pw") == "auth failed for ***, then ***"
