@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from connectors.chunks import ChunkSink, SourceChunk, batched
+from transforms.fixed_width import FixedLayout
 from transforms.parsers import CsvDialect, check_file, iter_records
 
 HASH_BLOCK = 1 << 20
@@ -19,8 +21,8 @@ HASH_BLOCK = 1 << 20
 
 @dataclass(frozen=True)
 class FileParsing:
-    """How a route's files are read: route name, source system, format, record path, chunk size, and
-    for CSV the delimiter and encoding."""
+    """How a route's files are read: route name, source system, format, record path, chunk size, for
+    CSV the dialect (delimiter, encoding, preamble, trailer), for fixed-width the layout."""
 
     route: str
     system: str
@@ -28,6 +30,22 @@ class FileParsing:
     records: str | None
     chunk_size: int
     csv: CsvDialect = field(default_factory=CsvDialect)
+    fixed: FixedLayout | None = None
+
+    @property
+    def encoding(self) -> str:
+        """The text encoding of the route's files (CSV/JSONL: ``csv.encoding``; fixed: the layout's)."""
+        return self.fixed.encoding if self.fixed is not None else self.csv.encoding
+
+    def options(self) -> dict[str, Any]:
+        """The format options :func:`transforms.parsers.iter_records` takes."""
+        return {
+            "csv_delimiter": self.csv.delimiter,
+            "encoding": self.csv.encoding,
+            "csv_preamble": self.csv.preamble,
+            "csv_trailer": self.csv.trailer,
+            "fixed": self.fixed,
+        }
 
 
 @dataclass
@@ -59,7 +77,7 @@ def publish_file(
     """
     name = name or path.name
     progress.sha256 = file_sha256(path)
-    dialect = {"csv_delimiter": parsing.csv.delimiter, "encoding": parsing.csv.encoding}
+    dialect = parsing.options()
     progress.records = check_file(path, parsing.format, parsing.records, **dialect)
     with path.open("rb") as stream:
         records = iter_records(stream, parsing.format, parsing.records, name, **dialect)

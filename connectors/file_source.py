@@ -28,6 +28,7 @@ from typing import IO
 from connectors.chunks import ChunkSink
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
 from ops import metrics
+from transforms.fixed_width import FixedLayout
 from transforms.parsers import CsvDialect, FileFormatError
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class FileDropSettings:
     records: str | None
     chunk_size: int
     csv: CsvDialect = field(default_factory=CsvDialect)
+    fixed: FixedLayout | None = None
 
 
 class FileOutcome(StrEnum):
@@ -126,7 +128,13 @@ class FileDropSource:
         self._clock = clock
         self._processing = settings.inbox / PROCESSING_DIR
         self._parsing = FileParsing(
-            settings.route, "file", settings.format, settings.records, settings.chunk_size, settings.csv
+            settings.route,
+            "file",
+            settings.format,
+            settings.records,
+            settings.chunk_size,
+            settings.csv,
+            settings.fixed,
         )
 
     def _stable_files(self) -> list[Path]:

@@ -38,6 +38,7 @@ from connectors.file_ingest import FileParsing, FileProgress, publish_file
 from connectors.file_source import PROCESSING_DIR
 from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
 from ops import metrics
+from transforms.fixed_width import FixedLayout
 from transforms.parsers import CsvDialect, FileFormatError
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class SftpSettings:
     claim_ttl: float = 600.0
     reconnect_max: float = 60.0
     csv: CsvDialect = field(default_factory=CsvDialect)
+    fixed: FixedLayout | None = None
 
     def __post_init__(self) -> None:
         where = f"sftp source of route {self.route!r}"
@@ -263,7 +265,13 @@ class SftpSource:
         if staging_dir is not None:
             staging_dir.mkdir(parents=True, exist_ok=True)
         self._parsing = FileParsing(
-            settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size, settings.csv
+            settings.route,
+            SYSTEM,
+            settings.format,
+            settings.records,
+            settings.chunk_size,
+            settings.csv,
+            settings.fixed,
         )
         self._connection = SftpConnection(settings.endpoint)
         self._failures = 0
@@ -302,8 +310,12 @@ class SftpSource:
             self._failures += 1
             log.warning(
                 "route %s: SFTP poll of %s on %s failed after %d files: %s; reconnecting in %.1fs",
-                self.settings.route, self.settings.remote_dir, self.settings.address, len(results),
-                describe(error), self.next_poll_in,
+                self.settings.route,
+                self.settings.remote_dir,
+                self.settings.address,
+                len(results),
+                describe(error),
+                self.next_poll_in,
                 extra={"route": self.settings.route},
             )
             self._connection.close()
@@ -345,17 +357,30 @@ class SftpSource:
             log.log(
                 logging.ERROR if is_refusal(error) else logging.WARNING,
                 "route %s: cannot connect to SFTP server %s (attempt %d): %s; next attempt in %.1fs",
-                settings.route, settings.address, self._failures, describe(error),
+                settings.route,
+                settings.address,
+                self._failures,
+                describe(error),
                 self.next_poll_in,
                 extra={"route": settings.route},
             )
             return None
         if self._failures:
-            log.info("route %s: reconnected to SFTP server %s after %d failed attempts",
-                     settings.route, settings.address, self._failures, extra={"route": settings.route})
+            log.info(
+                "route %s: reconnected to SFTP server %s after %d failed attempts",
+                settings.route,
+                settings.address,
+                self._failures,
+                extra={"route": settings.route},
+            )
         else:
-            log.info("route %s: connected to SFTP server %s as %s",
-                     settings.route, settings.address, settings.username, extra={"route": settings.route})
+            log.info(
+                "route %s: connected to SFTP server %s as %s",
+                settings.route,
+                settings.address,
+                settings.username,
+                extra={"route": settings.route},
+            )
         return sftp
 
     def _matches(self, entry: paramiko.SFTPAttributes) -> bool:
@@ -398,7 +423,11 @@ class SftpSource:
             log.warning(
                 "route %s: claim on %s expired (not renewed for %.0fs, claim_ttl %.0fs), its router stopped "
                 "mid-file; returning it to %s",
-                settings.route, entry.filename, idle, settings.claim_ttl, settings.remote_dir,
+                settings.route,
+                entry.filename,
+                idle,
+                settings.claim_ttl,
+                settings.remote_dir,
                 extra={"route": settings.route, "file": entry.filename},
             )
             try:
@@ -421,8 +450,13 @@ class SftpSource:
             # Gone: another router claimed it. Otherwise a file of that name is still in flight (or the
             # server forbids the rename): the file stays and is offered again next poll.
             if not isinstance(error, FileNotFoundError):
-                log.info("route %s: %s not claimed this poll: %s", self.settings.route, name, error,
-                         extra={"route": self.settings.route, "file": name})
+                log.info(
+                    "route %s: %s not claimed this poll: %s",
+                    self.settings.route,
+                    name,
+                    error,
+                    extra={"route": self.settings.route, "file": name},
+                )
             return None
         return claim, stamp
 
@@ -481,7 +515,12 @@ class SftpSource:
         del self._unsettled[claim]
         log.info(
             "route %s: %s from %s %s: %d records in %d chunks",
-            settings.route, name, settings.address, outcome.value, progress.records, progress.chunks,
+            settings.route,
+            name,
+            settings.address,
+            outcome.value,
+            progress.records,
+            progress.chunks,
             extra={"route": settings.route, "file": name, "records": progress.records},
         )
         return SftpResult(name, outcome, progress.records, progress.chunks, moved_to=moved)
@@ -493,7 +532,11 @@ class SftpSource:
         settings = self.settings
         log.warning(
             "route %s: %s not ingested (%d chunks confirmed): %s; releasing it back to %s",
-            settings.route, name, progress.chunks, describe(error), settings.remote_dir,
+            settings.route,
+            name,
+            progress.chunks,
+            describe(error),
+            settings.remote_dir,
             extra={"route": settings.route, "file": name},
         )
         moved = _move(sftp, claim, settings.remote_dir, name)
@@ -508,7 +551,11 @@ class SftpSource:
             reason.write(f"{error}\n")
         log.error(
             "route %s: %s from %s rejected to %s: %s",
-            settings.route, name, settings.address, settings.errors_dir, error,
+            settings.route,
+            name,
+            settings.address,
+            settings.errors_dir,
+            error,
             extra={"route": settings.route, "file": name},
         )
         if self._on_rejected is not None:
@@ -521,8 +568,12 @@ class SftpSource:
         for claim, unsettled in list(self._unsettled.items()):
             name = posixpath.basename(claim)
             if not _exists(sftp, claim):
-                log.warning("route %s: claim %s was taken over by another router while disconnected",
-                            self.settings.route, claim, extra={"route": self.settings.route, "file": name})
+                log.warning(
+                    "route %s: claim %s was taken over by another router while disconnected",
+                    self.settings.route,
+                    claim,
+                    extra={"route": self.settings.route, "file": name},
+                )
                 del self._unsettled[claim]
             elif unsettled.confirmed:
                 results.append(self._finish(sftp, claim, name, unsettled.progress))

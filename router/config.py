@@ -38,6 +38,7 @@ from ops.secrets import redact, register_config_secrets
 from router.config_source import ConfigDocument, ConfigError, ConfigPath, ConfigProblem, read_document
 from router.config_types import Duration, Rate, Size
 from transforms.filters import EventPredicate
+from transforms.fixed_width import LayoutError, compile_layout
 from transforms.lookups import Lookup, LookupTableError
 from transforms.mapping import compile_mapping
 from transforms.parsers import check_records_path, iter_records
@@ -367,10 +368,38 @@ class DeliverRule(_Section):
 
 
 class CsvConfig(_Section):
-    """A CSV route's ``csv:``: e.g. ``{delimiter: ";", encoding: cp1252}`` for many European POS exports."""
+    """A CSV route's ``csv:``: e.g. ``{delimiter: ";", encoding: cp1252}`` for many European POS exports.
+
+    ``preamble``: lines of ``KEY;VALUE`` before the column header, read with ``from: document``;
+    ``trailer``: the key of a last row ``KEY;COUNT`` whose count must match the rows read.
+    """
 
     delimiter: str = ","
     encoding: str = "utf-8"
+    preamble: int = Field(0, ge=0, le=1000)
+    trailer: str | None = Field(None, min_length=1)
+
+
+class FixedRecordType(_Section):
+    """An item of ``fixed.record_types``: its role, its fields, and for a trailer its count field."""
+
+    role: Literal["header", "detail", "trailer"] = "detail"
+    fields: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    count: str | None = None
+
+
+class FixedConfig(_Section):
+    """A fixed-width route's ``fixed:``: ``fields: {NAME: [start, width]}`` (1-based columns) for files
+    of one record type, or ``type: [start, width]`` with ``record_types`` keyed by their code."""
+
+    encoding: str = "utf-8"
+    type: tuple[int, int] | None = None
+    fields: dict[str, tuple[int, int]] | None = None
+    record_types: dict[str, FixedRecordType] | None = None
+
+    def layout(self) -> dict[str, Any]:
+        """The block as plain data for :func:`transforms.fixed_width.compile_layout`."""
+        return self.model_dump(exclude_none=True)
 
 
 class RouteConfig(_Section):
@@ -379,9 +408,10 @@ class RouteConfig(_Section):
     name: str
     enabled: bool = True
     source: SourceConfig
-    format: Literal["csv", "xml", "json", "jsonl"]
+    format: Literal["csv", "xml", "json", "jsonl", "fixed"]
     records: str | None = None
     csv: CsvConfig | None = None
+    fixed: FixedConfig | None = None
     map: dict[str, Any]
     filter: str | None = None
     sequence_key: list[str] = Field(default_factory=lambda: ["sku", "location"], min_length=1)
@@ -690,6 +720,7 @@ def _check_route(
                 )
             except ValueError as error:
                 document.problem((*at, "csv"), str(error))
+    _check_fixed(document, route, at)
     _check_event_fields(document, route, at)
     known_lookups = {name: lookups.get(name) or Lookup(name, {}) for name in config.lookups}
     try:
@@ -733,6 +764,20 @@ def _check_route(
                     document.problem((*at, "source", key), f"{expression!r} is not valid JMESPath: {error}")
     if isinstance(source, SftpSourceConfig):
         _check_known_hosts(document, config, source, (*at, "source", "known_hosts"))
+
+
+def _check_fixed(document: ConfigDocument, route: RouteConfig, at: ConfigPath) -> None:
+    if route.fixed is None:
+        if route.format == "fixed":
+            document.problem((*at, "format"), "format: fixed needs a fixed: block (fields or record_types)")
+        return
+    if route.format != "fixed":
+        document.problem((*at, "fixed"), f"fixed: applies to format: fixed, not format: {route.format}")
+        return
+    try:
+        compile_layout(route.fixed.layout())
+    except LayoutError as error:
+        document.problem((*at, "fixed", *error.where), error.reason)
 
 
 def _check_known_hosts(

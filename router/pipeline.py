@@ -62,7 +62,12 @@ class RecordFailure:
     def of(
         cls, reason: str, detail: str, record: RawRecord, source_ref: dict[str, Any], event_id: str
     ) -> RecordFailure:
-        """A failure whose detail starts with where the record came from (file, line, record)."""
+        """A failure whose detail starts with where the record came from (file, line, record).
+
+        The record's document context (its header) is kept with the source so a replay maps it again.
+        """
+        if record.document is not None:
+            source_ref = {**source_ref, "document": record.document}
         return cls(reason, f"{describe_position(source_ref)}: {detail}", record.data, source_ref, event_id)
 
 
@@ -116,9 +121,14 @@ class RoutePipeline:
         recorded_at = (now or datetime.now(UTC)).isoformat()
         origin: Mapping[str, Any] = message.get("origin", {})
         result = TransformResult()
+        documents: Sequence[Any] = message.get("documents", ())
         for raw in message["records"]:
             record = RawRecord(
-                number=raw["n"], line=raw.get("line"), data=raw.get("data"), error=raw.get("error")
+                number=raw["n"],
+                line=raw.get("line"),
+                data=raw.get("data"),
+                error=raw.get("error"),
+                document=documents[raw["doc"]] if "doc" in raw else None,
             )
             source_ref = {
                 "route": self.route,

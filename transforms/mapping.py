@@ -1,8 +1,10 @@
 """The declarative record mapping of a route's ``map:``: raw record in, canonical event fields out.
 
-A field is ``{column|path|xpath: SELECTOR}`` plus optional ``as``, ``tz``, ``format``, ``default`` and
-``lookup``; a plain value is a constant, a dict without a selector a nested mapping, a list maps
-each item. Everything is compiled once per route; ``apply`` runs per record.
+A field is ``{column|path|xpath: SELECTOR}`` plus optional ``as``, ``tz``, ``format``, ``default``,
+``lookup`` and ``from`` (``record``, the default, or ``document``: the header around the record, see
+RawRecord.document); XPath may also climb out of the record (``..``, ``ancestor::``, ``/ASN``).
+A plain value is a constant, a dict without a selector a nested mapping, a list maps each item.
+Everything is compiled once per route; ``apply`` runs per record.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from transforms.casts import CAST_TYPES, Caster, CastError, make_caster
 from transforms.lookups import Lookup, LookupMiss
 from transforms.parsers import FORMATS, RawRecord, safe_xml_parser
 
-SELECTOR_FOR_FORMAT = {"csv": "column", "json": "path", "jsonl": "path", "xml": "xpath"}
+SELECTOR_FOR_FORMAT = {"csv": "column", "json": "path", "jsonl": "path", "xml": "xpath", "fixed": "column"}
 SELECTORS = ("column", "path", "xpath")
-OPTIONS = ("as", "tz", "format", "default", "lookup")
+OPTIONS = ("as", "tz", "format", "default", "lookup", "from")
+FROM = ("record", "document")
 
 Selector = Callable[[Any], Any]
 
@@ -41,10 +44,18 @@ class MappingError(Exception):
 
 
 @dataclass(frozen=True)
+class _Content:
+    """What a field reads: the record, and the document around it (None when the format has none)."""
+
+    record: Any
+    document: Any
+
+
+@dataclass(frozen=True)
 class _Constant:
     value: Any
 
-    def evaluate(self, content: Any) -> Any:
+    def evaluate(self, content: _Content) -> Any:
         return self.value
 
 
@@ -55,9 +66,11 @@ class _Field:
     default: Any
     lookup: Lookup | None
     cast: Caster | None
+    from_document: bool = False
 
-    def evaluate(self, content: Any) -> Any:
-        value = self.select(content)
+    def evaluate(self, content: _Content) -> Any:
+        source = content.document if self.from_document else content.record
+        value = None if source is None else self.select(source)
         if isinstance(value, str):
             value = value.strip()
         if value is None or value == "":
@@ -81,7 +94,7 @@ class _Field:
 class _Object:
     fields: tuple[tuple[str, _Node], ...]
 
-    def evaluate(self, content: Any) -> dict[str, Any]:
+    def evaluate(self, content: _Content) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for key, node in self.fields:
             value = node.evaluate(content)
@@ -94,7 +107,7 @@ class _Object:
 class _List:
     items: tuple[_Node, ...]
 
-    def evaluate(self, content: Any) -> list[Any]:
+    def evaluate(self, content: _Content) -> list[Any]:
         values = (item.evaluate(content) for item in self.items)
         return [value for value in values if value is not None]
 
@@ -114,22 +127,49 @@ class RecordMapping:
         """Map one raw record; fields without a value are left out. Raises MappingError."""
         return self._root.evaluate(self._content(record))
 
-    def _content(self, record: RawRecord) -> Any:
+    def _content(self, record: RawRecord) -> _Content:
         data = record.data
-        if self.format == "csv":
+        if self.format in ("csv", "fixed"):
             if not isinstance(data, Mapping):
-                raise MappingError("", f"CSV record is a {type(data).__name__}; expected column values")
-            return data
+                kind = "CSV" if self.format == "csv" else "Fixed-width"
+                raise MappingError("", f"{kind} record is a {type(data).__name__}; expected column values")
+            return _Content(data, record.document)
         if self.format == "xml":
             if not isinstance(data, str | bytes):
                 raise MappingError(
                     "", f"XML record is a {type(data).__name__}; expected the element as XML text"
                 )
-            try:
-                return etree.fromstring(data.encode() if isinstance(data, str) else data, safe_xml_parser())
-            except etree.XMLSyntaxError as error:
-                raise MappingError("", f"XML record does not parse: {error}") from None
-        return data
+            element = _parse_xml(data, "XML record")
+            root = _xml_in_document(element, record.document)
+            return _Content(element, root)
+        return _Content(data, record.document)
+
+
+def _parse_xml(text: str | bytes, what: str) -> Any:
+    try:
+        return etree.fromstring(text.encode() if isinstance(text, str) else text, safe_xml_parser())
+    except etree.XMLSyntaxError as error:
+        raise MappingError("", f"{what} does not parse: {error}") from None
+
+
+def _xml_in_document(element: Any, document: Any) -> Any:
+    """Put a record back at its place in its document context; returns the document's root element.
+
+    The context is the trimmed ancestor chain the parser kept (``{"xml": ..., "depth": n}``); the
+    record becomes the last child of its innermost ancestor, after the header it followed in the file.
+    """
+    if document is None:
+        return element
+    if not isinstance(document, Mapping) or not isinstance(document.get("xml"), str):
+        raise MappingError("", "XML record's document context is not the {xml, depth} the parser gives")
+    root = _parse_xml(document["xml"], "XML record's document context")
+    parent = root
+    for _ in range(int(document.get("depth", 1)) - 1):
+        if len(parent) == 0:
+            raise MappingError("", "XML record's document context is shallower than its depth")
+        parent = parent[-1]
+    parent.append(element)
+    return root
 
 
 def compile_mapping(spec: Mapping[str, Any], fmt: str, lookups: Mapping[str, Lookup]) -> RecordMapping:
@@ -187,6 +227,9 @@ def _compile_field(
     expression = spec[selector]
     if not isinstance(expression, str) or not expression.strip():
         raise ValueError(f"field {name!r}: {selector} must be a non-empty string, not {expression!r}")
+    source = spec.get("from", "record")
+    if source not in FROM:
+        raise ValueError(f"field {name!r}: from must be record or document, not {source!r}")
     default = spec.get("default")
     if isinstance(default, Mapping | list):
         raise ValueError(f"field {name!r}: default must be a single value, not a {type(default).__name__}")
@@ -196,6 +239,7 @@ def _compile_field(
         default=Decimal(repr(default)) if isinstance(default, float) else default,
         lookup=_field_lookup(spec.get("lookup"), name, lookups),
         cast=_field_cast(spec, name),
+        from_document=source == "document",
     )
 
 
