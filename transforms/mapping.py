@@ -230,6 +230,8 @@ def _compile_field(
     source = spec.get("from", "record")
     if source not in FROM:
         raise ValueError(f"field {name!r}: from must be record or document, not {source!r}")
+    if source == "document" and fmt == "jsonl":
+        raise ValueError(f"field {name!r}: a jsonl line is a whole document; from: document does not apply")
     default = spec.get("default")
     if isinstance(default, Mapping | list):
         raise ValueError(f"field {name!r}: default must be a single value, not a {type(default).__name__}")

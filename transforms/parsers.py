@@ -31,6 +31,9 @@ FORMATS: tuple[str, ...] = ("csv", "xml", "json", "jsonl", "fixed")
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 """Longest physical line read from CSV/JSONL; beyond it the file is refused rather than buffered."""
+MAX_HEADER_ELEMENTS = 10_000
+"""Most child elements an XML element may have before its first record: they are kept in memory as
+the records' header, so a document with more (usually a wrong ``records``) is refused instead."""
 
 _XML_STEP = re.compile(r"\*|[A-Za-z_][\w.\-]*")
 _SIMPLE_JSON_PATH = re.compile(r"(?:@|(?P<dotted>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*))?(?:\[\*\])?")
@@ -168,7 +171,7 @@ def _compile_splitter(fmt: str, records: str | None) -> Splitter:
         if not records:
             raise ValueError("records is required for xml: an element path such as /ASN/Line or //Line")
         path_matches = _compile_xml_path(records)
-        return lambda stream, name, **_: _xml_records(stream, name, path_matches)
+        return lambda stream, name, **_: _xml_records(stream, name, records, path_matches)
     if fmt == "json":
         return _compile_json_path(records)
     if fmt == "fixed":
@@ -595,9 +598,10 @@ class _OpenElement:
     serial: int
     record: bool
     holds_records: bool = False
+    kept: int = 0
 
 
-def _xml_records(stream: BinaryIO, name: str, matches: XmlPathMatcher) -> Iterator[RawRecord]:
+def _xml_records(stream: BinaryIO, name: str, records: str, matches: XmlPathMatcher) -> Iterator[RawRecord]:
     """Records of the elements ``matches`` accepts, each with its ancestors' own content as context.
 
     An ancestor keeps the children that ended before its first record (its header: ShipTo, dates);
@@ -635,9 +639,21 @@ def _xml_records(stream: BinaryIO, name: str, matches: XmlPathMatcher) -> Iterat
                 yield _xml_record(element, number, documents.context(element, stack))
             if open_records == 0:
                 parent = element.getparent()
+                if parent is None:
+                    continue
                 # A header child stays readable by the records that follow it; the rest is done with.
-                if parent is not None and (state.record or state.holds_records or stack[-1].holds_records):
+                if state.record or state.holds_records or stack[-1].holds_records:
                     parent.remove(element)
+                    continue
+                stack[-1].kept += 1
+                if stack[-1].kept > MAX_HEADER_ELEMENTS:
+                    raise FileFormatError(
+                        name,
+                        element.sourceline,
+                        None,
+                        f"<{path[-1]}> has more than {MAX_HEADER_ELEMENTS} child elements before its "
+                        f"first record, all kept as the records' header (is records {records!r} right?)",
+                    )
     except etree.XMLSyntaxError as error:
         line, column = error.position
         message = _LIBXML_POSITION.sub("", error.msg or str(error))

@@ -14,7 +14,7 @@ from router.ingress import chunk_message
 from router.pipeline import DeliveryRule, RoutePipeline
 from router.replay import record_message
 from transforms.mapping import compile_mapping
-from transforms.parsers import FileFormatError, RawRecord, iter_records
+from transforms.parsers import MAX_HEADER_ELEMENTS, FileFormatError, RawRecord, iter_records
 
 DESADV = b"""<?xml version="1.0" encoding="UTF-8"?>
 <DespatchAdvice number="ASN-0042">
@@ -156,3 +156,21 @@ def test_a_failed_line_keeps_its_header_so_a_replay_maps_it_again() -> None:
     replayed = pipeline.transform(record_message(Letter()))  # type: ignore[arg-type]
     assert not replayed.failures and replayed.accepted[0]["location"] == "0614141000012"
     assert replayed.accepted[0]["event_id"] == failure.event_id
+
+
+def test_a_header_too_large_to_keep_refuses_the_file_instead_of_filling_memory() -> None:
+    """Children before the first record are kept as header; a wrong records path must not keep them all."""
+    many = b"<Export>" + b"<Row><SKU>A</SKU></Row>" * (MAX_HEADER_ELEMENTS + 1) + b"</Export>"
+    with pytest.raises(FileFormatError) as caught:
+        _records(many, "xml", "//Line")
+    assert "<Export> has more than 10000 child elements before its first record" in caught.value.reason
+    assert "'//Line'" in caught.value.reason
+    after = b"<Export><Line/>" + b"<Row/>" * (MAX_HEADER_ELEMENTS + 1) + b"<Line/></Export>"
+    assert len(_records(after, "xml", "//Line")) == 2, "what follows a record is dropped, not kept"
+
+
+def test_from_document_on_jsonl_is_refused_at_compile_time() -> None:
+    with pytest.raises(ValueError, match="a jsonl line is a whole document"):
+        compile_mapping({"asn": {"path": "asn", "from": "document"}}, "jsonl", {})
+    with pytest.raises(ValueError, match="from must be record or document"):
+        compile_mapping({"asn": {"path": "asn", "from": "header"}}, "json", {})
