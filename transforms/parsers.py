@@ -517,12 +517,12 @@ def _json_loaded(stream: BinaryIO, name: str, expression: str, compiled: Any) ->
     if not isinstance(found, list):
         kind = "not in the document" if found is None else _with_article(_json_kind(found))
         raise FileFormatError(name, None, None, f"records {expression!r} is {kind}; expected a list")
-    context = _without(document, found)
+    context = document_without(document, found)
     for number, value in enumerate(found, start=1):
         yield RawRecord(number, None, value, document=context)
 
 
-def _without(document: Any, records: list[Any]) -> Any:
+def document_without(document: Any, records: Any) -> Any:
     """``document`` without the ``records`` list itself: what the records' ``from: document`` reads.
 
     A projection builds a new list that is not in the document; the document is then kept whole.
@@ -530,9 +530,11 @@ def _without(document: Any, records: list[Any]) -> Any:
     if document is records:
         return None
     if isinstance(document, dict):
-        return {key: _without(value, records) for key, value in document.items() if value is not records}
+        return {
+            key: document_without(value, records) for key, value in document.items() if value is not records
+        }
     if isinstance(document, list):
-        return [_without(value, records) for value in document if value is not records]
+        return [document_without(value, records) for value in document if value is not records]
     return document
 
 
