@@ -265,12 +265,7 @@ class SftpSource:
         if staging_dir is not None:
             staging_dir.mkdir(parents=True, exist_ok=True)
         self._parsing = FileParsing(
-            settings.route,
-            SYSTEM,
-            settings.format,
-            settings.records,
-            settings.chunk_size,
-            settings.csv,
+            settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size, settings.csv,
             settings.fixed,
         )
         self._connection = SftpConnection(settings.endpoint)
@@ -310,12 +305,8 @@ class SftpSource:
             self._failures += 1
             log.warning(
                 "route %s: SFTP poll of %s on %s failed after %d files: %s; reconnecting in %.1fs",
-                self.settings.route,
-                self.settings.remote_dir,
-                self.settings.address,
-                len(results),
-                describe(error),
-                self.next_poll_in,
+                self.settings.route, self.settings.remote_dir, self.settings.address, len(results),
+                describe(error), self.next_poll_in,
                 extra={"route": self.settings.route},
             )
             self._connection.close()
@@ -357,30 +348,17 @@ class SftpSource:
             log.log(
                 logging.ERROR if is_refusal(error) else logging.WARNING,
                 "route %s: cannot connect to SFTP server %s (attempt %d): %s; next attempt in %.1fs",
-                settings.route,
-                settings.address,
-                self._failures,
-                describe(error),
+                settings.route, settings.address, self._failures, describe(error),
                 self.next_poll_in,
                 extra={"route": settings.route},
             )
             return None
         if self._failures:
-            log.info(
-                "route %s: reconnected to SFTP server %s after %d failed attempts",
-                settings.route,
-                settings.address,
-                self._failures,
-                extra={"route": settings.route},
-            )
+            log.info("route %s: reconnected to SFTP server %s after %d failed attempts",
+                     settings.route, settings.address, self._failures, extra={"route": settings.route})
         else:
-            log.info(
-                "route %s: connected to SFTP server %s as %s",
-                settings.route,
-                settings.address,
-                settings.username,
-                extra={"route": settings.route},
-            )
+            log.info("route %s: connected to SFTP server %s as %s",
+                     settings.route, settings.address, settings.username, extra={"route": settings.route})
         return sftp
 
     def _matches(self, entry: paramiko.SFTPAttributes) -> bool:
@@ -423,11 +401,7 @@ class SftpSource:
             log.warning(
                 "route %s: claim on %s expired (not renewed for %.0fs, claim_ttl %.0fs), its router stopped "
                 "mid-file; returning it to %s",
-                settings.route,
-                entry.filename,
-                idle,
-                settings.claim_ttl,
-                settings.remote_dir,
+                settings.route, entry.filename, idle, settings.claim_ttl, settings.remote_dir,
                 extra={"route": settings.route, "file": entry.filename},
             )
             try:
@@ -450,13 +424,8 @@ class SftpSource:
             # Gone: another router claimed it. Otherwise a file of that name is still in flight (or the
             # server forbids the rename): the file stays and is offered again next poll.
             if not isinstance(error, FileNotFoundError):
-                log.info(
-                    "route %s: %s not claimed this poll: %s",
-                    self.settings.route,
-                    name,
-                    error,
-                    extra={"route": self.settings.route, "file": name},
-                )
+                log.info("route %s: %s not claimed this poll: %s", self.settings.route, name, error,
+                         extra={"route": self.settings.route, "file": name})
             return None
         return claim, stamp
 
@@ -515,12 +484,7 @@ class SftpSource:
         del self._unsettled[claim]
         log.info(
             "route %s: %s from %s %s: %d records in %d chunks",
-            settings.route,
-            name,
-            settings.address,
-            outcome.value,
-            progress.records,
-            progress.chunks,
+            settings.route, name, settings.address, outcome.value, progress.records, progress.chunks,
             extra={"route": settings.route, "file": name, "records": progress.records},
         )
         return SftpResult(name, outcome, progress.records, progress.chunks, moved_to=moved)
@@ -532,11 +496,7 @@ class SftpSource:
         settings = self.settings
         log.warning(
             "route %s: %s not ingested (%d chunks confirmed): %s; releasing it back to %s",
-            settings.route,
-            name,
-            progress.chunks,
-            describe(error),
-            settings.remote_dir,
+            settings.route, name, progress.chunks, describe(error), settings.remote_dir,
             extra={"route": settings.route, "file": name},
         )
         moved = _move(sftp, claim, settings.remote_dir, name)
@@ -551,11 +511,7 @@ class SftpSource:
             reason.write(f"{error}\n")
         log.error(
             "route %s: %s from %s rejected to %s: %s",
-            settings.route,
-            name,
-            settings.address,
-            settings.errors_dir,
-            error,
+            settings.route, name, settings.address, settings.errors_dir, error,
             extra={"route": settings.route, "file": name},
         )
         if self._on_rejected is not None:
@@ -568,12 +524,8 @@ class SftpSource:
         for claim, unsettled in list(self._unsettled.items()):
             name = posixpath.basename(claim)
             if not _exists(sftp, claim):
-                log.warning(
-                    "route %s: claim %s was taken over by another router while disconnected",
-                    self.settings.route,
-                    claim,
-                    extra={"route": self.settings.route, "file": name},
-                )
+                log.warning("route %s: claim %s was taken over by another router while disconnected",
+                            self.settings.route, claim, extra={"route": self.settings.route, "file": name})
                 del self._unsettled[claim]
             elif unsettled.confirmed:
                 results.append(self._finish(sftp, claim, name, unsettled.progress))

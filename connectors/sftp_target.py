@@ -134,13 +134,8 @@ class SftpTarget(FileWritingTarget[SftpTargetSettings]):
         sftp = self._connection.session()
         if sftp is None:
             sftp = self._connection.connect()
-            log.info(
-                "%s: connected to SFTP server %s as %s",
-                self._where,
-                self._address,
-                self.settings.username,
-                extra={"target": self.settings.name},
-            )
+            log.info("%s: connected to SFTP server %s as %s", self._where, self._address,
+                     self.settings.username, extra={"target": self.settings.name})
         for leftover in sorted(self._leftovers):
             self._remove_temporary(sftp, leftover)
         return sftp
@@ -172,10 +167,7 @@ class SftpTarget(FileWritingTarget[SftpTargetSettings]):
         self._posix_rename = False
         log.warning(
             "%s: SFTP server %s refuses posix-rename (%s); files are replaced by remove and rename",
-            self._where,
-            self._address,
-            refusal,
-            extra={"target": self.settings.name},
+            self._where, self._address, refusal, extra={"target": self.settings.name},
         )
 
     def _failure(

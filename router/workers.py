@@ -161,6 +161,7 @@ class TransformWorker:
         metrics.EVENTS_TRANSFORMED.labels(route=route).inc(result.events)
         message.ack()
 
+
     def _reject(self, message: Message, route: str, reason: str, detail: str) -> None:
         """Keep a whole ingress message that cannot be handled as a dead letter, then acknowledge it."""
         letter = NewDeadLetter(

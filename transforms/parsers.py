@@ -47,8 +47,9 @@ class RawRecord:
 
     ``number`` is 1-based within the file; ``line`` is where the record starts (None for JSON).
     ``data`` is a column->value dict (CSV, fixed-width), the decoded object (JSON/JSONL) or the record
-    element as an XML string (XML). ``error`` is a record-level problem; such a record still arrives so the
-    caller can dead-letter it and go on, and its ``data`` is then the raw text as found in the file.
+    element as an XML string (XML). ``error`` is a record-level problem; such a record still arrives
+    so the caller can dead-letter it and go on, and its ``data`` is then the raw text as found in the
+    file.
     """
 
     number: int
@@ -275,7 +276,7 @@ def _csv_records(
             continue
         if trailer_line is not None:
             raise FileFormatError(
-                name, start, None, (f"row after the trailer {csv_trailer!r} of line {trailer_line}")
+                name, start, None, f"row after the trailer {csv_trailer!r} of line {trailer_line}"
             )
         if document is not None and len(document) < csv_preamble:
             _preamble_entry(document, values, name, start, csv_delimiter)
@@ -289,7 +290,7 @@ def _csv_records(
                     name,
                     start,
                     None,
-                    (f"trailer must be {csv_trailer}{csv_delimiter}COUNT; found {len(values)} fields"),
+                    f"trailer must be {csv_trailer}{csv_delimiter}COUNT; found {len(values)} fields",
                 )
             check_trailer_count(values[1], number, name, start, csv_trailer)
             trailer_line = start
@@ -307,7 +308,7 @@ def _csv_records(
             name,
             lines.line,
             None,
-            (f"CSV file ends without its trailer row {csv_trailer!r}; it may be cut short"),
+            f"CSV file ends without its trailer row {csv_trailer!r}; it may be cut short",
         )
 
 
