@@ -724,7 +724,7 @@ def _check_route(
     _check_event_fields(document, route, at)
     known_lookups = {name: lookups.get(name) or Lookup(name, {}) for name in config.lookups}
     try:
-        compile_mapping(route.map, route.format, known_lookups)
+        compile_mapping(route.map, route.format, known_lookups, no_document=_no_document(route))
     except ValueError as error:
         field = _FIELD_IN_MESSAGE.search(str(error))
         where: ConfigPath = (*at, "map", *field.group(1).split(".")) if field else (*at, "map")
@@ -764,6 +764,19 @@ def _check_route(
                     document.problem((*at, "source", key), f"{expression!r} is not valid JMESPath: {error}")
     if isinstance(source, SftpSourceConfig):
         _check_known_hosts(document, config, source, (*at, "source", "known_hosts"))
+
+
+def _no_document(route: RouteConfig) -> str | None:
+    """Why the route's records have no document around them for ``from: document``, or None."""
+    if route.format == "csv" and (route.csv is None or not route.csv.preamble):
+        return "a csv route's document is its csv.preamble, and it has none"
+    if route.format == "fixed" and route.fixed is not None:
+        types = (route.fixed.record_types or {}).values()
+        if not any(kind.role == "header" for kind in types):
+            return "a fixed route's document is its header record, and its layout has no role: header"
+    if isinstance(route.source, WebhookSourceConfig) and route.records is None:
+        return "without records, a webhook's payload is the record itself"
+    return None
 
 
 def _check_fixed(document: ConfigDocument, route: RouteConfig, at: ConfigPath) -> None:

@@ -9,7 +9,7 @@ Everything is compiled once per route; ``apply`` runs per record.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -172,13 +172,33 @@ def _xml_in_document(element: Any, document: Any) -> Any:
     return root
 
 
-def compile_mapping(spec: Mapping[str, Any], fmt: str, lookups: Mapping[str, Lookup]) -> RecordMapping:
-    """Compile a route's ``map:`` (already interpolated); raises ValueError naming the bad field."""
+def compile_mapping(
+    spec: Mapping[str, Any], fmt: str, lookups: Mapping[str, Lookup], *, no_document: str | None = None
+) -> RecordMapping:
+    """Compile a route's ``map:`` (already interpolated); raises ValueError naming the bad field.
+
+    ``no_document`` says why the route's records have no document around them (a CSV route without
+    a preamble); a field reading ``from: document`` is then refused instead of always being empty.
+    """
     if fmt not in SELECTOR_FOR_FORMAT:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not isinstance(spec, Mapping):
         raise ValueError(f"map must be a mapping of field names, not a {type(spec).__name__}")
-    return RecordMapping(fmt, _compile_object(spec, "", fmt, lookups))
+    mapping = RecordMapping(fmt, _compile_object(spec, "", fmt, lookups))
+    if no_document is not None:
+        reader = next(_document_readers(mapping._root), None)
+        if reader is not None:
+            raise ValueError(f"field {reader!r}: from: document would always be empty: {no_document}")
+    return mapping
+
+
+def _document_readers(node: _Node) -> Iterator[str]:
+    """Names of the fields under ``node`` that read ``from: document``."""
+    if isinstance(node, _Field) and node.from_document:
+        yield node.name
+    children = node.fields if isinstance(node, _Object) else node.items if isinstance(node, _List) else ()
+    for child in children:
+        yield from _document_readers(child[1] if isinstance(child, tuple) else child)
 
 
 def _compile_node(spec: Any, name: str, fmt: str, lookups: Mapping[str, Lookup]) -> _Node:

@@ -189,3 +189,23 @@ def test_validate_points_at_the_overlapping_field_with_file_line_and_column(tmp_
 
 def test_fixed_layout_is_a_plain_value() -> None:
     assert isinstance(compile_layout({"fields": {"A": [1, 2]}}), FixedLayout)
+
+
+def test_from_document_where_the_route_has_no_document_is_refused_at_validate(tmp_path: Path) -> None:
+    fixed = ROUTE.replace("QTY: [15, 7]", "QTY: [16, 7]")
+    no_header = fixed.replace("        H: {role: header, fields: {STORE: [2, 4]}}\n", "")
+    [problem] = _problems(tmp_path, no_header)
+    assert (
+        "routes.yaml:20:" in problem and "field 'location': from: document would always be empty" in problem
+    )
+    assert "no role: header" in problem
+
+    csv = no_header.split("    fixed:\n")[0].replace("format: fixed", "format: csv") + (
+        "    map:" + fixed.split("    map:")[1].replace("GTIN}", "SKU}")
+    )
+    [problem] = _problems(tmp_path, csv)
+    assert "field 'location'" in problem and "its csv.preamble, and it has none" in problem, problem
+    (tmp_path / "routes.yaml").write_text(
+        csv.replace("    format: csv\n", "    format: csv\n    csv: {preamble: 1}\n"), encoding="utf-8"
+    )
+    assert load_config(tmp_path / "routes.yaml", {}).routes[0].csv is not None
