@@ -384,17 +384,18 @@ class FixedRecordType(_Section):
     """An item of ``fixed.record_types``: its role, its fields, and for a trailer its count field."""
 
     role: Literal["header", "detail", "trailer"] = "detail"
-    fields: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    fields: dict[str, tuple[int, int]] | list[dict[str, int]] = Field(default_factory=dict)
     count: str | None = None
 
 
 class FixedConfig(_Section):
-    """A fixed-width route's ``fixed:``: ``fields: {NAME: [start, width]}`` (1-based columns) for files
-    of one record type, or ``type: [start, width]`` with ``record_types`` keyed by their code."""
+    """A fixed-width route's ``fixed:``: ``fields: {NAME: [start, width]}`` (1-based columns, or a
+    copybook-like list ``[{NAME: width}, ...]``) for files of one record type, or ``type: [start,
+    width]`` with ``record_types`` keyed by their code."""
 
     encoding: str = "utf-8"
     type: tuple[int, int] | None = None
-    fields: dict[str, tuple[int, int]] | None = None
+    fields: dict[str, tuple[int, int]] | list[dict[str, int]] | None = None
     record_types: dict[str, FixedRecordType] | None = None
 
     def layout(self) -> dict[str, Any]:

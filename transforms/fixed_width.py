@@ -18,6 +18,9 @@ from typing import Any
 
 from transforms.parsers import FileFormatError, RawRecord, check_trailer_count
 
+FILLER = "FILLER"
+"""In a copybook-like list, an item that only takes columns (COBOL's name for unused space)."""
+
 
 class RecordRole(Enum):
     """What a record type is for: context for the records, a record, or the file's closing count."""
@@ -30,13 +33,13 @@ class RecordRole(Enum):
 class LayoutError(ValueError):
     """A fixed-width layout that cannot be used; ``where`` is the key path under ``fixed:``."""
 
-    def __init__(self, where: tuple[str, ...], reason: str) -> None:
+    def __init__(self, where: tuple[str | int, ...], reason: str) -> None:
         self.where = where
         self.reason = reason
         super().__init__(where, reason)
 
     def __str__(self) -> str:
-        return f"fixed.{'.'.join(self.where)}: {self.reason}" if self.where else self.reason
+        return f"fixed.{'.'.join(map(str, self.where))}: {self.reason}" if self.where else self.reason
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,9 @@ def _record_type(code: str, spec: Mapping[str, Any], width: int) -> RecordType:
     return RecordType(code, role, fields, count)
 
 
-def _fields(spec: Mapping[str, Any], where: tuple[str, ...]) -> tuple[FixedField, ...]:
+def _fields(spec: Any, where: tuple[str | int, ...]) -> tuple[FixedField, ...]:
+    if isinstance(spec, list):
+        spec = _laid_end_to_end(spec, where)
     fields = sorted(
         (_field(name, bounds, (*where, name)) for name, bounds in spec.items()), key=lambda f: f.start
     )
@@ -187,7 +192,26 @@ def _fields(spec: Mapping[str, Any], where: tuple[str, ...]) -> tuple[FixedField
     return tuple(fields)
 
 
-def _field(name: str, bounds: Any, where: tuple[str, ...]) -> FixedField:
+def _laid_end_to_end(items: list[Any], where: tuple[str | int, ...]) -> dict[str, tuple[int, int]]:
+    """A copybook-like list ``[{NAME: width}, ...]``: fields one after the other from column 1;
+    ``FILLER`` items take their columns without naming a field."""
+    fields: dict[str, tuple[int, int]] = {}
+    start = 1
+    for index, item in enumerate(items):
+        valid = isinstance(item, Mapping) and len(item) == 1
+        name, width = next(iter(item.items())) if valid else ("", None)
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            reason = f"each item must be {{NAME: width}} with a width of at least 1, not {item!r}"
+            raise LayoutError((*where, index), reason)
+        if name in fields:
+            raise LayoutError((*where, index), f"{name!r} is laid out twice")
+        if name != FILLER:
+            fields[name] = (start, width)
+        start += width
+    return fields
+
+
+def _field(name: str, bounds: Any, where: tuple[str | int, ...]) -> FixedField:
     valid = (
         isinstance(bounds, list | tuple)
         and len(bounds) == 2

@@ -209,3 +209,29 @@ def test_from_document_where_the_route_has_no_document_is_refused_at_validate(tm
         csv.replace("    format: csv\n", "    format: csv\n    csv: {preamble: 1}\n"), encoding="utf-8"
     )
     assert load_config(tmp_path / "routes.yaml", {}).routes[0].csv is not None
+
+
+def test_a_copybook_like_list_lays_fields_end_to_end_with_filler(tmp_path: Path) -> None:
+    layout = {"fields": [{"SKU": 9}, {"FILLER": 2}, {"QTY": 4}]}
+    records = _records("SKU-1    --0003\nSKU-22   --0010\n", layout)
+    assert [r.data for r in records] == [{"SKU": "SKU-1", "QTY": "0003"}, {"SKU": "SKU-22", "QTY": "0010"}]
+    with pytest.raises(LayoutError) as caught:
+        compile_layout({"fields": [{"SKU": 9}, {"QTY": 0}]})
+    assert caught.value.where == ("fields", 1) and "width of at least 1" in caught.value.reason
+
+    copybook = ROUTE.replace(
+        "          fields:\n            GTIN: [2, 14]\n            QTY: [15, 7]\n",
+        "          fields:\n            - {TYPE: 1}\n            - {GTIN: 14}\n            - {QTY: 7}\n"
+        "            - {GTIN: 2}\n",
+    )
+    [problem] = _problems(tmp_path, copybook)
+    assert "routes.yaml:18:" in problem and "'GTIN' is laid out twice" in problem, problem
+    (tmp_path / "routes.yaml").write_text(copybook.replace("            - {GTIN: 2}\n", ""), encoding="utf-8")
+    route = load_config(tmp_path / "routes.yaml", {}).routes[0]
+    assert route.fixed is not None
+    [detail] = [kind for kind in compile_layout(route.fixed.layout()).types if kind.code == "D"]
+    assert [(f.name, f.start, f.width) for f in detail.fields] == [
+        ("TYPE", 1, 1),
+        ("GTIN", 2, 14),
+        ("QTY", 16, 7),
+    ]
