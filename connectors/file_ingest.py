@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 from connectors.chunks import ChunkSink, SourceChunk, batched
 from transforms.edi import EDI_FORMATS, record_identity
+from transforms.fixed_width import FixedLayout
 from transforms.parsers import CsvDialect, FileFormatError, RawRecord, iter_records
 
 HASH_BLOCK = 1 << 20
@@ -152,8 +153,8 @@ def is_utf8(name: str) -> bool:
 
 @dataclass(frozen=True)
 class FileParsing:
-    """How a route's files are read: route name, source system, format, record path, chunk size, and
-    for CSV the delimiter and encoding."""
+    """How a route's files are read: route name, source system, format, record path, chunk size, for
+    CSV the dialect (delimiter, encoding, preamble, trailer), for fixed-width the layout."""
 
     route: str
     system: str
@@ -161,6 +162,22 @@ class FileParsing:
     records: str | None
     chunk_size: int
     csv: CsvDialect = field(default_factory=CsvDialect)
+    fixed: FixedLayout | None = None
+
+    @property
+    def encoding(self) -> str:
+        """The text encoding of the route's files (CSV/JSONL: ``csv.encoding``; fixed: the layout's)."""
+        return self.fixed.encoding if self.fixed is not None else self.csv.encoding
+
+    def options(self) -> dict[str, Any]:
+        """The format options :func:`transforms.parsers.iter_records` takes."""
+        return {
+            "csv_delimiter": self.csv.delimiter,
+            "encoding": self.csv.encoding,
+            "csv_preamble": self.csv.preamble,
+            "csv_trailer": self.csv.trailer,
+            "fixed": self.fixed,
+        }
 
 
 @dataclass
@@ -247,10 +264,12 @@ def _check_carried(records: list[RawRecord], name: str) -> None:
     One encoding per batch keeps the check cheap; the record at fault is looked for only on failure.
     """
     try:
-        json.dumps([record.data for record in records], ensure_ascii=False, default=str).encode("utf-8")
+        json.dumps(
+            [(record.data, record.document) for record in records], ensure_ascii=False, default=str
+        ).encode("utf-8")
     except UnicodeEncodeError:
         for record in records:
-            where = _unencodable(record.data)
+            where = _unencodable(record.data) or _unencodable(record.document, "the record's document")
             if where is not None:
                 raise FileFormatError(
                     name, record.line, None, f"record {record.number}: {where}; the file cannot be published"
@@ -262,7 +281,7 @@ def _check_carried(records: list[RawRecord], name: str) -> None:
 
 def _check(path: Path, parsing: FileParsing, name: str, size: int | None, checked: int) -> int:
     """Read the file once: the number of records, or FileFormatError when it cannot all be published."""
-    dialect = {"csv_delimiter": parsing.csv.delimiter, "encoding": parsing.csv.encoding}
+    dialect = parsing.options()
     count = 0
     with open_prefix(path, size) as stream:
         records = iter_records(stream, parsing.format, parsing.records, name, **dialect)  # type: ignore[arg-type]
@@ -296,7 +315,7 @@ def publish_file(
         progress.sha256 = file_sha256(path, size)
         progress.size = size
     progress.records = _check(path, parsing, name, size, progress.published)
-    dialect = {"csv_delimiter": parsing.csv.delimiter, "encoding": parsing.csv.encoding}
+    dialect = parsing.options()
     edi = parsing.format in EDI_FORMATS
     with open_prefix(path, size) as stream:
         records = iter_records(stream, parsing.format, parsing.records, name, **dialect)  # type: ignore[arg-type]

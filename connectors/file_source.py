@@ -61,6 +61,7 @@ from connectors.file_ingest import (
     publish_file,
 )
 from ops import metrics
+from transforms.fixed_width import FixedLayout
 from transforms.parsers import CsvDialect, FileFormatError
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class FileDropSettings:
     def watch(self) -> float:
         """Seconds a published file must stand still before it is archived (0: archive at once)."""
         return self.stable_for if self.ready.waits else 0.0
+    fixed: FixedLayout | None = None
 
 
 class FileOutcome(StrEnum):
@@ -206,7 +208,13 @@ class FileDropSource:
         self._clock = clock
         self._processing = settings.inbox / PROCESSING_DIR
         self._parsing = FileParsing(
-            settings.route, "file", settings.format, settings.records, settings.chunk_size, settings.csv
+            settings.route,
+            "file",
+            settings.format,
+            settings.records,
+            settings.chunk_size,
+            settings.csv,
+            settings.fixed,
         )
         self._claims: dict[Path, _Claim] = {}
 

@@ -60,6 +60,7 @@ from connectors.file_ingest import (
 from connectors.file_source import PROCESSING_DIR
 from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
 from ops import metrics
+from transforms.fixed_width import FixedLayout
 from transforms.parsers import CsvDialect, FileFormatError
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class SftpSettings:
     reconnect_max: float = 60.0
     csv: CsvDialect = field(default_factory=CsvDialect)
     ready: Readiness = field(default_factory=Readiness)
+    fixed: FixedLayout | None = None
 
     def __post_init__(self) -> None:
         where = f"sftp source of route {self.route!r}"
@@ -322,7 +324,8 @@ class SftpSource:
         if staging_dir is not None:
             staging_dir.mkdir(parents=True, exist_ok=True)
         self._parsing = FileParsing(
-            settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size, settings.csv
+            settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size, settings.csv,
+            settings.fixed,
         )
         self._connection = SftpConnection(settings.endpoint)
         self._failures = 0

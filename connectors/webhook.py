@@ -50,7 +50,7 @@ from connectors.signatures import (
 )
 from ops import metrics
 from transforms.interop_json import MAX_DEPTH, JsonRefused, loads_interoperable, printable
-from transforms.parsers import RawRecord
+from transforms.parsers import RawRecord, document_without
 
 log = logging.getLogger(__name__)
 
@@ -405,13 +405,16 @@ class WebhookReceiver:
                 f"webhook-id {webhook_id!r} was already accepted with a different body; the earlier message "
                 "stands. A retry must resend the same body; a new message needs a new webhook-id",
             )
-        records = self._records_of(body)
+        records, document = self._records_of(body)
         chunk = SourceChunk(
             route=settings.route,
             system=SYSTEM,
             message_id=message_id,
             origin={"webhook_id": webhook_id},
-            records=[RawRecord(number, None, record) for number, record in enumerate(records, start=1)],
+            records=[
+                RawRecord(number, None, record, document=document)
+                for number, record in enumerate(records, start=1)
+            ],
         )
         try:
             await run_in_threadpool(self._sink, chunk)
@@ -494,7 +497,8 @@ class WebhookReceiver:
         )
         return WebhookRejected(401, "invalid-signature", "Invalid signature", str(error))
 
-    def _records_of(self, body: bytes) -> list[Any]:
+    def _records_of(self, body: bytes) -> tuple[list[Any], Any]:
+        """The payload's records, and the payload without them: what ``from: document`` reads."""
         payload = _payload(body, exact_numbers=True)
         if self._validator is not None and not self._validator.is_valid(payload):
             # Re-read with float numbers only to word the errors: "-1 is less than..." not "Decimal('-1')...".
@@ -524,7 +528,7 @@ class WebhookReceiver:
         records = selected if isinstance(selected, list) else [selected]
         if not records:
             raise self._no_records("the payload holds no records")
-        return records
+        return records, None if self._records is None else document_without(payload, selected)
 
     def _no_records(self, detail: str) -> WebhookRejected:
         return WebhookRejected(

@@ -35,6 +35,7 @@ from router.config import (
 from router.pipeline import DeliveryRule, RoutePipeline
 from router.workers import DeliverySettings
 from transforms.filters import EventPredicate
+from transforms.fixed_width import FixedLayout, compile_layout
 from transforms.mapping import compile_mapping
 from transforms.parsers import CsvDialect
 from transforms.render import PayloadRenderer
@@ -78,8 +79,16 @@ def build_pipelines(config: RouterConfig, routes: Iterable[RouteConfig]) -> dict
 
 
 def csv_dialect(route: RouteConfig) -> CsvDialect:
-    """A route's CSV delimiter and encoding (the defaults when it has no ``csv:``)."""
-    return CsvDialect(route.csv.delimiter, route.csv.encoding) if route.csv else CsvDialect()
+    """A route's CSV delimiter, encoding, preamble and trailer (the defaults when it has no ``csv:``)."""
+    if route.csv is None:
+        return CsvDialect()
+    csv = route.csv
+    return CsvDialect(csv.delimiter, csv.encoding, csv.preamble, csv.trailer)
+
+
+def fixed_layout(route: RouteConfig) -> FixedLayout | None:
+    """A fixed-width route's compiled layout (`router validate` has checked it), else None."""
+    return compile_layout(route.fixed.layout()) if route.fixed is not None else None
 
 
 def file_drop_settings(config: RouterConfig, route: RouteConfig) -> FileDropSettings:
@@ -99,6 +108,7 @@ def file_drop_settings(config: RouterConfig, route: RouteConfig) -> FileDropSett
         chunk_size=route.chunk_size,
         csv=csv_dialect(route),
         ready=source.readiness,
+        fixed=fixed_layout(route),
     )
 
 
@@ -261,4 +271,5 @@ def sftp_settings(config: RouterConfig, route: RouteConfig) -> SftpSettings:
         stable_for=source.stable_for,
         csv=csv_dialect(route),
         ready=source.readiness,
+        fixed=fixed_layout(route),
     )

@@ -45,6 +45,7 @@ from router.config_types import Duration, Rate, Size
 from router.console.passwords import PasswordHash
 from transforms.edi import EDI_FORMATS
 from transforms.filters import EventPredicate
+from transforms.fixed_width import LayoutError, compile_layout
 from transforms.lookups import Lookup, LookupTableError
 from transforms.mapping import compile_mapping
 from transforms.parsers import check_records_path, iter_records
@@ -479,10 +480,39 @@ class DeliverRule(_Section):
 
 
 class CsvConfig(_Section):
-    """A CSV route's ``csv:``: e.g. ``{delimiter: ";", encoding: cp1252}`` for many European POS exports."""
+    """A CSV route's ``csv:``: e.g. ``{delimiter: ";", encoding: cp1252}`` for many European POS exports.
+
+    ``preamble``: lines of ``KEY;VALUE`` before the column header, read with ``from: document``;
+    ``trailer``: the key of a last row ``KEY;COUNT`` whose count must match the rows read.
+    """
 
     delimiter: str = ","
     encoding: str = "utf-8"
+    preamble: int = Field(0, ge=0, le=1000)
+    trailer: str | None = Field(None, min_length=1)
+
+
+class FixedRecordType(_Section):
+    """An item of ``fixed.record_types``: its role, its fields, and for a trailer its count field."""
+
+    role: Literal["header", "detail", "trailer"] = "detail"
+    fields: dict[str, tuple[int, int]] | list[dict[str, int]] = Field(default_factory=dict)
+    count: str | None = None
+
+
+class FixedConfig(_Section):
+    """A fixed-width route's ``fixed:``: ``fields: {NAME: [start, width]}`` (1-based columns, or a
+    copybook-like list ``[{NAME: width}, ...]``) for files of one record type, or ``type: [start,
+    width]`` with ``record_types`` keyed by their code."""
+
+    encoding: str = "utf-8"
+    type: tuple[int, int] | None = None
+    fields: dict[str, tuple[int, int]] | list[dict[str, int]] | None = None
+    record_types: dict[str, FixedRecordType] | None = None
+
+    def layout(self) -> dict[str, Any]:
+        """The block as plain data for :func:`transforms.fixed_width.compile_layout`."""
+        return self.model_dump(exclude_none=True)
 
 
 class RouteConfig(_Section):
@@ -491,9 +521,10 @@ class RouteConfig(_Section):
     name: str
     enabled: bool = True
     source: SourceConfig
-    format: Literal["csv", "xml", "json", "jsonl", "x12", "edifact"]
+    format: Literal["csv", "xml", "json", "jsonl", "fixed", "x12", "edifact"]
     records: str | None = None
     csv: CsvConfig | None = None
+    fixed: FixedConfig | None = None
     map: dict[str, Any]
     filter: str | None = None
     sequence_key: list[str] = Field(default_factory=lambda: ["sku", "location"], min_length=1)
@@ -815,10 +846,11 @@ def _check_route(
                 )
             except ValueError as error:
                 document.problem((*at, "csv"), str(error))
+    _check_fixed(document, route, at)
     _check_event_fields(document, route, at)
     known_lookups = {name: lookups.get(name) or Lookup(name, {}) for name in config.lookups}
     try:
-        compile_mapping(route.map, route.format, known_lookups)
+        compile_mapping(route.map, route.format, known_lookups, no_document=_no_document(route))
     except ValueError as error:
         field = _FIELD_IN_MESSAGE.search(str(error))
         where: ConfigPath = (*at, "map", *field.group(1).split(".")) if field else (*at, "map")
@@ -894,6 +926,33 @@ def _duration(seconds: float) -> str:
 def _whole_minutes(seconds: float) -> float:
     """``seconds`` rounded down to whole minutes (whole seconds when under a minute)."""
     return 60 * math.floor(seconds / 60) if seconds >= 60 else math.floor(seconds)
+
+
+def _no_document(route: RouteConfig) -> str | None:
+    """Why the route's records have no document around them for ``from: document``, or None."""
+    if route.format == "csv" and (route.csv is None or not route.csv.preamble):
+        return "a csv route's document is its csv.preamble, and it has none"
+    if route.format == "fixed" and route.fixed is not None:
+        types = (route.fixed.record_types or {}).values()
+        if not any(kind.role == "header" for kind in types):
+            return "a fixed route's document is its header record, and its layout has no role: header"
+    if isinstance(route.source, WebhookSourceConfig) and route.records is None:
+        return "without records, a webhook's payload is the record itself"
+    return None
+
+
+def _check_fixed(document: ConfigDocument, route: RouteConfig, at: ConfigPath) -> None:
+    if route.fixed is None:
+        if route.format == "fixed":
+            document.problem((*at, "format"), "format: fixed needs a fixed: block (fields or record_types)")
+        return
+    if route.format != "fixed":
+        document.problem((*at, "fixed"), f"fixed: applies to format: fixed, not format: {route.format}")
+        return
+    try:
+        compile_layout(route.fixed.layout())
+    except LayoutError as error:
+        document.problem((*at, "fixed", *error.where), error.reason)
 
 
 def _check_known_hosts(

@@ -12,22 +12,37 @@ from router.broker import BrokerSettings, Publisher, Topology, connect
 from transforms.parsers import RawRecord
 
 
-def _record(record: RawRecord, identity: str | None) -> dict[str, Any]:
+def _record(record: RawRecord, identity: str | None, document: int | None) -> dict[str, Any]:
     fields = {
         "n": record.number,
         "line": record.line,
         "data": record.data,
         "error": record.error,
         "id": identity,
+        "doc": document,
     }
     return {key: value for key, value in fields.items() if value is not None or key == "data"}
 
 
 def chunk_message(chunk: SourceChunk) -> dict[str, Any]:
-    """The ingress message body for a chunk: its identity plus the raw records, in order."""
+    """The ingress message body for a chunk: its identity plus the raw records, in order.
+
+    Records' document contexts (their header) go once in ``documents``; each record names its own
+    by index in ``doc``, so a chunk of lines under one header carries that header once.
+    """
     identities = chunk.record_ids or [None] * len(chunk.records)
-    records = [_record(record, identity) for record, identity in zip(chunk.records, identities, strict=True)]
-    return {
+    documents: list[Any] = []
+    index: dict[int, int] = {}
+    records = []
+    for record, identity in zip(chunk.records, identities, strict=True):
+        position = None
+        if record.document is not None:
+            # Records under one header share the parser's object, so identity finds the repeats.
+            position = index.setdefault(id(record.document), len(documents))
+            if position == len(documents):
+                documents.append(record.document)
+        records.append(_record(record, identity, position))
+    body = {
         "route": chunk.route,
         "system": chunk.system,
         "message_id": chunk.message_id,
@@ -36,6 +51,9 @@ def chunk_message(chunk: SourceChunk) -> dict[str, Any]:
         "records": records,
         **chunk.extra,
     }
+    if documents:
+        body["documents"] = documents
+    return body
 
 
 class IngressPublisher:

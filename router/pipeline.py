@@ -48,9 +48,15 @@ def check_chunk(body: Any) -> Mapping[str, Any]:
     records = body.get("records")
     if not isinstance(records, list):
         raise MalformedChunk("ingress message has no 'records' list")
+    documents = body.get("documents", [])
+    if not isinstance(documents, list):
+        raise MalformedChunk("ingress message 'documents' is not a list")
     for index, raw in enumerate(records, start=1):
         if not isinstance(raw, Mapping) or not isinstance(raw.get("n"), int):
             raise MalformedChunk(f"record {index} of the ingress message is not an object with a number 'n'")
+        doc = raw.get("doc", 0)
+        if "doc" in raw and (not isinstance(doc, int) or not 0 <= doc < len(documents)):
+            raise MalformedChunk(f"record {index} of the ingress message names no document it carries")
     return body
 
 
@@ -93,7 +99,10 @@ class RecordFailure:
         cls, reason: str, detail: str, record: RawRecord, source_ref: dict[str, Any], event_id: str
     ) -> RecordFailure:
         """A failure whose detail starts with where the record came from (file, line, record); a huge
-        value quoted in the detail is cut, the record itself stays whole in the payload."""
+        value quoted in the detail is cut, the record itself stays whole in the payload. The record's
+        document context (its header) is kept with the source so a replay maps it again."""
+        if record.document is not None:
+            source_ref = {**source_ref, "document": record.document}
         detail = shorten(f"{describe_position(source_ref)}: {detail}")
         return cls(reason, detail, record.data, source_ref, event_id)
 
@@ -161,8 +170,14 @@ def _event_id(route: str, message: Mapping[str, Any], raw: Mapping[str, Any]) ->
     )
 
 
-def _raw_record(raw: Mapping[str, Any]) -> RawRecord:
-    return RawRecord(number=raw["n"], line=raw.get("line"), data=raw.get("data"), error=raw.get("error"))
+def _raw_record(raw: Mapping[str, Any], documents: Sequence[Any] = ()) -> RawRecord:
+    return RawRecord(
+        number=raw["n"],
+        line=raw.get("line"),
+        data=raw.get("data"),
+        error=raw.get("error"),
+        document=documents[raw["doc"]] if "doc" in raw else None,
+    )
 
 
 def _unexpected(error: Exception) -> str:
@@ -173,12 +188,12 @@ def chunk_failures(route: str, message: Mapping[str, Any], error: Exception) -> 
     """Every record of a checked chunk as a replayable ``transform_error`` failure: what the worker keeps
     when the transform fails on the chunk as a whole."""
     failures = []
+    documents = message.get("documents", ())
     for raw in message["records"]:
         source_ref = _source_ref(route, message, raw)
         event_id = _event_id(route, message, raw)
-        failures.append(
-            RecordFailure.of(TRANSFORM_ERROR, _unexpected(error), _raw_record(raw), source_ref, event_id)
-        )
+        record = _raw_record(raw, documents)
+        failures.append(RecordFailure.of(TRANSFORM_ERROR, _unexpected(error), record, source_ref, event_id))
     return failures
 
 
@@ -197,8 +212,9 @@ class RoutePipeline:
         failures."""
         recorded_at = (now or datetime.now(UTC)).isoformat()
         result = TransformResult()
+        documents: Sequence[Any] = message.get("documents", ())
         for raw in message["records"]:
-            record = _raw_record(raw)
+            record = _raw_record(raw, documents)
             source_ref = _source_ref(self.route, message, raw, edi=self.mapping.format in EDI_FORMATS)
             event_id = _event_id(self.route, message, raw)
             try:

@@ -448,10 +448,15 @@ def record_message(letter: DeadLetter) -> dict[str, Any]:
     }
     if letter.event_id:
         record["event_id"] = letter.event_id
-    return {
+    message = {
         "route": letter.route,
         "system": source.get("system") or letter.route,
         "message_id": source.get("message_id") or f"deadletter-{letter.id}",
         "origin": {"file": source["file"]} if source.get("file") else {},
         "records": [record],
     }
+    if source.get("document") is not None:
+        # The header the record was read under (XML ancestors, CSV preamble, fixed-width header).
+        record["doc"] = 0
+        message["documents"] = [source["document"]]
+    return message

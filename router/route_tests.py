@@ -22,7 +22,7 @@ from ruamel.yaml.error import YAMLError
 
 from connectors.chunks import SourceChunk
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
-from router.assembly import build_pipelines, csv_dialect
+from router.assembly import build_pipelines, csv_dialect, fixed_layout
 from router.config import RouterConfig
 from router.ingress import chunk_message
 from router.pipeline import RoutePipeline, TransformResult
@@ -108,7 +108,13 @@ def run_test_file(config: RouterConfig, path: Path) -> list[CaseResult]:
         raise RouteTestFileError(f"{path}: {error.args[0]}") from None
     pipeline = build_pipelines(config, [route])[route.name]
     parsing = FileParsing(
-        route.name, route.source.type, route.format, route.records, route.chunk_size, csv_dialect(route)
+        route.name,
+        route.source.type,
+        route.format,
+        route.records,
+        route.chunk_size,
+        csv_dialect(route),
+        fixed_layout(route),
     )
     return [_run_case(pipeline, parsing, path, case) for case in spec.cases]
 
@@ -128,7 +134,7 @@ def _run_case(pipeline: RoutePipeline, parsing: FileParsing, path: Path, case: R
                 return result
         else:
             # Inline content is text: store it the way the route's files are encoded.
-            staged.write_text(case.input.content or "", encoding=parsing.csv.encoding)
+            staged.write_text(case.input.content or "", encoding=parsing.encoding)
         try:
             publish_file(staged, parsing, chunks.append, FileProgress(), name=name)
         except FileFormatError as error:

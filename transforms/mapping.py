@@ -1,13 +1,15 @@
 """The declarative record mapping of a route's ``map:``: raw record in, canonical event fields out.
 
-A field is ``{column|path|xpath: SELECTOR}`` plus optional ``as``, ``tz``, ``format``, ``default`` and
-``lookup``; a plain value is a constant, a dict without a selector a nested mapping, a list maps
-each item. Everything is compiled once per route; ``apply`` runs per record.
+A field is ``{column|path|xpath: SELECTOR}`` plus optional ``as``, ``tz``, ``format``, ``default``,
+``lookup`` and ``from`` (``record``, the default, or ``document``: the header around the record, see
+RawRecord.document); XPath may also climb out of the record (``..``, ``ancestor::``, ``/ASN``).
+A plain value is a constant, a dict without a selector a nested mapping, a list maps each item.
+Everything is compiled once per route; ``apply`` runs per record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -27,9 +29,11 @@ SELECTOR_FOR_FORMAT = {
     "xml": "xpath",
     "x12": "path",
     "edifact": "path",
+    "fixed": "column",
 }
 SELECTORS = ("column", "path", "xpath")
-OPTIONS = ("as", "tz", "format", "default", "lookup")
+OPTIONS = ("as", "tz", "format", "default", "lookup", "from")
+FROM = ("record", "document")
 
 Selector = Callable[[Any], Any]
 
@@ -48,10 +52,18 @@ class MappingError(Exception):
 
 
 @dataclass(frozen=True)
+class _Content:
+    """What a field reads: the record, and the document around it (None when the format has none)."""
+
+    record: Any
+    document: Any
+
+
+@dataclass(frozen=True)
 class _Constant:
     value: Any
 
-    def evaluate(self, content: Any) -> Any:
+    def evaluate(self, content: _Content) -> Any:
         return self.value
 
 
@@ -62,9 +74,11 @@ class _Field:
     default: Any
     lookup: Lookup | None
     cast: Caster | None
+    from_document: bool = False
 
-    def evaluate(self, content: Any) -> Any:
-        value = self.select(content)
+    def evaluate(self, content: _Content) -> Any:
+        source = content.document if self.from_document else content.record
+        value = None if source is None else self.select(source)
         if isinstance(value, str):
             value = value.strip()
         if value is None or value == "":
@@ -88,7 +102,7 @@ class _Field:
 class _Object:
     fields: tuple[tuple[str, _Node], ...]
 
-    def evaluate(self, content: Any) -> dict[str, Any]:
+    def evaluate(self, content: _Content) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for key, node in self.fields:
             value = node.evaluate(content)
@@ -101,7 +115,7 @@ class _Object:
 class _List:
     items: tuple[_Node, ...]
 
-    def evaluate(self, content: Any) -> list[Any]:
+    def evaluate(self, content: _Content) -> list[Any]:
         values = (item.evaluate(content) for item in self.items)
         return [value for value in values if value is not None]
 
@@ -121,31 +135,78 @@ class RecordMapping:
         """Map one raw record; fields without a value are left out. Raises MappingError."""
         return self._root.evaluate(self._content(record))
 
-    def _content(self, record: RawRecord) -> Any:
+    def _content(self, record: RawRecord) -> _Content:
         data = record.data
-        if self.format == "csv":
+        if self.format in ("csv", "fixed"):
             if not isinstance(data, Mapping):
-                raise MappingError("", f"CSV record is a {type(data).__name__}; expected column values")
-            return data
+                kind = "CSV" if self.format == "csv" else "Fixed-width"
+                raise MappingError("", f"{kind} record is a {type(data).__name__}; expected column values")
+            return _Content(data, record.document)
         if self.format == "xml":
             if not isinstance(data, str | bytes):
                 raise MappingError(
                     "", f"XML record is a {type(data).__name__}; expected the element as XML text"
                 )
-            try:
-                return etree.fromstring(data.encode() if isinstance(data, str) else data, safe_xml_parser())
-            except etree.XMLSyntaxError as error:
-                raise MappingError("", f"XML record does not parse: {error}") from None
-        return data
+            element = _parse_xml(data, "XML record")
+            root = _xml_in_document(element, record.document)
+            return _Content(element, root)
+        return _Content(data, record.document)
 
 
-def compile_mapping(spec: Mapping[str, Any], fmt: str, lookups: Mapping[str, Lookup]) -> RecordMapping:
-    """Compile a route's ``map:`` (already interpolated); raises ValueError naming the bad field."""
+def _parse_xml(text: str | bytes, what: str) -> Any:
+    try:
+        return etree.fromstring(text.encode() if isinstance(text, str) else text, safe_xml_parser())
+    except etree.XMLSyntaxError as error:
+        raise MappingError("", f"{what} does not parse: {error}") from None
+
+
+def _xml_in_document(element: Any, document: Any) -> Any:
+    """Put a record back at its place in its document context; returns the document's root element.
+
+    The context is the trimmed ancestor chain the parser kept (``{"xml": ..., "depth": n}``); the
+    record becomes the last child of its innermost ancestor, after the header it followed in the file.
+    """
+    if document is None:
+        return element
+    if not isinstance(document, Mapping) or not isinstance(document.get("xml"), str):
+        raise MappingError("", "XML record's document context is not the {xml, depth} the parser gives")
+    root = _parse_xml(document["xml"], "XML record's document context")
+    parent = root
+    for _ in range(int(document.get("depth", 1)) - 1):
+        if len(parent) == 0:
+            raise MappingError("", "XML record's document context is shallower than its depth")
+        parent = parent[-1]
+    parent.append(element)
+    return root
+
+
+def compile_mapping(
+    spec: Mapping[str, Any], fmt: str, lookups: Mapping[str, Lookup], *, no_document: str | None = None
+) -> RecordMapping:
+    """Compile a route's ``map:`` (already interpolated); raises ValueError naming the bad field.
+
+    ``no_document`` says why the route's records have no document around them (a CSV route without
+    a preamble); a field reading ``from: document`` is then refused instead of always being empty.
+    """
     if fmt not in SELECTOR_FOR_FORMAT:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not isinstance(spec, Mapping):
         raise ValueError(f"map must be a mapping of field names, not a {type(spec).__name__}")
-    return RecordMapping(fmt, _compile_object(spec, "", fmt, lookups))
+    mapping = RecordMapping(fmt, _compile_object(spec, "", fmt, lookups))
+    if no_document is not None:
+        reader = next(_document_readers(mapping._root), None)
+        if reader is not None:
+            raise ValueError(f"field {reader!r}: from: document would always be empty: {no_document}")
+    return mapping
+
+
+def _document_readers(node: _Node) -> Iterator[str]:
+    """Names of the fields under ``node`` that read ``from: document``."""
+    if isinstance(node, _Field) and node.from_document:
+        yield node.name
+    children = node.fields if isinstance(node, _Object) else node.items if isinstance(node, _List) else ()
+    for child in children:
+        yield from _document_readers(child[1] if isinstance(child, tuple) else child)
 
 
 def _compile_node(spec: Any, name: str, fmt: str, lookups: Mapping[str, Lookup]) -> _Node:
@@ -194,6 +255,11 @@ def _compile_field(
     expression = spec[selector]
     if not isinstance(expression, str) or not expression.strip():
         raise ValueError(f"field {name!r}: {selector} must be a non-empty string, not {expression!r}")
+    source = spec.get("from", "record")
+    if source not in FROM:
+        raise ValueError(f"field {name!r}: from must be record or document, not {source!r}")
+    if source == "document" and fmt == "jsonl":
+        raise ValueError(f"field {name!r}: a jsonl line is a whole document; from: document does not apply")
     default = spec.get("default")
     if isinstance(default, Mapping | list):
         raise ValueError(f"field {name!r}: default must be a single value, not a {type(default).__name__}")
@@ -203,6 +269,7 @@ def _compile_field(
         default=Decimal(repr(default)) if isinstance(default, float) else default,
         lookup=_field_lookup(spec.get("lookup"), name, lookups),
         cast=_field_cast(spec, name),
+        from_document=source == "document",
     )
 
 

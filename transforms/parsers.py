@@ -12,22 +12,29 @@ import csv
 import json
 import re
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import ijson
 import jmespath
 from jmespath.exceptions import JMESPathError
 from lxml import etree
 
-RecordFormat = Literal["csv", "xml", "json", "jsonl", "x12", "edifact"]
-FORMATS: tuple[str, ...] = ("csv", "xml", "json", "jsonl", "x12", "edifact")
+if TYPE_CHECKING:
+    from transforms.fixed_width import FixedLayout
+
+RecordFormat = Literal["csv", "xml", "json", "jsonl", "fixed", "x12", "edifact"]
+FORMATS: tuple[str, ...] = ("csv", "xml", "json", "jsonl", "fixed", "x12", "edifact")
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 """Longest physical line read from CSV/JSONL; beyond it the file is refused rather than buffered."""
+MAX_HEADER_ELEMENTS = 10_000
+"""Most child elements an XML element may have before its first record: they are kept in memory as
+the records' header, so a document with more (usually a wrong ``records``) is refused instead."""
 
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays and objects in a JSON document or JSONL line. Deeper input is refused:
@@ -57,6 +64,7 @@ def shorten(text: str, limit: int = MAX_REASON_CHARS) -> str:
     marker = f" ... [{len(text) - limit} characters cut] ... "
     head = (limit - len(marker)) * 2 // 3
     return text[:head] + marker + text[len(text) - (limit - len(marker) - head) :]
+_COUNT = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -64,23 +72,31 @@ class RawRecord:
     """One record split from an upstream message, before mapping.
 
     ``number`` is 1-based within the file; ``line`` is where the record starts (None for JSON).
-    ``data`` is a column->value dict (CSV), the decoded object (JSON/JSONL) or the record element as
-    an XML string (XML). ``error`` is a record-level problem; such a record still arrives so the
-    caller can dead-letter it and go on, and its ``data`` is then the raw text as found in the file.
+    ``data`` is a column->value dict (CSV, fixed-width), the decoded object (JSON/JSONL) or the record
+    element as an XML string (XML). ``error`` is a record-level problem; such a record still arrives
+    so the caller can dead-letter it and go on, and its ``data`` is then the raw text as found in the
+    file.
     """
 
     number: int
     line: int | None
     data: Any
     error: str | None = None
+    document: Any = None
+    """What the record's mapping may read of the document around it (``from: document``, XPath
+    ``..``): the header fields before it, never the siblings already emitted. None when the format
+    has no document around its records. Records under the same header share one object."""
 
 
 @dataclass(frozen=True)
 class CsvDialect:
-    """How a route's CSV files are written: the field delimiter and the text encoding."""
+    """How a route's CSV files are written: the field delimiter, the text encoding, the number of
+    ``KEY;VALUE`` preamble lines before the column header, and the trailer row's key."""
 
     delimiter: str = ","
     encoding: str = "utf-8"
+    preamble: int = 0
+    trailer: str | None = None
 
 
 class FileFormatError(Exception):
@@ -115,12 +131,17 @@ def iter_records(
     *,
     csv_delimiter: str = ",",
     encoding: str = "utf-8",
+    csv_preamble: int = 0,
+    csv_trailer: str | None = None,
+    fixed: FixedLayout | None = None,
 ) -> Iterator[RawRecord]:
     """Stream the records of one file; ``name`` is used in error messages.
 
     Raises ValueError at once for an unusable ``fmt``/``records``/``encoding``; raises
     FileFormatError while iterating when the file itself is broken. ``encoding`` applies to CSV and
-    JSONL (XML declares its own; JSON must be UTF-8). A UTF-8 byte order mark is always skipped.
+    JSONL (XML declares its own; JSON must be UTF-8; a fixed layout names its own). A UTF-8 byte
+    order mark is always skipped. ``csv_preamble``/``csv_trailer`` and ``fixed`` are described at
+    :class:`CsvDialect` and :mod:`transforms.fixed_width`.
     """
     splitter = _compile_splitter(fmt, records)
     if fmt in ("csv", "jsonl"):
@@ -129,7 +150,21 @@ def iter_records(
         raise ValueError(
             f"csv delimiter must be one character other than a quote or newline, not {csv_delimiter!r}"
         )
-    return splitter(stream, name, csv_delimiter=csv_delimiter, encoding=encoding)
+    if fmt == "csv" and csv_preamble < 0:
+        raise ValueError(f"csv preamble must be a number of lines (0 or more), not {csv_preamble}")
+    if fmt == "fixed":
+        if fixed is None:
+            raise ValueError("format fixed needs a fixed: layout (fields or record_types)")
+        _check_line_encoding(fixed.encoding)
+    return splitter(
+        stream,
+        name,
+        csv_delimiter=csv_delimiter,
+        encoding=encoding,
+        csv_preamble=csv_preamble,
+        csv_trailer=csv_trailer,
+        fixed=fixed,
+    )
 
 
 def check_file(path: Path, fmt: RecordFormat, records: str | None, **options: Any) -> int:
@@ -163,15 +198,29 @@ def _compile_splitter(fmt: str, records: str | None) -> Splitter:
         if not records:
             raise ValueError("records is required for xml: an element path such as /ASN/Line or //Line")
         path_matches = _compile_xml_path(records)
-        return lambda stream, name, **_: _xml_records(stream, name, path_matches)
+        return lambda stream, name, **_: _xml_records(stream, name, records, path_matches)
     if fmt == "json":
         return _compile_json_path(records)
+    if fmt == "fixed":
+        if records is not None:
+            raise ValueError("records does not apply to fixed (detail lines are the records); omit it")
+        return _fixed_records
     if fmt in ("x12", "edifact"):
         # Imported here: the EDI readers build on this module's RawRecord and FileFormatError.
         from transforms import edifact, x12
 
         return (x12 if fmt == "x12" else edifact).splitter(records)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _fixed_records(stream: BinaryIO, name: str, *, fixed: FixedLayout, **_: Any) -> Iterator[RawRecord]:
+    return fixed.records(_numbered(_LineReader(stream, name, fixed.encoding)), name)
+
+
+def _numbered(lines: _LineReader) -> Iterator[tuple[int, str]]:
+    for text in lines:
+        lines.pending.clear()  # only CSV needs a record's raw lines back
+        yield lines.line, text
 
 
 def _check_line_encoding(encoding: str) -> None:
@@ -220,10 +269,21 @@ class _LineReader:
         self.exhausted = True
 
 
-def _csv_records(stream: BinaryIO, name: str, *, csv_delimiter: str, encoding: str) -> Iterator[RawRecord]:
+def _csv_records(
+    stream: BinaryIO,
+    name: str,
+    *,
+    csv_delimiter: str,
+    encoding: str,
+    csv_preamble: int = 0,
+    csv_trailer: str | None = None,
+    **_: Any,
+) -> Iterator[RawRecord]:
     lines = _LineReader(stream, name, encoding)
     reader = csv.reader(lines, delimiter=csv_delimiter, strict=True)
     header: list[str] | None = None
+    document: dict[str, str] | None = {} if csv_preamble else None
+    trailer_line: int | None = None
     number = 0
     while True:
         start = lines.line + 1
@@ -245,17 +305,65 @@ def _csv_records(stream: BinaryIO, name: str, *, csv_delimiter: str, encoding: s
         values = [value.strip() for value in row]
         if not any(values):
             continue
+        if trailer_line is not None:
+            raise FileFormatError(
+                name, start, None, f"row after the trailer {csv_trailer!r} of line {trailer_line}"
+            )
+        if document is not None and len(document) < csv_preamble:
+            _preamble_entry(document, values, name, start, csv_delimiter)
+            continue
         if header is None:
             header = _csv_header(values, name, start)
+            continue
+        if csv_trailer is not None and values[0] == csv_trailer:
+            if len(values) != 2:
+                raise FileFormatError(
+                    name,
+                    start,
+                    None,
+                    f"trailer must be {csv_trailer}{csv_delimiter}COUNT; found {len(values)} fields",
+                )
+            check_trailer_count(values[1], number, name, start, csv_trailer)
+            trailer_line = start
             continue
         number += 1
         if len(values) != len(header):
             error_text = f"row has {len(values)} fields; header has {len(header)}"
-            yield RawRecord(number, start, "".join(lines.pending), error_text)
+            yield RawRecord(number, start, "".join(lines.pending), error_text, document)
             continue
-        yield RawRecord(number, start, dict(zip(header, values, strict=True)))
+        yield RawRecord(number, start, dict(zip(header, values, strict=True)), document=document)
     if header is None:
         raise FileFormatError(name, None, None, "CSV file has no header row")
+    if csv_trailer is not None and trailer_line is None:
+        raise FileFormatError(
+            name,
+            lines.line,
+            None,
+            f"CSV file ends without its trailer row {csv_trailer!r}; it may be cut short",
+        )
+
+
+def _preamble_entry(
+    document: dict[str, str], values: list[str], name: str, line: int, delimiter: str
+) -> None:
+    """One ``KEY;VALUE`` line of a CSV preamble (the store id, export date before the column header)."""
+    if len(values) != 2 or not values[0]:
+        raise FileFormatError(
+            name, line, None, f"preamble line must be KEY{delimiter}VALUE; found {len(values)} field(s)"
+        )
+    if values[0] in document:
+        raise FileFormatError(name, line, None, f"preamble repeats the key {values[0]!r}")
+    document[values[0]] = values[1]
+
+
+def check_trailer_count(count: str, read: int, name: str, line: int, what: str) -> None:
+    """A trailer's record count must match the records read before it, or the whole file is refused."""
+    if not _COUNT.fullmatch(count):
+        raise FileFormatError(name, line, None, f"trailer {what!r} count must be digits, not {count!r}")
+    if int(count) != read:
+        raise FileFormatError(
+            name, line, None, f"trailer {what!r} counts {int(count)} record(s) but {read} were read"
+        )
 
 
 def _csv_header(columns: list[str], name: str, line: int) -> list[str]:
@@ -437,6 +545,9 @@ def _json_streamed(stream: BinaryIO, name: str, expression: str, prefix: str) ->
     builder: ijson.ObjectBuilder | None = None
     problem: str | None = None
     number = depth = 0
+    # What precedes the array is the records' document (their header); what follows is not kept.
+    head: ijson.ObjectBuilder | None = ijson.ObjectBuilder() if prefix else None
+    document: Any = None
     try:
         for path, event, value in _IJSON.parse(_SkipBom(stream), use_float=False, buf_size=_IJSON_READ_BYTES):
             if event in ("start_map", "start_array"):
@@ -455,6 +566,10 @@ def _json_streamed(stream: BinaryIO, name: str, expression: str, prefix: str) ->
                             name, None, None, f"records {expression!r} is {kind}; expected a list"
                         )
                     in_array = True
+                    document = deepcopy(head.value) if head is not None else None
+                    head = None
+                elif head is not None:
+                    head.event(event, value)
                 continue
             if path == prefix and event == "end_array":
                 in_array = False
@@ -467,9 +582,9 @@ def _json_streamed(stream: BinaryIO, name: str, expression: str, prefix: str) ->
             if path == item_prefix and event in _ITEM_END_EVENTS:
                 number += 1
                 if problem is None:
-                    yield RawRecord(number, None, builder.value)
+                    yield RawRecord(number, None, builder.value, document=document)
                 else:
-                    yield RawRecord(number, None, _escape_surrogates(builder.value), problem)
+                    yield RawRecord(number, None, _escape_surrogates(builder.value), problem, document)
                 builder = None
                 problem = None
     except (ijson.JSONError, json.JSONDecodeError) as error:
@@ -503,12 +618,29 @@ def _json_loaded(stream: BinaryIO, name: str, expression: str, compiled: Any) ->
     if not isinstance(found, list):
         kind = "not in the document" if found is None else _with_article(_json_kind(found))
         raise FileFormatError(name, None, None, f"records {expression!r} is {kind}; expected a list")
+    context = document_without(document, found)
     for number, value in enumerate(found, start=1):
         problem = _json_problem(value)
         if problem is None:
-            yield RawRecord(number, None, value)
+            yield RawRecord(number, None, value, document=context)
         else:
-            yield RawRecord(number, None, _escape_surrogates(value), f"record {problem}")
+            yield RawRecord(number, None, _escape_surrogates(value), f"record {problem}", context)
+
+
+def document_without(document: Any, records: Any) -> Any:
+    """``document`` without the ``records`` list itself: what the records' ``from: document`` reads.
+
+    A projection builds a new list that is not in the document; the document is then kept whole.
+    """
+    if document is records:
+        return None
+    if isinstance(document, dict):
+        return {
+            key: document_without(value, records) for key, value in document.items() if value is not records
+        }
+    if isinstance(document, list):
+        return [document_without(value, records) for value in document if value is not records]
+    return document
 
 
 XmlPathMatcher = Callable[[tuple[str, ...]], bool]
@@ -566,7 +698,23 @@ def _local_name(tag: str) -> str:
     return tag.rpartition("}")[2]
 
 
-def _xml_records(stream: BinaryIO, name: str, matches: XmlPathMatcher) -> Iterator[RawRecord]:
+@dataclass
+class _OpenElement:
+    """An element whose end is not yet parsed: its place in the path and whether records started in it."""
+
+    serial: int
+    record: bool
+    holds_records: bool = False
+    kept: int = 0
+
+
+def _xml_records(stream: BinaryIO, name: str, records: str, matches: XmlPathMatcher) -> Iterator[RawRecord]:
+    """Records of the elements ``matches`` accepts, each with its ancestors' own content as context.
+
+    An ancestor keeps the children that ended before its first record (its header: ShipTo, dates);
+    a subtree that held records, and whatever ends after records started, is dropped once parsed,
+    so memory holds the header and one record whatever the number of lines.
+    """
     events = etree.iterparse(
         stream,
         events=("start", "end"),
@@ -576,29 +724,43 @@ def _xml_records(stream: BinaryIO, name: str, matches: XmlPathMatcher) -> Iterat
         huge_tree=False,
     )
     path: list[str] = []
-    is_record: list[bool] = []
+    stack: list[_OpenElement] = []
     open_records = 0
-    number = 0
+    number = serial = 0
+    documents = _XmlDocuments()
     try:
         for event, element in events:
             if event == "start":
                 path.append(_local_name(element.tag))
-                record = matches(tuple(path))
-                is_record.append(record)
-                open_records += record
+                serial += 1
+                stack.append(_OpenElement(serial, matches(tuple(path))))
+                open_records += stack[-1].record
                 continue
             path.pop()
-            if is_record.pop():
+            state = stack.pop()
+            if state.record:
                 open_records -= 1
                 number += 1
-                yield _xml_record(element, number)
+                for ancestor in stack:
+                    ancestor.holds_records = True
+                yield _xml_record(element, number, documents.context(element, stack))
             if open_records == 0:
-                # Nothing still open needs this subtree: drop it and the siblings before it.
-                element.clear()
                 parent = element.getparent()
-                if parent is not None:
-                    while element.getprevious() is not None:
-                        del parent[0]
+                if parent is None:
+                    continue
+                # A header child stays readable by the records that follow it; the rest is done with.
+                if state.record or state.holds_records or stack[-1].holds_records:
+                    parent.remove(element)
+                    continue
+                stack[-1].kept += 1
+                if stack[-1].kept > MAX_HEADER_ELEMENTS:
+                    raise FileFormatError(
+                        name,
+                        element.sourceline,
+                        None,
+                        f"<{path[-1]}> has more than {MAX_HEADER_ELEMENTS} child elements before its "
+                        f"first record, all kept as the records' header (is records {records!r} right?)",
+                    )
     except etree.XMLSyntaxError as error:
         # The parser's own log holds the first fatal error with its position; the exception sometimes
         # says only "no element found" (an undefined entity, for one).
@@ -610,10 +772,54 @@ def _xml_records(stream: BinaryIO, name: str, matches: XmlPathMatcher) -> Iterat
         raise FileFormatError(name, line or None, column or None, f"XML syntax error: {message}") from None
 
 
-def _xml_record(element: Any, number: int) -> RawRecord:
+class _XmlDocuments:
+    """The document context of XML records: a trimmed copy of the ancestor chain, made once per header.
+
+    Consecutive records under the same ancestors with the same header share one context object, so
+    a chunk carries it once (see router.ingress).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[int, int], ...] = ()
+        self._context: dict[str, Any] | None = None
+
+    def context(self, element: Any, stack: list[_OpenElement]) -> dict[str, Any] | None:
+        ancestors = list(element.iterancestors())[::-1]
+        if not ancestors:
+            return None
+        chain = [*ancestors[1:], element]
+        # The header of each ancestor is every child before the chain; later siblings may be parsed
+        # ahead by lxml and are not part of the document yet.
+        heads = [ancestor.index(child) for ancestor, child in zip(ancestors, chain, strict=True)]
+        key = tuple(zip((state.serial for state in stack), heads, strict=True))
+        if key != self._key or self._context is None:
+            self._key = key
+            self._context = {"xml": _trimmed_chain(ancestors, heads), "depth": len(ancestors)}
+        return self._context
+
+
+def _trimmed_chain(ancestors: list[Any], heads: list[int]) -> str:
+    """The ancestors as one XML document: each with its attributes, text and header children only."""
+    top: Any = None
+    parent: Any = None
+    for ancestor, head in zip(ancestors, heads, strict=True):
+        copy = (
+            etree.Element(ancestor.tag, attrib=dict(ancestor.attrib), nsmap=ancestor.nsmap)
+            if parent is None
+            else etree.SubElement(parent, ancestor.tag, attrib=dict(ancestor.attrib), nsmap=ancestor.nsmap)
+        )
+        copy.text = ancestor.text
+        for child in ancestor[:head]:
+            copy.append(deepcopy(child))
+        top = copy if top is None else top
+        parent = copy
+    return etree.tostring(top, encoding="unicode")
+
+
+def _xml_record(element: Any, number: int, document: dict[str, Any] | None) -> RawRecord:
     text = etree.tostring(element, encoding="unicode", with_tail=False)
     entity = next(element.iter(etree.Entity), None)
     if entity is not None:
         reason = f"record uses the entity {entity.text}, which is not expanded (DTD entities are disabled)"
         return RawRecord(number, element.sourceline, text, reason)
-    return RawRecord(number, element.sourceline, text)
+    return RawRecord(number, element.sourceline, text, document=document)

@@ -225,6 +225,20 @@ def test_signed_delivery_is_accepted_after_the_sink_confirmed(receiver: Receiver
     assert receiver.ledger.accepted("partner-stock", "msg_accept_1") == hashlib.sha256(body).hexdigest()
 
 
+def test_records_carry_the_payload_around_them_for_from_document(receiver: Receiver) -> None:
+    body = json.dumps(
+        {
+            "warehouse": "DC1",
+            "counted_at": "2026-11-24T06:00:00Z",
+            "events": [{"sku": "A", "store": "S1", "qty": 1}],
+        }
+    ).encode()
+    response = receiver.client.post("/webhooks/partner-stock", content=body, headers=signed_headers(body))
+    assert response.status_code == 202, response.text
+    [chunk] = receiver.sink.chunks
+    assert chunk.records[0].document == {"warehouse": "DC1", "counted_at": "2026-11-24T06:00:00Z"}
+
+
 def test_repeated_webhook_id_answers_200_and_publishes_nothing(receiver: Receiver) -> None:
     body = stock_body({"sku": "SKU-1", "store": "S001", "qty": 1})
     headers = signed_headers(body, webhook_id="msg_repeat")

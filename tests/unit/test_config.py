@@ -248,7 +248,7 @@ def test_validate_command_exit_codes(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert good.returncode == 0 and "ok: 5 route(s)" in good.stdout, good.stderr
+    assert good.returncode == 0 and "ok: 6 route(s)" in good.stdout, good.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "router.cli", "validate", "-c", str(tmp_path / "nowhere.yaml")],
         capture_output=True,

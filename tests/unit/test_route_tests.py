@@ -66,3 +66,12 @@ def test_route_tests_pass_and_fail_with_a_readable_diff(tmp_path: Path) -> None:
     assert "event 1: quantity: expected 4, got '3'" in result.output
     assert "expected 0 dead letter(s), got 1" in result.output and "F99" in result.output
     assert lines[-1] == "1 passed, 1 failed"
+
+
+def test_the_shipped_route_tests_pass_on_the_shipped_configuration() -> None:
+    """tests/routes/ covers the sample routes: CSV, a header+lines ASN in XML and a fixed-width export."""
+    repo = Path(__file__).resolve().parents[2]
+    result = CliRunner().invoke(main, ["test", "--config", str(repo / "routes.yaml")])
+    assert result.exit_code == 0, result.output
+    for route in ("pos-sales", "supplier-asn", "legacy-pos"):
+        assert f"routes/{route}.yaml" in result.output, result.output
