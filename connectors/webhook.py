@@ -48,7 +48,7 @@ from connectors.signatures import (
     signature_header,
     signs_timestamp,
 )
-from ops import metrics
+from ops import metrics, tracing
 from transforms.interop_json import MAX_DEPTH, JsonRefused, loads_interoperable, printable
 from transforms.parsers import RawRecord
 
@@ -66,6 +66,7 @@ DEFAULT_SIGNATURE_FAILURES = (20, 60.0)
 MAX_WEBHOOK_ID = 200
 """Longest webhook-id accepted: the id ledger keeps it (and the message id made of it) in bounded columns."""
 UNKNOWN_ROUTE = "_unknown"
+WEBHOOK_PATH = "/webhooks/{route}"
 """The ``route`` label of rejections of requests for no configured route (keeps the label bounded)."""
 LISTENER_ROUTE = "_listener"
 """The ``route`` label of requests the listener refused before any route was chosen (no connection free)."""
@@ -713,6 +714,13 @@ def webhook_routes(
     document = openapi_document(by_route)
 
     async def webhook(request: Request) -> Response:
+        # The partner's traceparent, if it sent one, makes this request part of its trace.
+        with tracing.server_span(request.method, WEBHOOK_PATH, str(request.url), request.headers) as span:
+            response = await answer(request)
+            span.status(response.status_code)
+            return response
+
+    async def answer(request: Request) -> Response:
         name = request.path_params["route"]
         receiver = by_route.get(name)
         try:
@@ -756,6 +764,6 @@ def webhook_routes(
         return JSONResponse(document)
 
     return [
-        Route("/webhooks/{route}", webhook, methods=_ALL_METHODS),
+        Route(WEBHOOK_PATH, webhook, methods=_ALL_METHODS),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]

@@ -25,6 +25,8 @@ from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 
+from ops import tracing
+
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/json"
@@ -186,17 +188,18 @@ class Publisher:
         """
         try:
             producer = self._ensure_producer()
-            producer.publish(
-                encode_body(body),
-                routing_key=queue.routing_key,
-                content_type=CONTENT_TYPE,
-                content_encoding="utf-8",
-                delivery_mode=2,
-                headers=dict(headers or {}),
-                declare=[queue],
-                retry=False,
-                timeout=self._topology.settings.confirm_timeout,
-            )
+            with tracing.publish_span(queue.name, headers) as traced_headers:
+                producer.publish(
+                    encode_body(body),
+                    routing_key=queue.routing_key,
+                    content_type=CONTENT_TYPE,
+                    content_encoding="utf-8",
+                    delivery_mode=2,
+                    headers=traced_headers,
+                    declare=[queue],
+                    retry=False,
+                    timeout=self._topology.settings.confirm_timeout,
+                )
         except Exception as exc:  # kombu surfaces transport errors as many unrelated types
             self._producer = None
             self._reset_connection()
