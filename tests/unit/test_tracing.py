@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from connectors.chunks import SourceChunk
+from connectors.file_ingest import FileParsing, FileProgress, publish_file
 from ops import tracing
 from ops.logging import ConsoleFormatter, JsonLineFormatter, RedactingFilter
 
@@ -126,3 +129,28 @@ def test_a_micro_batch_links_to_each_message_its_events_came_in(exporter: InMemo
     assert span.attributes is not None
     assert span.attributes["messaging.batch.message_count"] == 4
     assert span.attributes["messaging.destination.template"] == "router.deliver.erp.{partition}"
+
+
+def test_each_file_is_the_root_of_the_trace_its_chunks_travel_in(
+    exporter: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    path = tmp_path / "sales.csv"
+    path.write_text("SKU,QTY\n" + "".join(f"A{n},1\n" for n in range(5)), encoding="utf-8")
+    published: list[dict[str, str]] = []
+
+    def sink(_: SourceChunk) -> None:
+        with tracing.publish_span("router.ingress.pos-sales", {}) as headers:
+            published.append(headers)
+
+    publish_file(path, FileParsing("pos-sales", "file", "csv", None, 2), sink, FileProgress())
+
+    *publishes, ingest = exporter.get_finished_spans()
+    assert ingest.name == "ingest pos-sales" and ingest.parent is None
+    assert ingest.attributes is not None and ingest.attributes["file.name"] == "sales.csv"
+    assert len(publishes) == len(published) == 3
+    assert all(
+        span.parent is not None and span.parent.span_id == ingest.context.span_id for span in publishes
+    )
+    assert {headers["traceparent"].split("-")[1] for headers in published} == {
+        f"{ingest.context.trace_id:032x}"
+    }
