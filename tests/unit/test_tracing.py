@@ -154,3 +154,13 @@ def test_each_file_is_the_root_of_the_trace_its_chunks_travel_in(
     assert {headers["traceparent"].split("-")[1] for headers in published} == {
         f"{ingest.context.trace_id:032x}"
     }
+
+
+def test_a_malformed_partner_traceparent_starts_a_new_trace(exporter: InMemorySpanExporter) -> None:
+    with tracing.server_span(
+        "POST", "/webhooks/{route}", "http://127.0.0.1/webhooks/a", {"traceparent": "00-zz"}
+    ):
+        pass
+
+    [span] = exporter.get_finished_spans()
+    assert span.parent is None and span.context is not None and span.context.is_valid
