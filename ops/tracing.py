@@ -52,19 +52,18 @@ def enabled() -> bool:
     return _installed is not None
 
 
-def configure_from_environment(environ: Mapping[str, str] | None = None) -> bool:
+def configure_from_environment() -> bool:
     """Install the OTLP/HTTP exporter when an OTLP endpoint is configured; True when tracing is on.
 
     The exporter reads its endpoint, headers and timeout from the standard ``OTEL_EXPORTER_OTLP_*``
     variables and the service name from ``OTEL_SERVICE_NAME``.
     """
-    environ = os.environ if environ is None else environ
-    if not any(environ.get(name) for name in ENDPOINT_VARIABLES):
+    if not any(os.environ.get(name) for name in ENDPOINT_VARIABLES):
         return False
     # Imported here: the exporter pulls in protobuf, which an unconfigured router never needs.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    install(OTLPSpanExporter(), batch=True, service_name=environ.get("OTEL_SERVICE_NAME"))
+    install(OTLPSpanExporter(), batch=True, service_name=os.environ.get("OTEL_SERVICE_NAME"))
     atexit.register(shutdown)
     return True
 

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -226,3 +230,42 @@ def test_a_partners_trace_runs_from_its_webhook_request_to_the_targets_request(
     assert batch.attributes is not None and batch.attributes["messaging.batch.message_count"] == 2
     [batch_client] = [s for s in spans if s.kind is SpanKind.CLIENT and _parent_of(s, spans) is batch]
     assert _header(batch_request, "traceparent").split("-")[1:3] == list(_hex(batch_client))
+
+
+def test_an_otlp_endpoint_gets_the_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "router-under-test")
+    try:
+        assert tracing.configure_from_environment()
+        with tracing.source_span("ingest", "pos-sales", {"file.name": "sales.csv"}):
+            pass
+        tracing.shutdown()  # flushes the batch, as at exit
+    finally:
+        tracing.shutdown()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    [(path, body)] = received
+    assert path == "/v1/traces"
+    export = ExportTraceServiceRequest.FromString(body)
+    [resource] = export.resource_spans
+    service = {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"]
+    assert service == "router-under-test"
+    assert [span.name for scope in resource.scope_spans for span in scope.spans] == ["ingest pos-sales"]
