@@ -66,11 +66,12 @@ DEFAULT_SIGNATURE_FAILURES = (20, 60.0)
 MAX_WEBHOOK_ID = 200
 """Longest webhook-id accepted: the id ledger keeps it (and the message id made of it) in bounded columns."""
 UNKNOWN_ROUTE = "_unknown"
-WEBHOOK_PATH = "/webhooks/{route}"
 """The ``route`` label of rejections of requests for no configured route (keeps the label bounded)."""
 LISTENER_ROUTE = "_listener"
 """The ``route`` label of requests the listener refused before any route was chosen (no connection free)."""
 
+WEBHOOK_PATH = "/webhooks/{route}"
+"""The route template of every partner webhook (the ``http.route`` of its server span)."""
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
