@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from connectors.chunks import ChunkSink, SourceChunk, batched
+from ops import tracing
 from transforms.edi import EDI_FORMATS, record_identity
 from transforms.fixed_width import FixedLayout
 from transforms.parsers import CsvDialect, FileFormatError, RawRecord, iter_records
@@ -311,6 +312,13 @@ def publish_file(
     parse or cannot be carried, and whatever the sink raises when the broker does not confirm.
     """
     name = name or path.name
+    with tracing.source_span("ingest", parsing.route, {"file.name": name}):
+        return _publish_file(path, parsing, sink, progress, name, size)
+
+
+def _publish_file(
+    path: Path, parsing: FileParsing, sink: ChunkSink, progress: FileProgress, name: str, size: int | None
+) -> FileProgress:
     if not progress.sha256:
         progress.sha256 = file_sha256(path, size)
         progress.size = size

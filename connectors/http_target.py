@@ -29,6 +29,7 @@ from connectors.delivery import (
     interruptible_sleep,
 )
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
+from ops import tracing
 from ops.secrets import redact, register_http_credentials
 
 # Delivery types live in connectors.delivery; they stay importable from here for HTTP callers.
@@ -123,26 +124,19 @@ class HttpTarget:
         """Make one request and classify its result; never raises for HTTP or transport failures."""
         name = self.settings.name
         headers = {**self._base_headers, "Content-Type": content_type, "Idempotency-Key": idempotency_key}
-        try:
-            request = self._client.build_request(
-                self.settings.method.upper(),
-                self.settings.url,
-                content=payload,
-                headers=headers,
-                timeout=self.settings.timeout,
-            )
-            response = self._client.send(request, auth=self._auth, stream=True)
+        method = self.settings.method.upper()
+        with tracing.client_span(method, self.settings.url, headers) as span:
             try:
-                body = _read_capped(response.iter_bytes())
-            finally:
-                response.close()
-        except _CAUGHT as error:
-            label, retryable = _describe_transport_failure(error)
-            if label.endswith("timeout"):
-                label = f"{label} after {self.settings.timeout:g}s"
-            message = str(error)
-            detail = redact(f"{label} from {name}" + (f": {message}" if message else ""))
-            return AttemptResult("retry" if retryable else "permanent", None, detail, None)
+                response, body = self._exchange(method, payload, headers)
+            except _CAUGHT as error:
+                span.failed(type(error).__name__)
+                label, retryable = _describe_transport_failure(error)
+                if label.endswith("timeout"):
+                    label = f"{label} after {self.settings.timeout:g}s"
+                message = str(error)
+                detail = redact(f"{label} from {name}" + (f": {message}" if message else ""))
+                return AttemptResult("retry" if retryable else "permanent", None, detail, None)
+            span.status(response.status_code)
         status = response.status_code
         kind = classify(status)
         hint = " (check the target's auth)" if status in (401, 403) else ""
@@ -153,6 +147,17 @@ class HttpTarget:
             server_now = parse_http_date(response.headers.get("Date"))
             retry_after = parse_retry_after(response.headers.get("Retry-After"), server_now)
         return AttemptResult(kind, status, detail, retry_after)
+
+    def _exchange(self, method: str, payload: bytes, headers: dict[str, str]) -> tuple[httpx.Response, bytes]:
+        """One request and its (capped) response body; raises httpx's transport errors."""
+        request = self._client.build_request(
+            method, self.settings.url, content=payload, headers=headers, timeout=self.settings.timeout
+        )
+        response = self._client.send(request, auth=self._auth, stream=True)
+        try:
+            return response, _read_capped(response.iter_bytes())
+        finally:
+            response.close()
 
     def deliver(
         self,

@@ -46,7 +46,7 @@ from connectors.http_target import USER_AGENT, interruptible_sleep
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
 from deadletter.leases import HeldLease
 from deadletter.store import Store, lease_holder
-from ops import metrics
+from ops import metrics, tracing
 from ops.secrets import redact, register_http_credentials
 from transforms.interop_json import JsonRefused, loads_interoperable
 from transforms.parsers import RawRecord
@@ -340,27 +340,29 @@ class RestPollSource:
             if stop is not None and stop.is_set():
                 return False
             label = self._page_label(state.cursor)
-            document = self._decode(self._fetch(state.cursor, label, stop), label)
-            records = self._records_of(document, label)
-            following = self._next_cursor(document, label)
-            progress.pages += 1
-            identified = list(self._identified(records))
-            published = list(state.published)
-            fresh = _unpublished(identified, published)
-            for number, batch in enumerate(batched(fresh, self.settings.chunk_size), start=1):
-                if stop is not None and stop.is_set():
-                    return False  # a drain, or the poll lease lost: another poller may have this page
-                self._publish(label, number, batch)
-                published += [identity for _, identity in batch]
-                state = self._save(state, _PageState(state.url, state.cursor, tuple(published)))
-                progress.records += len(batch)
-                progress.chunks += 1
-            if following is None or following == state.cursor:
-                # Staying on the last page: remember exactly its ids, so the state never outgrows a page.
-                page_ids = tuple(dict.fromkeys(identity for _, identity in identified))
-                self._save(state, _PageState(state.url, state.cursor, page_ids))
-                return True
-            state = self._save(state, _PageState(state.url, following))
+            # A span per page: the root of the trace its records' events follow to the targets.
+            with tracing.source_span("poll", self.settings.route, {"url.full": redact(label)}):
+                document = self._decode(self._fetch(state.cursor, label, stop), label)
+                records = self._records_of(document, label)
+                following = self._next_cursor(document, label)
+                progress.pages += 1
+                identified = list(self._identified(records))
+                published = list(state.published)
+                fresh = _unpublished(identified, published)
+                for number, batch in enumerate(batched(fresh, self.settings.chunk_size), start=1):
+                    if stop is not None and stop.is_set():
+                        return False  # a drain, or the poll lease lost: another poller may have this page
+                    self._publish(label, number, batch)
+                    published += [identity for _, identity in batch]
+                    state = self._save(state, _PageState(state.url, state.cursor, tuple(published)))
+                    progress.records += len(batch)
+                    progress.chunks += 1
+                if following is None or following == state.cursor:
+                    # Staying on the last page: remember exactly its ids, so the state never outgrows a page.
+                    page_ids = tuple(dict.fromkeys(identity for _, identity in identified))
+                    self._save(state, _PageState(state.url, state.cursor, page_ids))
+                    return True
+                state = self._save(state, _PageState(state.url, following))
         return False
 
     def _identified(self, records: list[Any]) -> Iterator[IdentifiedRecord]:

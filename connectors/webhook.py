@@ -48,7 +48,7 @@ from connectors.signatures import (
     signature_header,
     signs_timestamp,
 )
-from ops import metrics
+from ops import metrics, tracing
 from transforms.interop_json import MAX_DEPTH, JsonRefused, loads_interoperable, printable
 from transforms.parsers import RawRecord, document_without
 
@@ -70,6 +70,8 @@ UNKNOWN_ROUTE = "_unknown"
 LISTENER_ROUTE = "_listener"
 """The ``route`` label of requests the listener refused before any route was chosen (no connection free)."""
 
+WEBHOOK_PATH = "/webhooks/{route}"
+"""The route template of every partner webhook (the ``http.route`` of its server span)."""
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -717,6 +719,13 @@ def webhook_routes(
     document = openapi_document(by_route)
 
     async def webhook(request: Request) -> Response:
+        # The partner's traceparent, if it sent one, makes this request part of its trace.
+        with tracing.server_span(request.method, WEBHOOK_PATH, str(request.url), request.headers) as span:
+            response = await answer(request)
+            span.status(response.status_code)
+            return response
+
+    async def answer(request: Request) -> Response:
         name = request.path_params["route"]
         receiver = by_route.get(name)
         try:
@@ -760,6 +769,6 @@ def webhook_routes(
         return JSONResponse(document)
 
     return [
-        Route("/webhooks/{route}", webhook, methods=_ALL_METHODS),
+        Route(WEBHOOK_PATH, webhook, methods=_ALL_METHODS),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]

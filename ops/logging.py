@@ -4,7 +4,7 @@ Every handler gets a redaction filter, so no record is written with a secret in 
 configuration declared (:mod:`ops.secrets`), URL passwords and query values, ``Authorization``
 values, bearer tokens, webhook secrets (``whsec_...``) and the values of fields named like
 password/secret/token/authorization are masked, in the message, in ``extra=`` fields and in
-tracebacks.
+tracebacks. A line logged within a span carries its ``trace_id`` and ``span_id``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from json import dumps
 from typing import Any, TextIO
 
 from ops.secrets import redact, redact_field
+from ops.tracing import current_ids
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -32,6 +33,12 @@ _CHATTY_LOGGERS = ("httpx", "httpcore")
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {key: value for key, value in record.__dict__.items() if key not in _RECORD_ATTRIBUTES}
+
+
+def _trace_fields() -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of the span the record was logged in, if any (see ops.tracing)."""
+    ids = current_ids()
+    return {} if ids is None else {"trace_id": ids[0], "span_id": ids[1]}
 
 
 class RedactingFilter(logging.Filter):
@@ -70,6 +77,7 @@ class JsonLineFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         entry.update({k: v for k, v in _extra_fields(record).items() if k not in _CORE_FIELDS})
+        entry.update(_trace_fields())
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -85,7 +93,8 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render the record as one short line, then its traceback if any."""
         clock = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        fields = " ".join(f"{key}={value}" for key, value in _extra_fields(record).items())
+        extra = {**_extra_fields(record), **_trace_fields()}
+        fields = " ".join(f"{key}={value}" for key, value in extra.items())
         line = f"{clock} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if fields:
             line = f"{line}  {fields}"

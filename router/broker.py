@@ -30,6 +30,7 @@ from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 
+from ops import tracing
 from ops.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -254,17 +255,18 @@ class Publisher:
                 max_retries=len(self._topology.settings.urls),
                 interval_start=0,
             )
-            publish(
-                encode_body(body),
-                routing_key=queue.routing_key,
-                content_type=CONTENT_TYPE,
-                content_encoding="utf-8",
-                delivery_mode=2,
-                headers=dict(headers or {}),
-                declare=[queue],
-                retry=False,
-                timeout=self._topology.settings.confirm_timeout,
-            )
+            with tracing.publish_span(queue.name, headers) as traced_headers:
+                publish(
+                    encode_body(body),
+                    routing_key=queue.routing_key,
+                    content_type=CONTENT_TYPE,
+                    content_encoding="utf-8",
+                    delivery_mode=2,
+                    headers=traced_headers,
+                    declare=[queue],
+                    retry=False,
+                    timeout=self._topology.settings.confirm_timeout,
+                )
         except Exception as exc:  # kombu surfaces transport errors as many unrelated types
             self._producer = None
             self._reset_connection()

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from ops import tracing
 from ops.logging import configure_logging
 from ops.secrets import redact
 from router.audit_cli import audit
@@ -31,6 +32,8 @@ def main(log_level: str, log_json: bool | None) -> None:
     """The retail inventory router: POS files, supplier SFTP, partner webhooks and REST APIs in;
     ERP, WMS and OMS kept aligned, in order, without losing or doubling a movement."""
     configure_logging(log_level, json=log_json)
+    if tracing.configure_from_environment():
+        log.info("tracing: spans exported over OTLP/HTTP (OTEL_EXPORTER_OTLP_* settings)")
 
 
 @main.command()

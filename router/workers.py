@@ -33,7 +33,7 @@ from kombu.message import Message
 from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget, batch_idempotency_key
 from deadletter.leases import HeldLease
 from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, lease_holder, occurred_at_of
-from ops import metrics
+from ops import metrics, tracing
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, retry_budget
 from router.consumer import BufferedConsumer, run_reconnecting
 from router.pipeline import RoutePipeline, TransformResult, check_chunk, chunk_failures
@@ -92,7 +92,8 @@ class TransformWorker:
             try:
                 while not self._stop.is_set():
                     for message in consumer.fetch(FETCH_TIMEOUT):
-                        self.handle(message, publisher)
+                        with tracing.process_span(message):
+                            self.handle(message, publisher)
                     self.refresh_lookups()
             finally:
                 consumer.close()
@@ -284,6 +285,7 @@ class DeliveryWorker:
         self._retry_budget = retry_budget(broker.consumer_timeout, target.settings.timeout)
         self._next_release = 0.0
         self._next_prune = 0.0
+        self._traces = tracing.EventContexts()
 
     def run(self) -> None:
         run_reconnecting(f"delivery worker for {self.settings.target}", self._session, self._stop)
@@ -300,6 +302,7 @@ class DeliveryWorker:
                     for message in consumer.fetch(timeout):
                         inbound = self._inbound(message, consumer.sent_after)
                         if inbound is not None:
+                            self._traces.note(message, inbound.events)
                             pending.append(inbound)
                     if pending and self._should_flush(pending):
                         pending = self.deliver_messages(pending)
@@ -439,7 +442,10 @@ class DeliveryWorker:
             return DeliveryResult(DeliveryOutcome.permanent, 0, None, str(error), "render")
         key = batch_idempotency_key([e["event_id"] for e in group]) if as_batch else group[0]["event_id"]
         started = time.monotonic()
-        result = self._target.deliver(payload, content_type, key, stop=stop or self._stop, deadline=deadline)
+        with tracing.deliver_span(self.settings.target, group, self._traces):
+            result = self._target.deliver(
+                payload, content_type, key, stop=stop or self._stop, deadline=deadline
+            )
         metrics.DELIVERY_SECONDS.labels(target=self.settings.target).observe(time.monotonic() - started)
         return result
 

@@ -57,7 +57,8 @@ def generate_key(path: Path, passphrase: str = "") -> Path:
     """An ed25519 key pair at ``path`` and ``path.pub``."""
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", path.name, "-f", str(path)],
-        check=True, timeout=30,
+        check=True,
+        timeout=30,
     )
     return path
 
@@ -120,7 +121,10 @@ class SftpServer:
         """The server host key's SHA256 fingerprint as OpenSSH prints it."""
         listing = subprocess.run(
             ["ssh-keygen", "-l", "-E", "sha256", "-f", f"{self.host_key}.pub"],
-            capture_output=True, text=True, check=True, timeout=30,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         )
         return listing.stdout.split()[1]
 
@@ -159,20 +163,34 @@ class SftpServer:
         shadow = self.folder / "shadow"
         hashed = subprocess.run(
             ["openssl", "passwd", "-6", "-stdin"],
-            input=self.password, capture_output=True, text=True, check=True, timeout=30,
+            input=self.password,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout.strip()
         lines = Path("/etc/shadow").read_text(encoding="utf-8").splitlines()
         shadow.write_text(
             "".join(
-                f"{self.username}:{hashed}:{line.split(':', 2)[2]}\n" if line.startswith(f"{self.username}:")
+                f"{self.username}:{hashed}:{line.split(':', 2)[2]}\n"
+                if line.startswith(f"{self.username}:")
                 else f"{line}\n"
                 for line in lines
             ),
             encoding="utf-8",
         )
         shadow.chmod(0o640)
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                'mount --bind "$0" /etc/shadow && exec "$@"', str(shadow), *sshd]
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount --bind "$0" /etc/shadow && exec "$@"',
+            str(shadow),
+            *sshd,
+        ]
 
     def start(self) -> None:
         """Start sshd and wait until its port accepts connections."""
@@ -218,9 +236,15 @@ class SftpServer:
         ssh.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
             ssh.connect(
-                "127.0.0.1", self.port, username=self.username,
+                "127.0.0.1",
+                self.port,
+                username=self.username,
                 pkey=paramiko.PKey.from_path(self.client_key, CLIENT_KEY_PASSPHRASE.encode()),
-                timeout=10, banner_timeout=10, auth_timeout=10, allow_agent=False, look_for_keys=False,
+                timeout=10,
+                banner_timeout=10,
+                auth_timeout=10,
+                allow_agent=False,
+                look_for_keys=False,
             )
             sftp = ssh.open_sftp()
             channel = sftp.get_channel()

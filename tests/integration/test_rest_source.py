@@ -16,11 +16,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from connectors.chunks import SourceChunk
 from connectors.rest_source import RestPollSettings, RestPollSource, content_id
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
+from ops import tracing
 from tests.integration.harness import wait_until
 
 ROUTE = "marketplace-stock"
@@ -196,6 +198,36 @@ def test_pages_are_followed_until_next_is_null_and_published_in_order(
     assert api.cursors() == [None, "p2", "p3"]
     assert all(request.query["location"] == "DC1" for request in api.requests)
     assert stored_state(store) == {"url": api.url, "cursor": "p3", "published": ["C1"]}
+
+
+def test_each_page_is_the_root_of_the_trace_its_chunks_travel_in(
+    api: MarketplaceApi, store: Store, make_source: SourceFactory
+) -> None:
+    three_pages(api)
+    traces: list[tuple[str, str] | None] = []
+    sink = RecordingSink()
+
+    def traced(chunk: SourceChunk) -> None:
+        traces.append(tracing.current_ids())
+        sink(chunk)
+
+    memory = InMemorySpanExporter()
+    tracing.install(memory)
+    try:
+        make_source(traced, store).poll_once()
+    finally:
+        tracing.shutdown()
+
+    pages = memory.get_finished_spans()
+    assert [span.name for span in pages] == [f"poll {ROUTE}"] * 3
+    assert all(span.parent is None for span in pages)
+    # Query values are masked like anywhere else: a cursor may be a credential.
+    assert [(span.attributes or {}).get("url.full") for span in pages] == [api.url] + [
+        f"{api.url}?after=***"
+    ] * 2
+    assert traces == [
+        (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}") for span in pages if span.context
+    ]
 
 
 def test_a_restarted_source_resumes_from_the_stored_cursor(
@@ -483,7 +515,11 @@ def test_run_survives_failing_polls_and_stops_promptly(
 
 
 def test_run_outlives_a_failing_store(
-    api: MarketplaceApi, tmp_path: Path, store_url: str, store: Store, make_source: SourceFactory,
+    api: MarketplaceApi,
+    tmp_path: Path,
+    store_url: str,
+    store: Store,
+    make_source: SourceFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     three_pages(api)

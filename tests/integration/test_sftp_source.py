@@ -422,9 +422,18 @@ def test_password_login_works(tmp_path: Path, supplier_dir: Path) -> None:
 )
 def test_settings_refuse_contradictory_or_missing_options(overrides: dict[str, Any], complaint: str) -> None:
     base = {
-        "route": "supplier-asn", "host": "127.0.0.1", "port": 2222, "username": "router",
-        "known_hosts": Path("known_hosts"), "remote_dir": "/srv/inbound", "pattern": "*.csv", "format": "csv",
-        "records": None, "chunk_size": 100, "key_file": Path("id_ed25519"), "archive": "/srv/archive",
+        "route": "supplier-asn",
+        "host": "127.0.0.1",
+        "port": 2222,
+        "username": "router",
+        "known_hosts": Path("known_hosts"),
+        "remote_dir": "/srv/inbound",
+        "pattern": "*.csv",
+        "format": "csv",
+        "records": None,
+        "chunk_size": 100,
+        "key_file": Path("id_ed25519"),
+        "archive": "/srv/archive",
     }
     with pytest.raises(ValueError, match="supplier-asn") as raised:
         SftpSettings(**{**base, **overrides})

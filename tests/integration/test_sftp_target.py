@@ -246,8 +246,13 @@ def test_a_wrong_password_is_refused_for_good(tmp_path: Path, partner_dir: Path)
 )
 def test_settings_refuse_missing_or_impossible_options(overrides: dict[str, Any], complaint: str) -> None:
     base: dict[str, Any] = {
-        "name": "marketplace", "host": "127.0.0.1", "port": 2222, "username": "router",
-        "known_hosts": Path("known_hosts"), "remote_dir": "/inbound", "key_file": Path("id_ed25519"),
+        "name": "marketplace",
+        "host": "127.0.0.1",
+        "port": 2222,
+        "username": "router",
+        "known_hosts": Path("known_hosts"),
+        "remote_dir": "/inbound",
+        "key_file": Path("id_ed25519"),
     }
     with pytest.raises(ValueError, match="sftp target 'marketplace'") as raised:
         SftpTargetSettings(**{**base, **overrides})

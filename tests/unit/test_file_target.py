@@ -122,7 +122,9 @@ def test_a_folder_that_never_appears_exhausts_the_retries_with_a_clear_detail(tm
     result = target_for(share, retry=policy).deliver(PAYLOAD, JSON, "ev-1")
 
     assert (result.outcome, result.attempts, result.reason) == (
-        DeliveryOutcome.retries_exhausted, 3, "retries_exhausted"
+        DeliveryOutcome.retries_exhausted,
+        3,
+        "retries_exhausted",
     )
     assert f"the folder {share} does not exist" in result.detail
     assert listing(tmp_path) == []
