@@ -360,6 +360,13 @@ class TransactionReader:
         """Start reading a transaction (X12 ST, EDIFACT UNH) whose records wait for its trailer."""
         self.transaction = Transaction(start, control, kind, envelope, LoopBuilder(self.spec, summary_tags))
 
+    def add_to_transaction(self, segment: Segment, outside: str) -> Transaction:
+        """A segment that is not part of the envelope: added to the open transaction, else EdiError."""
+        if self.transaction is None:
+            raise EdiError(segment, f"is outside {outside}")
+        self.transaction.add(segment)
+        return self.transaction
+
     def close_transaction(self, trailer: Segment, opener: str, control_name: str) -> Iterator[RawRecord]:
         """The trailer (SE, UNT) checked against what was read, then the transaction's records."""
         if self.transaction is None:

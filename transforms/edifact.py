@@ -168,13 +168,11 @@ class _Reader(TransactionReader):
             self._open_message(segment)
         elif tag == "UNT":
             yield from self.close_transaction(segment, "UNH", "message reference UNH01")
-        elif self.transaction is None:
-            raise EdiError(segment, "is outside a message (UNH ... UNT)")
         else:
-            self.transaction.add(segment)
+            transaction = self.add_to_transaction(segment, "a message (UNH ... UNT)")
             if tag == "CNT" and segment.value(1) == LINE_ITEM_COUNT:
-                counted = self.transaction.builder.lin_segments
-                self.transaction.check_line_count(segment, (1, 2), counted, "LIN line items")
+                counted = transaction.builder.lin_segments
+                transaction.check_line_count(segment, (1, 2), counted, "LIN line items")
 
     def _open_interchange(self, segment: Segment) -> None:
         if self.unb is not None:

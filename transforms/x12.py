@@ -170,15 +170,13 @@ class _Reader(TransactionReader):
             self._open_transaction(segment)
         elif tag == "SE":
             yield from self.close_transaction(segment, "ST", "ST02")
-        elif self.transaction is None:
-            raise EdiError(segment, "is outside a transaction set (ST ... SE)")
         else:
-            self.transaction.add(segment)
+            transaction = self.add_to_transaction(segment, "a transaction set (ST ... SE)")
             if tag == "CTT":
-                builder = self.transaction.builder
+                builder = transaction.builder
                 counted = builder.hl_segments if builder.hl_segments else builder.lin_segments
                 what = "HL loops" if builder.hl_segments else "LIN line items"
-                self.transaction.check_line_count(segment, (1, 1), counted, what)
+                transaction.check_line_count(segment, (1, 1), counted, what)
 
     def _open_interchange(self, segment: Segment) -> None:
         if self.interchange is not None:
