@@ -25,7 +25,7 @@ from datetime import time as time_of_day
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypedDict, Unpack, get_args
 from uuid import UUID, uuid4
 
 from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text, update
@@ -187,6 +187,20 @@ def _aware(name: str, moment: datetime) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"{name} {moment.isoformat()} has no timezone; give an offset, e.g. +00:00")
     return moment
+
+
+class LetterFilters(TypedDict, total=False):
+    """What dead letters are listed and counted by: each filter given must match (``since`` <=
+    created_at < ``until``); None or absent matches every letter."""
+
+    route: str | None
+    target: str | None
+    status: DeadLetterStatus | None
+    stage: DeadLetterStage | None
+    reason: str | None
+    since: datetime | None
+    until: datetime | None
+    sequence_key: str | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -512,30 +526,14 @@ class Store:
     def list_dead_letters(
         self,
         *,
-        route: str | None = None,
-        target: str | None = None,
-        status: DeadLetterStatus | None = None,
-        stage: DeadLetterStage | None = None,
-        reason: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        sequence_key: str | None = None,
         after_id: int | None = None,
         newest_first: bool = False,
         limit: int = 1000,
+        **filters: Unpack[LetterFilters],
     ) -> list[DeadLetter]:
-        """Dead letters oldest first (or newest first), matching every filter given (``since`` <=
-        created_at < ``until``); ``after_id`` pages on: only letters past that id in this order."""
-        conditions = self._letter_conditions(
-            route=route,
-            target=target,
-            status=status,
-            stage=stage,
-            reason=reason,
-            since=since,
-            until=until,
-            sequence_key=sequence_key,
-        )
+        """Dead letters oldest first (or newest first), matching every filter given (LetterFilters);
+        ``after_id`` pages on: only letters past that id in this order."""
+        conditions = self._letter_conditions(filters)
         if after_id is not None:
             conditions.append(DeadLetterRow.id < after_id if newest_first else DeadLetterRow.id > after_id)
         order = DeadLetterRow.id.desc() if newest_first else DeadLetterRow.id
@@ -543,35 +541,30 @@ class Store:
         with self._transaction() as session:
             return [DeadLetter.from_row(row) for row in session.scalars(query)]
 
-    def count_dead_letters(self, **filters: Any) -> int:
+    def count_dead_letters(self, **filters: Unpack[LetterFilters]) -> int:
         """How many dead letters match the filters of :meth:`list_dead_letters` (paging aside)."""
-        query = select(func.count()).select_from(DeadLetterRow).where(*self._letter_conditions(**filters))
+        query = select(func.count()).select_from(DeadLetterRow).where(*self._letter_conditions(filters))
         with self._transaction() as session:
             return int(session.scalar(query) or 0)
 
     @staticmethod
-    def _letter_conditions(
-        *,
-        route: str | None = None,
-        target: str | None = None,
-        status: DeadLetterStatus | None = None,
-        stage: DeadLetterStage | None = None,
-        reason: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        sequence_key: str | None = None,
-    ) -> list[Any]:
+    def _letter_conditions(filters: LetterFilters) -> list[Any]:
+        unknown = filters.keys() - LetterFilters.__annotations__.keys()
+        if unknown:
+            raise TypeError(f"unknown dead-letter filter {', '.join(sorted(unknown))}")
+        status, stage = filters.get("status"), filters.get("stage")
+        since, until = filters.get("since"), filters.get("until")
         if status is not None and status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
         if stage is not None and stage not in STAGES:
             raise ValueError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
         columns = {
-            DeadLetterRow.route: route,
-            DeadLetterRow.target: target,
+            DeadLetterRow.route: filters.get("route"),
+            DeadLetterRow.target: filters.get("target"),
             DeadLetterRow.status: status,
             DeadLetterRow.stage: stage,
-            DeadLetterRow.reason: reason,
-            DeadLetterRow.sequence_key: sequence_key,
+            DeadLetterRow.reason: filters.get("reason"),
+            DeadLetterRow.sequence_key: filters.get("sequence_key"),
         }
         conditions: list[Any] = [column == value for column, value in columns.items() if value is not None]
         if since is not None:

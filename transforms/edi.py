@@ -23,11 +23,11 @@ are released when its trailer confirms the control number and counts, or all mar
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
-from transforms.parsers import FileFormatError, RawRecord
+from transforms.parsers import FileFormatError, RawRecord, Splitter
 
 EDI_FORMATS: tuple[str, ...] = ("x12", "edifact")
 
@@ -35,6 +35,12 @@ MAX_SEGMENT_CHARS = 1 << 20
 """Longest segment read; beyond it the file is refused rather than buffered (a missing terminator)."""
 
 READ_BLOCK = 1 << 16
+
+LEADING_SPACE = "\r\n\t "
+"""Line breaks and spaces before a segment, skipped: many partners end every segment with a line break."""
+
+UTF8_BOM = "\xef\xbb\xbf"
+"""A UTF-8 byte order mark as read in Latin-1."""
 
 HL_LEVEL_NAMES = {"S": "shipment", "O": "order", "T": "tare", "P": "pack", "I": "item"}
 
@@ -98,6 +104,15 @@ class EdiError(Exception):
 def file_error(name: str, error: EdiError) -> FileFormatError:
     """The file-level rejection for an envelope problem, naming the segment."""
     return FileFormatError(name, None, None, str(error))
+
+
+def check_delimiters(service: Segment, declared: dict[str, str], spaces: Collection[str]) -> None:
+    """Refuse delimiters (role to character) that are letters, digits, ``spaces`` or not distinct."""
+    for role, char in declared.items():
+        if char.isalnum() or char in spaces:
+            raise EdiError(service, f"the {role} is {char!r}; a delimiter cannot be a letter, digit or space")
+    if len(set(declared.values())) != len(declared):
+        raise EdiError(service, f"the {service.tag}'s delimiters are not distinct: {declared}")
 
 
 def check_tag(tag: str, position: int) -> None:
@@ -242,6 +257,21 @@ def same_control(declared: str, expected: str) -> bool:
     return declared.isdigit() and expected.isdigit() and int(declared) == int(expected)
 
 
+def check_envelope_trailer(
+    trailer: Segment, header: Segment, control: tuple[int, str], what: str, counted: int
+) -> None:
+    """An interchange or group trailer's count of ``what`` (its element 1) and control number (element 2)
+    against the header's ``control`` element (index, name in messages; "" names none); raises EdiError."""
+    declared = count_value(trailer, 1, f"number of {what}")
+    if declared != counted:
+        raise EdiError(trailer, f"{trailer.tag}01 says {declared} {what}, counted {counted}")
+    index, name = control
+    found, expected = trailer.value(2), header.value(index)
+    if not same_control(found, expected):
+        named = f"{header.label}'s {name} " if name else f"{header.label}'s "
+        raise EdiError(trailer, f"{trailer.tag}02 {found!r} does not match {named}{expected!r}")
+
+
 def count_value(segment: Segment, index: int, what: str, component: int = 1) -> int:
     """A count element as an int; raises EdiError naming the element when it is not a number."""
     text = segment.value(index, component)
@@ -316,6 +346,57 @@ class Transaction:
             yield RawRecord(first_number + line - 1, None, body, problem)
 
 
+@dataclass
+class TransactionReader:
+    """What the X12 and EDIFACT envelope readers share: the open transaction and the records read."""
+
+    spec: LoopSpec
+    transaction: Transaction | None = None
+    records: int = 0
+
+    def open_transaction(
+        self, start: Segment, control: str, kind: str, envelope: dict[str, Any], summary_tags: frozenset[str]
+    ) -> None:
+        """Start reading a transaction (X12 ST, EDIFACT UNH) whose records wait for its trailer."""
+        self.transaction = Transaction(start, control, kind, envelope, LoopBuilder(self.spec, summary_tags))
+
+    def add_to_transaction(self, segment: Segment, outside: str) -> Transaction:
+        """A segment that is not part of the envelope: added to the open transaction, else EdiError."""
+        if self.transaction is None:
+            raise EdiError(segment, f"is outside {outside}")
+        self.transaction.add(segment)
+        return self.transaction
+
+    def close_transaction(self, trailer: Segment, opener: str, control_name: str) -> Iterator[RawRecord]:
+        """The trailer (SE, UNT) checked against what was read, then the transaction's records."""
+        if self.transaction is None:
+            raise EdiError(trailer, f"{trailer.tag} out of place: no {opener} is open")
+        transaction, self.transaction = self.transaction, None
+        transaction.check_trailer(trailer, control_name, 1, 2)
+        for record in transaction.records(self.records + 1):
+            self.records += 1
+            yield record
+
+
+class EnvelopeReader(Protocol):
+    """An X12 or EDIFACT reader of one file: its records, or EdiError for a broken envelope."""
+
+    def read(self, stream: BinaryIO) -> Iterator[RawRecord]: ...
+
+
+def edi_splitter(fmt: str, records: str | None, reader: Callable[[LoopSpec], EnvelopeReader]) -> Splitter:
+    """The record splitter of an EDI format for a route's ``records``; raises ValueError for a bad one."""
+    spec = compile_loop_spec(fmt, records)
+
+    def split(stream: BinaryIO, name: str, **_: Any) -> Iterator[RawRecord]:
+        try:
+            yield from reader(spec).read(stream)
+        except EdiError as error:
+            raise file_error(name, error) from None
+
+    return split
+
+
 def record_identity(data: Any) -> str | None:
     """An EDI record's stable identity: sender, receiver, interchange, transaction and line."""
     if not isinstance(data, dict) or not isinstance(data.get("envelope"), dict):
@@ -337,6 +418,17 @@ def read_blocks(stream: Any) -> Iterator[str]:
     and multi-byte text is decoded later, element by element, in the interchange's character set."""
     while block := stream.read(READ_BLOCK):
         yield block.decode("latin-1")
+
+
+def read_head(blocks: Iterator[str], length: int) -> str:
+    """At least ``length`` characters from the start of the file (fewer if it is shorter), without a
+    byte order mark or leading line breaks; the blocks after them stay in ``blocks``."""
+    head = ""
+    for block in blocks:
+        head += block
+        if len(head) >= length:
+            break
+    return head.removeprefix(UTF8_BOM).lstrip(LEADING_SPACE)
 
 
 def decode_text(text: str, charset: str, segment_label: str) -> str:

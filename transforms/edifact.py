@@ -24,20 +24,19 @@ from pydifact.parser import Parser, TokenIterator
 from pydifact.tokenizer import Tokenizer
 
 from transforms.edi import (
+    LEADING_SPACE,
     MAX_SEGMENT_CHARS,
     EdiError,
-    LoopBuilder,
-    LoopSpec,
     Segment,
-    Transaction,
+    TransactionReader,
+    check_delimiters,
+    check_envelope_trailer,
     check_tag,
-    compile_loop_spec,
-    count_value,
     decode_text,
+    edi_splitter,
     envelope_segments,
-    file_error,
     read_blocks,
-    same_control,
+    read_head,
 )
 from transforms.parsers import RawRecord, Splitter
 
@@ -63,8 +62,6 @@ CHARSETS = {
     "UNOW": "utf-8",
     "UNOY": "utf-8",
 }
-_LEADING_SPACE = "\r\n\t "
-_UTF8_BOM = "\xef\xbb\xbf"
 
 
 def read_service_string(head: str) -> tuple[Characters, bool]:
@@ -78,11 +75,7 @@ def read_service_string(head: str) -> tuple[Characters, bool]:
     declared = {"component separator": component, "element separator": element, "terminator": terminator}
     if release != " ":
         declared["release character"] = release
-    for role, char in declared.items():
-        if char.isalnum() or char in _LEADING_SPACE:
-            raise EdiError(una, f"the {role} is {char!r}; a delimiter cannot be a letter, digit or space")
-    if len(set(declared.values())) != len(declared):
-        raise EdiError(una, f"the UNA's delimiters are not distinct: {declared}")
+    check_delimiters(una, declared, LEADING_SPACE)
     characters = Characters.from_str(head[:9])
     if release == " ":
         characters.escape_character = NO_RELEASE
@@ -91,16 +84,7 @@ def read_service_string(head: str) -> tuple[Characters, bool]:
 
 def splitter(records: str | None) -> Splitter:
     """The record splitter for a route's ``records`` (``CPS/LIN``, ``LIN``, ...); raises ValueError."""
-    spec = compile_loop_spec("edifact", records)
-    return lambda stream, name, **_: edifact_records(stream, name, spec)
-
-
-def edifact_records(stream: BinaryIO, name: str, spec: LoopSpec) -> Iterator[RawRecord]:
-    """Stream the records of an EDIFACT file; raises FileFormatError for a broken envelope."""
-    try:
-        yield from _Reader(spec).read(stream)
-    except EdiError as error:
-        raise file_error(name, error) from None
+    return edi_splitter("edifact", records, _Reader)
 
 
 def _guarded(characters: Iterator[str], terminator: str, reader: _Reader) -> Iterator[str]:
@@ -118,32 +102,24 @@ def _guarded(characters: Iterator[str], terminator: str, reader: _Reader) -> Ite
 
 
 @dataclass
-class _Reader:
+class _Reader(TransactionReader):
     """The envelope state machine: which of UNB, UNG, UNH is open, and what each has counted."""
 
-    spec: LoopSpec
     charset: str = "ascii"
     unb: Segment | None = None
     messages_or_groups: int = 0
     ung: Segment | None = None
     group_messages: int = 0
     uses_groups: bool = False
-    transaction: Transaction | None = None
-    records: int = 0
     position: int = 0
 
     def read(self, stream: BinaryIO) -> Iterator[RawRecord]:
         blocks = read_blocks(stream)
-        head = ""
-        for block in blocks:
-            head += block
-            if len(head) >= 32:
-                break
-        head = head.removeprefix(_UTF8_BOM).lstrip(_LEADING_SPACE)
+        head = read_head(blocks, 32)
         characters, has_una = read_service_string(head)
         if has_una:
             self.position = 1
-            head = head[9:].lstrip(_LEADING_SPACE)
+            head = head[9:].lstrip(LEADING_SPACE)
         text = _guarded(chain(head, chain.from_iterable(blocks)), characters.segment_terminator, self)
         tokens = TokenIterator(Tokenizer().get_tokens(text, characters))  # type: ignore[arg-type]
         raw_segments = Parser().convert_tokens_to_raw_segments(tokens)
@@ -191,14 +167,12 @@ class _Reader:
         elif tag == "UNH":
             self._open_message(segment)
         elif tag == "UNT":
-            yield from self._close_message(segment)
-        elif self.transaction is None:
-            raise EdiError(segment, "is outside a message (UNH ... UNT)")
+            yield from self.close_transaction(segment, "UNH", "message reference UNH01")
         else:
-            self.transaction.add(segment)
+            transaction = self.add_to_transaction(segment, "a message (UNH ... UNT)")
             if tag == "CNT" and segment.value(1) == LINE_ITEM_COUNT:
-                counted = self.transaction.builder.lin_segments
-                self.transaction.check_line_count(segment, (1, 2), counted, "LIN line items")
+                counted = transaction.builder.lin_segments
+                transaction.check_line_count(segment, (1, 2), counted, "LIN line items")
 
     def _open_interchange(self, segment: Segment) -> None:
         if self.unb is not None:
@@ -209,15 +183,7 @@ class _Reader:
         if self.unb is None or self.ung is not None or self.transaction is not None:
             raise EdiError(segment, f"UNZ out of place: {self._open_part()}")
         what = "functional groups" if self.uses_groups else "messages"
-        declared = count_value(segment, 1, f"number of {what}")
-        if declared != self.messages_or_groups:
-            raise EdiError(segment, f"UNZ01 says {declared} {what}, counted {self.messages_or_groups}")
-        if not same_control(segment.value(2), self.unb.value(5)):
-            raise EdiError(
-                segment,
-                f"UNZ02 {segment.value(2)!r} does not match {self.unb.label}'s control reference "
-                f"{self.unb.value(5)!r}",
-            )
+        check_envelope_trailer(segment, self.unb, (5, "control reference"), what, self.messages_or_groups)
         self.unb = None
 
     def _open_group(self, segment: Segment) -> None:
@@ -231,13 +197,7 @@ class _Reader:
     def _close_group(self, segment: Segment) -> None:
         if self.ung is None or self.transaction is not None:
             raise EdiError(segment, f"UNE out of place: {self._open_part()}")
-        declared = count_value(segment, 1, "number of messages")
-        if declared != self.group_messages:
-            raise EdiError(segment, f"UNE01 says {declared} messages, counted {self.group_messages}")
-        if not same_control(segment.value(2), self.ung.value(5)):
-            raise EdiError(
-                segment, f"UNE02 {segment.value(2)!r} does not match {self.ung.label}'s {self.ung.value(5)!r}"
-            )
+        check_envelope_trailer(segment, self.ung, (5, ""), "messages", self.group_messages)
         self.ung = None
 
     def _open_message(self, segment: Segment) -> None:
@@ -259,17 +219,7 @@ class _Reader:
             "transaction": segment.value(1),
             "type": segment.value(2),
         }
-        builder = LoopBuilder(self.spec, SUMMARY_TAGS)
-        self.transaction = Transaction(segment, segment.value(1), "message", envelope, builder)
-
-    def _close_message(self, segment: Segment) -> Iterator[RawRecord]:
-        if self.transaction is None:
-            raise EdiError(segment, "UNT out of place: no UNH is open")
-        transaction, self.transaction = self.transaction, None
-        transaction.check_trailer(segment, "message reference UNH01", 1, 2)
-        for record in transaction.records(self.records + 1):
-            self.records += 1
-            yield record
+        self.open_transaction(segment, segment.value(1), "message", envelope, SUMMARY_TAGS)
 
     def _open_part(self) -> str:
         if self.transaction is not None:

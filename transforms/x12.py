@@ -17,20 +17,20 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from transforms.edi import (
+    LEADING_SPACE,
     MAX_SEGMENT_CHARS,
+    UTF8_BOM,
     EdiError,
-    LoopBuilder,
-    LoopSpec,
     Segment,
-    Transaction,
+    TransactionReader,
+    check_delimiters,
+    check_envelope_trailer,
     check_tag,
-    compile_loop_spec,
-    count_value,
     decode_text,
+    edi_splitter,
     envelope_segments,
-    file_error,
     read_blocks,
-    same_control,
+    read_head,
 )
 from transforms.parsers import RawRecord, Splitter
 
@@ -39,8 +39,6 @@ ISA_LENGTH = 106
 
 SUMMARY_TAGS = frozenset({"CTT"})
 CHARSET = "utf-8"
-_LEADING_SPACE = "\r\n\t "
-_UTF8_BOM = "\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -73,37 +71,20 @@ def read_delimiters(head: str) -> Delimiters:
     declared = {"element separator": element, "component separator ISA16": component, "terminator": segment}
     if repetition is not None:
         declared["repetition separator ISA11"] = repetition
-    for role, char in declared.items():
-        if char.isalnum() or char == " ":
-            raise EdiError(isa, f"the {role} is {char!r}; a delimiter cannot be a letter, digit or space")
-    if len(set(declared.values())) != len(declared):
-        raise EdiError(isa, f"the ISA's delimiters are not distinct: {declared}")
+    # Only a space is refused: a line break is a common X12 segment terminator.
+    check_delimiters(isa, declared, frozenset(" "))
     return Delimiters(element, component, repetition, segment)
 
 
 def splitter(records: str | None) -> Splitter:
     """The record splitter for a route's ``records`` (``HL:I``, ``LIN``, ...); raises ValueError."""
-    spec = compile_loop_spec("x12", records)
-    return lambda stream, name, **_: x12_records(stream, name, spec)
-
-
-def x12_records(stream: BinaryIO, name: str, spec: LoopSpec) -> Iterator[RawRecord]:
-    """Stream the records of an X12 file; raises FileFormatError for a broken envelope."""
-    try:
-        yield from _Reader(spec).read(stream)
-    except EdiError as error:
-        raise file_error(name, error) from None
+    return edi_splitter("x12", records, _Reader)
 
 
 def _segment_texts(stream: BinaryIO) -> Iterator[tuple[str, Delimiters]]:
     """Segment texts split on the ISA's terminator, leading line breaks dropped."""
     blocks = read_blocks(stream)
-    head = ""
-    for block in blocks:
-        head += block
-        if len(head) >= ISA_LENGTH + len(_UTF8_BOM) + 16:
-            break
-    head = head.removeprefix(_UTF8_BOM).lstrip(_LEADING_SPACE)
+    head = read_head(blocks, ISA_LENGTH + len(UTF8_BOM) + 16)
     delimiters = read_delimiters(head)
     terminator = delimiters.segment
     buffer = head
@@ -111,7 +92,7 @@ def _segment_texts(stream: BinaryIO) -> Iterator[tuple[str, Delimiters]]:
     while True:
         *complete, buffer = buffer.split(terminator)
         for text in complete:
-            text = text.lstrip(_LEADING_SPACE)
+            text = text.lstrip(LEADING_SPACE)
             if text:
                 position += 1
                 yield text, delimiters
@@ -124,7 +105,7 @@ def _segment_texts(stream: BinaryIO) -> Iterator[tuple[str, Delimiters]]:
         if block is None:
             break
         buffer += block
-    if buffer.strip(_LEADING_SPACE):
+    if buffer.strip(LEADING_SPACE):
         raise EdiError(
             None,
             f"segment {position + 1}: the file ends inside a segment ({buffer.strip()[:20]!r} has no "
@@ -161,14 +142,11 @@ class _Group:
 
 
 @dataclass
-class _Reader:
+class _Reader(TransactionReader):
     """The envelope state machine: which of ISA, GS, ST is open, and what each has counted."""
 
-    spec: LoopSpec
     interchange: _Interchange | None = None
     group: _Group | None = None
-    transaction: Transaction | None = None
-    records: int = 0
 
     def read(self, stream: BinaryIO) -> Iterator[RawRecord]:
         position = 0
@@ -191,16 +169,14 @@ class _Reader:
         elif tag == "ST":
             self._open_transaction(segment)
         elif tag == "SE":
-            yield from self._close_transaction(segment)
-        elif self.transaction is None:
-            raise EdiError(segment, "is outside a transaction set (ST ... SE)")
+            yield from self.close_transaction(segment, "ST", "ST02")
         else:
-            self.transaction.add(segment)
+            transaction = self.add_to_transaction(segment, "a transaction set (ST ... SE)")
             if tag == "CTT":
-                builder = self.transaction.builder
+                builder = transaction.builder
                 counted = builder.hl_segments if builder.hl_segments else builder.lin_segments
                 what = "HL loops" if builder.hl_segments else "LIN line items"
-                self.transaction.check_line_count(segment, (1, 1), counted, what)
+                transaction.check_line_count(segment, (1, 1), counted, what)
 
     def _open_interchange(self, segment: Segment) -> None:
         if self.interchange is not None:
@@ -208,50 +184,38 @@ class _Reader:
         self.interchange = _Interchange(segment)
 
     def _close_interchange(self, segment: Segment) -> None:
-        if self.interchange is None or self.group is not None:
-            open_part = "no ISA is open" if self.interchange is None else f"{self.group.gs.label} has no GE"
-            raise EdiError(segment, f"IEA out of place: {open_part}")
-        isa = self.interchange.isa
-        declared = count_value(segment, 1, "number of functional groups")
-        if declared != self.interchange.groups:
-            raise EdiError(
-                segment, f"IEA01 says {declared} functional groups, counted {self.interchange.groups}"
-            )
-        if not same_control(segment.value(2), isa.value(13)):
-            raise EdiError(
-                segment, f"IEA02 {segment.value(2)!r} does not match {isa.label}'s ISA13 {isa.value(13)!r}"
-            )
+        interchange = self._between_groups(segment)
+        groups = interchange.groups
+        check_envelope_trailer(segment, interchange.isa, (13, "ISA13"), "functional groups", groups)
         self.interchange = None
 
     def _open_group(self, segment: Segment) -> None:
-        if self.interchange is None or self.group is not None:
-            open_part = "no ISA is open" if self.interchange is None else f"{self.group.gs.label} has no GE"
-            raise EdiError(segment, f"GS out of place: {open_part}")
+        self._between_groups(segment).groups += 1
         self.group = _Group(segment)
-        self.interchange.groups += 1
 
     def _close_group(self, segment: Segment) -> None:
-        if self.group is None or self.transaction is not None:
-            open_part = "no GS is open" if self.group is None else f"{self.transaction.start.label} has no SE"
-            raise EdiError(segment, f"GE out of place: {open_part}")
-        gs = self.group.gs
-        declared = count_value(segment, 1, "number of transaction sets")
-        if declared != self.group.transactions:
-            raise EdiError(
-                segment, f"GE01 says {declared} transaction sets, counted {self.group.transactions}"
-            )
-        if not same_control(segment.value(2), gs.value(6)):
-            raise EdiError(
-                segment, f"GE02 {segment.value(2)!r} does not match {gs.label}'s GS06 {gs.value(6)!r}"
-            )
+        group = self._between_transactions(segment)
+        check_envelope_trailer(segment, group.gs, (6, "GS06"), "transaction sets", group.transactions)
         self.group = None
 
-    def _open_transaction(self, segment: Segment) -> None:
+    def _between_groups(self, segment: Segment) -> _Interchange:
+        """The open interchange, for a segment that stands outside its groups (IEA, GS); else EdiError."""
+        if self.interchange is None or self.group is not None:
+            open_part = "no ISA is open" if self.interchange is None else f"{self.group.gs.label} has no GE"
+            raise EdiError(segment, f"{segment.tag} out of place: {open_part}")
+        return self.interchange
+
+    def _between_transactions(self, segment: Segment) -> _Group:
+        """The open group, for a segment that stands outside its transactions (GE, ST); else EdiError."""
         if self.group is None or self.transaction is not None:
             open_part = "no GS is open" if self.group is None else f"{self.transaction.start.label} has no SE"
-            raise EdiError(segment, f"ST out of place: {open_part}")
+            raise EdiError(segment, f"{segment.tag} out of place: {open_part}")
+        return self.group
+
+    def _open_transaction(self, segment: Segment) -> None:
+        group = self._between_transactions(segment)
         assert self.interchange is not None
-        isa, gs = self.interchange.isa, self.group.gs
+        isa, gs = self.interchange.isa, group.gs
         envelope: dict[str, Any] = {
             **envelope_segments((isa, gs, segment)),
             "sender": f"{isa.value(5).strip()}:{isa.value(6).strip()}",
@@ -261,18 +225,8 @@ class _Reader:
             "transaction": segment.value(2),
             "type": segment.value(1),
         }
-        self.group.transactions += 1
-        builder = LoopBuilder(self.spec, SUMMARY_TAGS)
-        self.transaction = Transaction(segment, segment.value(2), "transaction set", envelope, builder)
-
-    def _close_transaction(self, segment: Segment) -> Iterator[RawRecord]:
-        if self.transaction is None:
-            raise EdiError(segment, "SE out of place: no ST is open")
-        transaction, self.transaction = self.transaction, None
-        transaction.check_trailer(segment, "ST02", 1, 2)
-        for record in transaction.records(self.records + 1):
-            self.records += 1
-            yield record
+        group.transactions += 1
+        self.open_transaction(segment, segment.value(2), "transaction set", envelope, SUMMARY_TAGS)
 
     def _finish(self, segments: int) -> None:
         at_end = f"the file ends after segment {segments}"

@@ -210,6 +210,10 @@ class Console:
         )
         return Response(html, status_code=status, media_type="text/html; charset=utf-8")
 
+    def problem(self, request: Request, operator: Operator, status: int, message: str) -> Response:
+        """The problem page: what was refused or not found, with its HTTP status."""
+        return self.render(request, "problem.html", status, operator=operator, message=message)
+
     def _page(
         self, handler: Callable[[Request, Operator], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
@@ -256,7 +260,7 @@ class Console:
         try:
             return await handler(request, operator)
         except (StoreUnavailable, BrokerUnavailable) as error:
-            return self.render(request, "problem.html", 503, operator=operator, message=redact(str(error)))
+            return self.problem(request, operator, 503, redact(str(error)))
 
     # Sign-in
 
@@ -409,13 +413,7 @@ class Console:
         letter_id = int(request.path_params["id"])
         letter = await run_in_threadpool(self.store.get_dead_letter, letter_id)
         if letter is None:
-            return self.render(
-                request,
-                "problem.html",
-                404,
-                operator=operator,
-                message=f"dead letter {letter_id} does not exist",
-            )
+            return self.problem(request, operator, 404, f"dead letter {letter_id} does not exist")
         history = await run_in_threadpool(self.store.list_audit, f"deadletter:{letter_id}")
         edits = [
             {
@@ -448,13 +446,7 @@ class Console:
         reason = str(form.get("reason") or "").strip()
         letter = await run_in_threadpool(self.store.get_dead_letter, letter_id)
         if letter is None:
-            return self.render(
-                request,
-                "problem.html",
-                404,
-                operator=operator,
-                message=f"dead letter {letter_id} does not exist",
-            )
+            return self.problem(request, operator, 404, f"dead letter {letter_id} does not exist")
         replayer = Replayer(self.config, self.store, operator.name)
         draft = None
         try:
@@ -474,9 +466,7 @@ class Console:
                     )
                 )
             else:
-                return self.render(
-                    request, "problem.html", 404, operator=operator, message=f"no action {verb!r}"
-                )
+                return self.problem(request, operator, 404, f"no action {verb!r}")
         except ReplayError as error:
             return await self.letter(
                 request, operator, problem=f"nothing changed: {error}", status=400, draft=draft
@@ -505,14 +495,13 @@ class Console:
         try:
             filters = {k: v for k, v in chosen.store_filters().items() if k != "status"}
         except BadFilter as error:
-            return self.render(request, "problem.html", 400, operator=operator, message=str(error))
+            return self.problem(request, operator, 400, str(error))
         if not filters:
-            return self.render(
+            return self.problem(
                 request,
-                "problem.html",
+                operator,
                 400,
-                operator=operator,
-                message="choose at least one filter (route, target, key...) before replaying in bulk",
+                "choose at least one filter (route, target, key...) before replaying in bulk",
             )
         letters = await run_in_threadpool(lambda: replayer.replayable(**filters))
         context = {
@@ -528,9 +517,7 @@ class Console:
         try:
             report = await run_in_threadpool(lambda: replayer.replay_letters(letters, reason=reason))
         except ReplayError as error:
-            return self.render(
-                request, "problem.html", 400, operator=operator, message=f"nothing replayed: {error}"
-            )
+            return self.problem(request, operator, 400, f"nothing replayed: {error}")
         status = 409 if report.skipped else 200
         return self.render(request, "bulk.html", status, preview=False, report=report, **context)
 

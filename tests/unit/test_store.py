@@ -190,6 +190,15 @@ def test_list_by_time_window_and_refuses_naive_times(store: Store) -> None:
         store.list_dead_letters(since=datetime(2024, 1, 1))
 
 
+def test_listing_and_counting_refuse_an_unknown_filter_or_status(store: Store) -> None:
+    with pytest.raises(TypeError, match="unknown dead-letter filter rout"):
+        store.list_dead_letters(rout="orders")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unknown dead-letter filter rout"):
+        store.count_dead_letters(rout="orders")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="status 'gone' is not one of"):
+        store.count_dead_letters(status="gone")  # type: ignore[typeddict-item]
+
+
 def test_count_open_counts_dead_and_parked_only(store: Store) -> None:
     ids = store.add_dead_letters([_transform_failure("pos-sales", line=n) for n in range(2, 6)])
     other = store.add_dead_letter(**_fields(_transform_failure("supplier-asn")))
