@@ -24,18 +24,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import jmespath
 from jmespath.exceptions import JMESPathError
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from connectors.chunks import ChunkSink, SourceChunk
+from connectors.chunks import SourceChunk
 from connectors.signatures import (
     DEFAULT_TOLERANCE,
     ID_HEADER,
@@ -48,6 +47,7 @@ from connectors.signatures import (
     signature_header,
     signs_timestamp,
 )
+from connectors.webhook_intake import Admission, IntakeUnavailable, Unavailable, WebhookIntake
 from ops import metrics
 from transforms.interop_json import MAX_DEPTH, JsonRefused, loads_interoperable, printable
 from transforms.parsers import RawRecord
@@ -96,18 +96,6 @@ class WebhookSettings:
     signature_header: str | None = None
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     signature_failures: tuple[int, float] = DEFAULT_SIGNATURE_FAILURES
-
-
-class WebhookIdLedger(Protocol):
-    """Remembers accepted webhook ids per route, so a redelivery is answered without republishing."""
-
-    def accepted(self, route: str, webhook_id: str) -> str | None:
-        """The SHA-256 (hex) of the body accepted under ``webhook_id`` on ``route``, or None."""
-        ...
-
-    def remember(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
-        """Record ``webhook_id`` as accepted on ``route`` (published as ``message_id``) and its body hash."""
-        ...
 
 
 class TokenBucket:
@@ -328,10 +316,9 @@ def _retry_after(wait: float) -> dict[str, str]:
 class WebhookReceiver:
     """One route's receiver: checks a request in the documented order and publishes its records."""
 
-    def __init__(self, settings: WebhookSettings, sink: ChunkSink, ledger: WebhookIdLedger) -> None:
+    def __init__(self, settings: WebhookSettings, intake: WebhookIntake) -> None:
         self.settings = settings
-        self._sink = sink
-        self._ledger = ledger
+        self._intake = intake
         self._scheme = SignatureScheme(settings.signature)
         self.signature_header = signature_header(self._scheme, settings.signature_header)
         if settings.secret is not None:
@@ -388,23 +375,6 @@ class WebhookReceiver:
                 f"the {ID_HEADER} header has {len(webhook_id)} characters; at most {MAX_WEBHOOK_ID} are kept"
             )
         message_id = f"webhook:{settings.route}:{webhook_id}"
-        body_sha256 = hashlib.sha256(body).hexdigest()
-        try:
-            accepted = await run_in_threadpool(self._ledger.accepted, settings.route, webhook_id)
-        except Exception as error:
-            log.warning("webhook %s on route %s: store unavailable: %s", webhook_id, settings.route, error)
-            raise _unavailable("store-unavailable", "the state store") from None
-        if accepted == body_sha256:
-            return JSONResponse({"message_id": message_id, "duplicate": True}, 200)
-        if accepted is not None:
-            # Answering 200 here would silently drop a new message whose sender reused an id.
-            raise WebhookRejected(
-                409,
-                "webhook-id-reused",
-                "webhook-id reused for different content",
-                f"webhook-id {webhook_id!r} was already accepted with a different body; the earlier message "
-                "stands. A retry must resend the same body; a new message needs a new webhook-id",
-            )
         records = self._records_of(body)
         chunk = SourceChunk(
             route=settings.route,
@@ -414,24 +384,22 @@ class WebhookReceiver:
             records=[RawRecord(number, None, record) for number, record in enumerate(records, start=1)],
         )
         try:
-            await run_in_threadpool(self._sink, chunk)
-        except Exception as error:
-            log.warning(
-                "webhook %s on route %s not accepted, broker unavailable: %s",
-                webhook_id,
-                settings.route,
-                error,
-                extra={"route": settings.route, "webhook_id": webhook_id},
+            admission = await self._intake.admit(chunk, webhook_id, hashlib.sha256(body).hexdigest())
+        except IntakeUnavailable as unavailable:
+            kind = (
+                "broker-unavailable" if unavailable.dependency is Unavailable.BROKER else "store-unavailable"
             )
-            raise _unavailable("broker-unavailable", "the broker") from None
-        try:
-            await run_in_threadpool(
-                self._ledger.remember, settings.route, webhook_id, message_id, body_sha256
-            )
-        except Exception:
-            # The broker has it, so 202 is true; a redelivery republishes the same event ids (deduplicated).
-            log.exception(
-                "webhook %s on route %s published but not recorded as seen", webhook_id, settings.route
+            raise _unavailable(kind, f"the {unavailable.dependency.value}") from None
+        if admission is Admission.DUPLICATE:
+            return JSONResponse({"message_id": message_id, "duplicate": True}, 200)
+        if admission is Admission.CONFLICT:
+            # Answering 200 here would silently drop a new message whose sender reused an id.
+            raise WebhookRejected(
+                409,
+                "webhook-id-reused",
+                "webhook-id reused for different content",
+                f"webhook-id {webhook_id!r} was already accepted with a different body; the earlier message "
+                "stands. A retry must resend the same body; a new message needs a new webhook-id",
             )
         log.info(
             "webhook %s on route %s accepted: %d records",
@@ -702,14 +670,12 @@ def openapi_document(receivers: Mapping[str, WebhookReceiver]) -> dict[str, Any]
     }
 
 
-def webhook_routes(
-    receivers: Mapping[str, WebhookSettings], sink: ChunkSink, ledger: WebhookIdLedger
-) -> list[BaseRoute]:
+def webhook_routes(receivers: Mapping[str, WebhookSettings], intake: WebhookIntake) -> list[BaseRoute]:
     """Starlette routes for ``POST /webhooks/{route}`` and ``GET /openapi.json``.
 
     Raises ValueError for a route whose schema, records path or secret is unusable.
     """
-    by_route = {name: WebhookReceiver(settings, sink, ledger) for name, settings in receivers.items()}
+    by_route = {name: WebhookReceiver(settings, intake) for name, settings in receivers.items()}
     document = openapi_document(by_route)
 
     async def webhook(request: Request) -> Response:

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any, Literal, get_args
 from uuid import UUID, uuid4
 
-from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text
+from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -883,25 +883,50 @@ class Store:
                     moved.append(row.id)
         return moved
 
-    # Webhooks: the ids a partner already delivered, per route (connectors.webhook.WebhookIdLedger).
+    # Webhooks: the ids a partner already delivered, per route (connectors.webhook_intake.WebhookIdLedger).
 
-    def webhook_body_sha256(self, route: str, webhook_id: str) -> str | None:
-        """The body hash accepted under ``webhook_id`` on ``route``, or None when it was never accepted."""
-        with self._transaction() as session:
-            row = session.get(WebhookIdRow, (route, webhook_id))
-            return row.body_sha256 if row is not None else None
+    def webhook_bodies(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The body hash accepted under each known (route, webhook_id) of ``keys``, unknown ones absent."""
 
-    def remember_webhook(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
-        """Record ``webhook_id`` as accepted on ``route``; a second record of the same id is a no-op."""
-        statement = self._insert(WebhookIdRow).values(
-            route=route,
-            webhook_id=webhook_id,
-            message_id=message_id,
-            body_sha256=body_sha256,
-            at=datetime.now(UTC),
-        )
+        found: dict[tuple[str, str], str] = {}
         with self._transaction() as session:
-            session.execute(statement.on_conflict_do_nothing())
+            for chunk in _chunks(list(keys)):
+                rows = session.execute(
+                    select(WebhookIdRow.route, WebhookIdRow.webhook_id, WebhookIdRow.body_sha256).where(
+                        tuple_(WebhookIdRow.route, WebhookIdRow.webhook_id).in_(chunk)
+                    )
+                )
+                found.update(((route, webhook_id), sha) for route, webhook_id, sha in rows)
+        return found
+
+    def remember_webhooks(self, accepted: Sequence[AcceptedWebhook]) -> None:
+        """Record accepted webhook ids in one transaction; an id recorded already is left as it was."""
+        if not accepted:
+            return
+        now = datetime.now(UTC)
+        rows = [
+            {
+                "route": webhook.route,
+                "webhook_id": webhook.webhook_id,
+                "message_id": webhook.message_id,
+                "body_sha256": webhook.body_sha256,
+                "at": now,
+            }
+            for webhook in accepted
+        ]
+        with self._transaction() as session:
+            for chunk in _chunks(rows):
+                session.execute(self._insert(WebhookIdRow).values(list(chunk)).on_conflict_do_nothing())
+
+
+@dataclass(frozen=True)
+class AcceptedWebhook:
+    """A webhook id the broker confirmed, as the ledger keeps it."""
+
+    route: str
+    webhook_id: str
+    message_id: str
+    body_sha256: str
 
 
 def _lost_creation_race(error: OperationalError | ProgrammingError | IntegrityError) -> bool:

@@ -24,6 +24,7 @@ from connectors.file_source import FileDropSettings, FileDropSource
 from connectors.rest_source import RestPollSource
 from connectors.sftp_source import SftpSettings, SftpSource
 from connectors.webhook import webhook_routes
+from connectors.webhook_intake import WebhookIntake
 from deadletter.store import NewDeadLetter, Store
 from ops import metrics
 from ops.health import ops_routes
@@ -31,7 +32,7 @@ from router import assembly
 from router.broker import Publisher, Topology, connect, queue_depth
 from router.config import RouteConfig, RouterConfig
 from router.http_server import HttpListener
-from router.ingress import IngressPublisher, SharedIngressSink
+from router.ingress import IngressGroupPublisher, IngressPublisher
 from router.workers import DeliveryWorker, TransformWorker
 from transforms.parsers import FileFormatError
 
@@ -197,9 +198,11 @@ class RouterRuntime:
             if route.source.type == "webhook"
         }
         if receivers:
-            sink = SharedIngressSink(self.broker)
-            self._closers.append(sink.close)
-            routes += webhook_routes(receivers, sink, assembly.StoreWebhookLedger(self._store))
+            publisher = IngressGroupPublisher(self.broker)
+            intake = WebhookIntake(publisher, self._store)
+            # Closers run last to first: the intake answers the requests in hand before the publisher goes.
+            self._closers += [publisher.close, intake.close]
+            routes += webhook_routes(receivers, intake)
         app = Starlette(routes=routes)
         port = self.config.http.port if self.http_port is None else self.http_port
         self._listener = HttpListener(app, self.config.http.host, port, self.config.http)

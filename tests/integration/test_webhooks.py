@@ -9,7 +9,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -22,6 +22,8 @@ from starlette.applications import Starlette
 from connectors.chunks import SourceChunk
 from connectors.signatures import sign
 from connectors.webhook import LISTENER_ROUTE, WebhookSettings, webhook_routes
+from connectors.webhook_intake import WebhookIntake
+from deadletter.store import AcceptedWebhook
 from ops.metrics import REGISTRY
 from router.broker import encode_body
 from router.config import HttpConfig
@@ -54,16 +56,17 @@ STOCK_SCHEMA: dict[str, Any] = {
 
 @dataclass
 class RecordingSink:
-    """Stands in for the broker: serialises a chunk as the broker does, keeps it, or raises while ``down``."""
+    """Stands in for the broker: serialises and keeps chunks as the broker would, or fails while ``down``."""
 
     chunks: list[SourceChunk] = field(default_factory=list)
     down: bool = False
 
-    def __call__(self, chunk: SourceChunk) -> None:
+    def __call__(self, chunks: Sequence[SourceChunk]) -> None:
         if self.down:
             raise ConnectionError("broker unreachable")
-        encode_body(chunk_message(chunk))
-        self.chunks.append(chunk)
+        for chunk in chunks:
+            encode_body(chunk_message(chunk))
+        self.chunks.extend(chunks)
 
 
 @dataclass
@@ -72,11 +75,15 @@ class MemoryLedger:
 
     bodies: dict[tuple[str, str], str] = field(default_factory=dict)
 
+    def webhook_bodies(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        return {key: self.bodies[key] for key in keys if key in self.bodies}
+
+    def remember_webhooks(self, accepted: Sequence[AcceptedWebhook]) -> None:
+        for webhook in accepted:
+            self.bodies.setdefault((webhook.route, webhook.webhook_id), webhook.body_sha256)
+
     def accepted(self, route: str, webhook_id: str) -> str | None:
         return self.bodies.get((route, webhook_id))
-
-    def remember(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
-        self.bodies[(route, webhook_id)] = body_sha256
 
 
 @dataclass
@@ -151,8 +158,10 @@ RECEIVERS = {
 def server() -> Iterator[tuple[str, RecordingSink, MemoryLedger]]:
     sink = RecordingSink()
     ledger = MemoryLedger()
-    app = Starlette(routes=webhook_routes(RECEIVERS, sink, ledger))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    intake = WebhookIntake(sink, ledger)
+    app = Starlette(routes=webhook_routes(RECEIVERS, intake))
+    # h11, as the router's listener (router.http_server) parses: the framing checks are the receiver's.
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http="h11")
     uvicorn_server = uvicorn.Server(config)
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()
@@ -164,6 +173,7 @@ def server() -> Iterator[tuple[str, RecordingSink, MemoryLedger]]:
     yield f"http://127.0.0.1:{port}", sink, ledger
     uvicorn_server.should_exit = True
     thread.join(5)
+    intake.close()
 
 
 @pytest.fixture
@@ -676,13 +686,15 @@ def guarded_listener() -> Iterator[tuple[HttpListener, RecordingSink]]:
     sink = RecordingSink()
     # The body deadline is the receiver's (http.body_timeout reaches it through the route's settings).
     settings = dataclasses.replace(RECEIVERS["partner-orders"], body_timeout=1.0)
-    app = Starlette(routes=webhook_routes({"partner-orders": settings}, sink, MemoryLedger()))
+    intake = WebhookIntake(sink, MemoryLedger())
+    app = Starlette(routes=webhook_routes({"partner-orders": settings}, intake))
     listener = HttpListener(
         app, "127.0.0.1", 0, HttpConfig(max_connections=50, header_timeout="1s", keep_alive="1s")
     )
     listener.start()
     yield listener, sink
     listener.stop()
+    intake.close()
 
 
 def closed_by_server(connections: list[socket.socket], within: float) -> list[socket.socket]:
