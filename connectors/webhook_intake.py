@@ -17,7 +17,7 @@ import queue
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from connectors.chunks import SourceChunk
 from deadletter.store import AcceptedWebhook
@@ -98,118 +98,156 @@ class WebhookIntake:
         self._publish = publish
         self._ledger = ledger
         self._max_group = max_group
-        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="webhook-intake", daemon=True)
+        self._incoming: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._confirmed: queue.SimpleQueue[list[_Pending] | object] = queue.SimpleQueue()
+        # Ids the broker confirmed whose ledger rows are not committed yet: a redelivery arriving
+        # meanwhile must find them, or it would be published twice.
+        self._unrecorded: dict[WebhookKey, str] = {}
+        self._unrecorded_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._publish_groups, name="webhook-intake-broker", daemon=True),
+            threading.Thread(target=self._record_groups, name="webhook-intake-ledger", daemon=True),
+        ]
         self._started = False
-        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
 
     async def admit(self, chunk: SourceChunk, webhook_id: str, body_sha256: str) -> Admission:
         """Publish ``chunk`` unless its webhook id is known; raises IntakeUnavailable when not accepted."""
         self._ensure_started()
         loop = asyncio.get_running_loop()
         pending = _Pending(chunk, webhook_id, body_sha256, loop, loop.create_future())
-        self._queue.put(pending)
+        self._incoming.put(pending)
         return await pending.future
 
     def _ensure_started(self) -> None:
         if not self._started:
-            with self._lock:
+            with self._start_lock:
                 if not self._started:
-                    self._thread.start()
+                    for thread in self._threads:
+                        thread.start()
                     self._started = True
 
     def close(self, timeout: float = 30.0) -> None:
-        """Finish the groups in hand, then stop the intake thread."""
+        """Answer the requests in hand, then stop the intake threads."""
         if self._started:
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
+            self._incoming.put(_STOP)
+            for thread in self._threads:
+                thread.join(timeout)
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            group = [first]
-            stopping = False
-            while len(group) < self._max_group:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stopping = True
-                    break
-                group.append(more)
-            pending = [item for item in group if isinstance(item, _Pending)]
+    def _publish_groups(self) -> None:
+        """The broker stage: take what waits as a group, publish its new ids under one confirm window.
+
+        While the ledger stage commits one group, this one publishes the next.
+        """
+        stopping = False
+        while not stopping:
+            group, stopping = _take(self._incoming, self._max_group)
+            if not group:
+                continue
             try:
-                self._handle(pending)
+                confirmed = self._publish_group(group)
             except Exception:  # a fault here must not leave requests waiting forever
-                log.exception("webhook intake failed on a group of %d", len(pending))
-                for item in pending:
+                log.exception("webhook intake failed on a group of %d", len(group))
+                confirmed = []
+                for item in group:
                     item.outcome = item.outcome or Unavailable.STORE
-            self._settle(pending)
-            if stopping:
-                return
+            waiting = {id(item) for item in confirmed}
+            # Known ids and failures are answered now; the published ones once their ledger rows are in.
+            _settle([item for item in group if id(item) not in waiting])
+            if confirmed:
+                self._confirmed.put(confirmed)
+        self._confirmed.put(_STOP)
 
-    def _handle(self, group: Sequence[_Pending]) -> None:
-        """Decide every request of ``group``: look up, publish the new ones, record them (sets outcomes)."""
+    def _publish_group(self, group: Sequence[_Pending]) -> list[_Pending]:
+        """Decide ``group``: known ids get their answer; new ones are published. Returns the published."""
+        keys = {item.key for item in group}
+        with self._unrecorded_lock:
+            # Taken before the query: an id leaves this map only once its ledger row is committed.
+            known = {key: self._unrecorded[key] for key in keys if key in self._unrecorded}
         try:
-            known = self._ledger.webhook_bodies({item.key for item in group})
+            known.update(self._ledger.webhook_bodies(keys - known.keys()))
         except Exception as error:
             log.warning("webhook intake: state store unavailable for %d requests: %s", len(group), error)
             for item in group:
                 item.outcome = Unavailable.STORE
-            return
-        new: dict[WebhookKey, _Pending] = {}
-        repeats: list[_Pending] = []
+            return []
+        first_of: dict[WebhookKey, _Pending] = {}
         for item in group:
             if item.key in known:
-                item.outcome = (
-                    Admission.DUPLICATE if known[item.key] == item.body_sha256 else Admission.CONFLICT
-                )
-            elif item.key in new:
-                # The same id twice in one group: published once, the other answered like a redelivery.
-                repeats.append(item)
+                item.outcome = _redelivery(known[item.key], item)
             else:
-                new[item.key] = item
-        fresh = list(new.values())
+                # The same id twice in one group is published once; the others wait for its outcome.
+                first_of.setdefault(item.key, item)
+        published = [item for item in group if item.outcome is None]
+        fresh = list(first_of.values())
         try:
             self._publish([item.chunk for item in fresh])
         except Exception as error:
             log.warning("webhook intake: %d requests not accepted, broker unavailable: %s", len(fresh), error)
-            for item in (*fresh, *repeats):
+            for item in published:
                 item.outcome = Unavailable.BROKER
-            return
-        for item in fresh:
-            item.outcome = Admission.ACCEPTED
-        for item in repeats:
-            first = new[item.key]
-            item.outcome = (
-                Admission.DUPLICATE if first.body_sha256 == item.body_sha256 else Admission.CONFLICT
-            )
-        try:
-            self._ledger.remember_webhooks(
-                [
-                    AcceptedWebhook(
-                        item.chunk.route, item.webhook_id, item.chunk.message_id, item.body_sha256
-                    )
-                    for item in fresh
-                ]
-            )
-        except Exception:
-            # The broker has them, so 202 is true; a redelivery republishes the same event ids (deduplicated).
-            log.exception("webhook intake: %d webhooks published but not recorded as seen", len(fresh))
+            return []
+        with self._unrecorded_lock:
+            self._unrecorded.update((item.key, item.body_sha256) for item in fresh)
+        for item in published:
+            first = first_of[item.key]
+            item.outcome = Admission.ACCEPTED if item is first else _redelivery(first.body_sha256, item)
+        return published
 
-    @staticmethod
-    def _settle(group: Sequence[_Pending]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
-        for item in group:
-            by_loop.setdefault(item.loop, []).append(item)
-        for loop, items in by_loop.items():
+    def _record_groups(self) -> None:
+        """The ledger stage: record every confirmed group waiting in one transaction, then answer them."""
+        stopping = False
+        while not stopping:
+            groups, stopping = _take(self._confirmed, self._max_group)
+            confirmed = [item for group in groups for item in group]
+            accepted = [item for item in confirmed if item.outcome is Admission.ACCEPTED]
             try:
-                loop.call_soon_threadsafe(_resolve, items)
-            except RuntimeError:  # the loop closed (server stopped): nobody waits for these any more
-                log.debug("webhook intake: %d answers for a closed event loop dropped", len(items))
+                self._ledger.remember_webhooks(
+                    [
+                        AcceptedWebhook(
+                            item.chunk.route, item.webhook_id, item.chunk.message_id, item.body_sha256
+                        )
+                        for item in accepted
+                    ]
+                )
+            except Exception:
+                # The broker has them, so 202 is true; a redelivery republishes the same event ids,
+                # which downstream deduplicates.
+                log.exception("webhook intake: %d webhooks published but not recorded as seen", len(accepted))
+            with self._unrecorded_lock:
+                for item in accepted:
+                    self._unrecorded.pop(item.key, None)
+            _settle(confirmed)
+
+
+def _take(source: queue.SimpleQueue[Any], most: int) -> tuple[list[Any], bool]:
+    """Block for one item of ``source``, then take what else waits there, up to ``most``.
+
+    Returns the items and whether the stop mark was among them (nothing after it is taken).
+    """
+    items: list[Any] = []
+    first = source.get()
+    while first is not _STOP:
+        items.append(first)
+        if len(items) >= most:
+            return items, False
+        try:
+            first = source.get_nowait()
+        except queue.Empty:
+            return items, False
+    return items, True
+
+
+def _settle(items: Sequence[_Pending]) -> None:
+    """Answer decided requests on their event loops (one wake-up per loop, not per request)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+    for item in items:
+        by_loop.setdefault(item.loop, []).append(item)
+    for loop, waiting in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, waiting)
+        except RuntimeError:  # the loop closed (server stopped): nobody waits for these any more
+            log.debug("webhook intake: %d answers for a closed event loop dropped", len(waiting))
 
 
 def _redelivery(accepted_sha256: str, item: _Pending) -> Admission:

@@ -914,9 +914,10 @@ class Store:
             }
             for webhook in accepted
         ]
+        # One executemany of a cached statement: a multi-row VALUES would be compiled anew for every group.
+        statement = self._insert(WebhookIdRow.__table__).on_conflict_do_nothing()
         with self._transaction() as session:
-            for chunk in _chunks(rows):
-                session.execute(self._insert(WebhookIdRow).values(list(chunk)).on_conflict_do_nothing())
+            session.connection().execute(statement, rows)
 
 
 @dataclass(frozen=True)
