@@ -180,6 +180,8 @@ class WebhookIntake:
                 first_of.setdefault(item.key, item)
         published = [item for item in group if item.outcome is None]
         fresh = list(first_of.values())
+        if not fresh:
+            return []
         try:
             self._publish([item.chunk for item in fresh])
         except Exception as error:
