@@ -330,7 +330,8 @@ def _profile(router: RouterProcess, output: str | None, duration: float) -> subp
     """py-spy sampling the router (all its processes) during the load, as collapsed stacks."""
     if output is None:
         return None
-    command = ["py-spy", "record", "--subprocesses", "--format", "raw", "--rate", "200", "--nonblocking"]
+    command = ["py-spy", "record", "--subprocesses", "--gil", "--format", "raw", "--rate", "200"]
+    command += ["--nonblocking"]
     command += ["-d", str(int(duration)), "-o", output, "--pid", str(router.process.pid)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from typing import ClassVar
@@ -97,6 +98,18 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
 
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A listening socket other processes may bind too; the kernel spreads connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listening.bind((host, port))
+    listening.listen(2048)
+    listening.set_inheritable(False)
+    return listening
+
+
 class HttpListener:
     """Runs an ASGI app on host:port in a background thread until stopped, within ``limits``."""
 
@@ -117,8 +130,12 @@ class HttpListener:
             h11_max_incomplete_event_size=limits.max_header_size,
         )
         self._server = uvicorn.Server(config)
+        # Several processes (http.workers) share the port: each binds it with SO_REUSEPORT.
+        sockets = [_shared_socket(host, port)] if limits.workers > 1 else None
         # Run off the main thread: uvicorn then leaves SIGTERM to the router, which drains first.
-        self._thread = threading.Thread(target=self._server.run, name="http-listener", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": sockets}, name="http-listener", daemon=True
+        )
 
     @property
     def port(self) -> int:

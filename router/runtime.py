@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -32,6 +32,7 @@ from router import assembly
 from router.broker import Publisher, Topology, connect, queue_depth
 from router.config import RouteConfig, RouterConfig
 from router.http_server import HttpListener
+from router.http_workers import HttpWorkers, worker_port
 from router.ingress import IngressGroupPublisher, IngressPublisher
 from router.workers import DeliveryWorker, TransformWorker
 from transforms.parsers import FileFormatError
@@ -60,9 +61,12 @@ class RouterRuntime:
     route: str | None = None
     store: Store | None = None
     http_port: int | None = None
+    http_worker_command: Sequence[str] | None = None
+    """The command of one more HTTP process (`router run --only http`), for ``http.workers`` > 1."""
     stop_event: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _listener: HttpListener | None = None
+    _http_workers: HttpWorkers | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -205,9 +209,15 @@ class RouterRuntime:
             routes += webhook_routes(receivers, intake)
         app = Starlette(routes=routes)
         port = self.config.http.port if self.http_port is None else self.http_port
-        self._listener = HttpListener(app, self.config.http.host, port, self.config.http)
+        shared = worker_port()
+        self._listener = HttpListener(app, self.config.http.host, shared or port, self.config.http)
         self._listener.start()
         log.info("HTTP listener on %s:%d", self.config.http.host, self._listener.port)
+        if self.config.http.workers > 1 and shared is None and self.http_worker_command:
+            self._http_workers = HttpWorkers(
+                self.http_worker_command, self.config.http.workers - 1, self._listener.port
+            )
+            self._http_workers.start()
         if not self.broker.is_memory:
             self._spawn("queue-depths", self._sample_queue_depths)
 
@@ -238,6 +248,8 @@ class RouterRuntime:
     def stop(self, timeout: float = 30.0) -> None:
         """Drain: signal every stage, wait for them to finish the work in hand, release resources."""
         self.stop_event.set()
+        if self._http_workers is not None:
+            self._http_workers.stop(timeout)
         for thread in self._threads:
             thread.join(timeout)
             if thread.is_alive():
@@ -258,6 +270,8 @@ class RouterRuntime:
         signal.signal(signal.SIGINT, request_stop)
         self.start()
         while not self.stop_event.wait(0.5):
+            if self._http_workers is not None:
+                self._http_workers.supervise()
             if not any(thread.is_alive() for thread in self._threads) and self._listener is None:
                 log.error("every stage stopped; exiting")
                 break

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -212,12 +214,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def webhook_config(folder: Path, broker: BrokerSettings, port: int) -> Path:
+def webhook_config(folder: Path, broker: BrokerSettings, port: int, workers: int = 1) -> Path:
     config = {
         "version": 1,
         "broker": {"url": broker.url, "queue_type": "quorum", "prefix": broker.prefix},
         "store": {"url": f"sqlite:///{folder / 'state.db'}"},
-        "http": {"listen": f"127.0.0.1:{port}"},
+        "http": {"listen": f"127.0.0.1:{port}", "workers": workers},
         "targets": {"wms": {"type": "http", "url": "http://127.0.0.1:9/stock", "partitions": 1}},
         "routes": [
             {
@@ -329,3 +331,60 @@ def test_kill_9_during_a_burst_loses_no_accepted_webhook_and_doubles_none(
     # whose id had not reached the ledger: downstream deduplicates it by event id).
     assert not any(f"burst_{number}" in requeued for number in accepted)
     assert all(queued[f"burst_{number}"] + requeued[f"burst_{number}"] >= 1 for number in unanswered)
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_http_workers_share_the_port_are_restarted_when_killed_and_drain_on_sigterm(
+    broker: BrokerSettings, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = webhook_config(tmp_path, broker, port, workers=3)
+
+    def post_once(number: int) -> int | None:
+        # A new connection for each request: the kernel spreads connections over the processes.
+        with httpx.Client(base_url=url, timeout=10) as client:
+            return post(client, number)
+
+    with RouterProcess(config, "--only", "http") as router:
+        wait_until(lambda: serves(url) and len(children(router.process.pid)) == 2, 30, "three HTTP processes")
+        [first_worker, _] = children(router.process.pid)
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(post_once, range(200)))
+            os.kill(first_worker, signal.SIGKILL)
+            wait_until(
+                lambda: (
+                    first_worker not in children(router.process.pid)
+                    and len(children(router.process.pid)) == 2
+                ),
+                30,
+                "the killed worker restarted",
+            )
+            wait_until(lambda: serves(url), 30, "the listener")
+            statuses += list(
+                pool.map(lambda n: post(httpx.Client(base_url=url, timeout=10), n), range(200, 400))
+            )
+        workers = children(router.process.pid)
+        assert router.terminate() == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+    assert Counter(statuses) == Counter({202: 400})
+    queued = Counter(
+        message["origin"]["webhook_id"] for message in drain(broker, Topology(broker).ingress_queue(ROUTE))
+    )
+    assert queued == Counter(f"burst_{n}" for n in range(400))
