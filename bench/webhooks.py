@@ -309,8 +309,10 @@ def main() -> int:
             with Connection(arguments.amqp) as admin:
                 queue.bind(admin.default_channel).delete()
                 admin.default_channel.exchange_delete(prefix)
-        if exit_code != 0:
-            print(router.output()[-4000:])
+        problems = [line for line in router.output().splitlines() if '"WARNING"' in line or '"ERROR"' in line]
+        if exit_code != 0 or problems:
+            print(f"router exit code {exit_code}; {len(problems)} warnings or errors, the first:")
+            print("\n".join(problems[:5]))
 
     rate = load.accepted / load.elapsed
     print(
