@@ -1,11 +1,13 @@
 """Grouped intake of accepted webhooks: one ledger lookup, one confirm window, one ledger write per group.
 
-Requests enqueue their chunk and await a future; one intake thread takes every request waiting at
-that moment as a group, looks their webhook ids up in one query, publishes the new ones with
-pipelined confirms, records them in one transaction, then settles the futures. Nothing is
-answered "accepted" before the broker confirmed it: a failed group fails every request of it and
-records no id, so each partner's retry (same webhook-id) is taken in full. A group forms from the
-requests that arrived while the previous one was in flight, so an idle receiver adds no delay.
+Requests enqueue their chunk and await a future. The broker thread takes every request waiting at
+that moment as a group, looks their webhook ids up in one query and publishes the new ones with
+pipelined confirms; the ledger thread records confirmed groups in one transaction, then settles
+their futures, while the broker thread already publishes the next group. Nothing is answered
+"accepted" before the broker confirmed it and its id is committed, so after a crash a retry of any
+202 finds its id: a failed group fails every request of it and records no id, so each partner's
+retry (same webhook-id) is taken in full. A group forms from the requests that arrived while the
+previous one was in flight, so an idle receiver adds no delay.
 """
 
 from __future__ import annotations
