@@ -160,7 +160,8 @@ def server() -> Iterator[tuple[str, RecordingSink, MemoryLedger]]:
     ledger = MemoryLedger()
     intake = WebhookIntake(sink, ledger)
     app = Starlette(routes=webhook_routes(RECEIVERS, intake))
-    # h11, as the router's listener (router.http_server) parses: the framing checks are the receiver's.
+    # h11 hands a doubly framed request to the app, so this server tests the receiver's own framing
+    # check; the router's listener (httptools) refuses such a request in its parser already.
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http="h11")
     uvicorn_server = uvicorn.Server(config)
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
@@ -625,18 +626,19 @@ def raw_request(url: str, request: bytes, timeout: float = 5.0) -> bytes:
     return answer
 
 
-def test_content_length_together_with_transfer_encoding_is_refused_400(receiver: Receiver) -> None:
-    body = b'{"order": "S1"}'
-    headers = signed_headers(body)
+def doubly_framed_request(body: bytes) -> bytes:
+    """A signed request whose body is framed by both Content-Length and Transfer-Encoding."""
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-    request = (
+    return (
         b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\n"
-        + b"".join(f"{name}: {value}\r\n".encode() for name, value in headers.items())
+        + b"".join(f"{name}: {value}\r\n".encode() for name, value in signed_headers(body).items())
         + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(chunked)
         + chunked
     )
 
-    answer = raw_request(receiver.url, request)
+
+def test_content_length_together_with_transfer_encoding_is_refused_400(receiver: Receiver) -> None:
+    answer = raw_request(receiver.url, doubly_framed_request(b'{"order": "S1"}'))
 
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer
@@ -779,6 +781,25 @@ def test_a_second_request_trickled_on_a_kept_alive_connection_is_cut_off(
 
         assert closed_by_server([connection], within=3.0) == [connection]
         assert time.monotonic() - started < 3.0
+
+
+def test_the_listener_answers_a_request_its_parser_refuses_with_a_problem_400_and_closes(
+    guarded_listener: tuple[HttpListener, RecordingSink],
+) -> None:
+    listener, sink = guarded_listener
+
+    answer = raw_request(f"http://127.0.0.1:{listener.port}", doubly_framed_request(b'{"order": "S2"}'))
+
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/problem+json" in head.lower()
+    assert b"connection: close" in head.lower()
+    problem = json.loads(payload)
+    assert (
+        problem["type"].endswith("malformed-request")
+        and "Content-Length or Transfer-Encoding" in problem["detail"]
+    )
+    assert sink.chunks == []
 
 
 def test_a_webhook_id_longer_than_the_ledger_keeps_is_400(receiver: Receiver) -> None:
