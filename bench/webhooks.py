@@ -296,10 +296,12 @@ def main() -> int:
         try:
             wait_until(lambda: _serves(url), 30, "the router's listener")
             profiler = _profile(router, arguments.profile, arguments.duration)
+            cpu_before = _cpu_seconds(router.process.pid)
             if use_wrk:
                 load = run_wrk(url, requests, arguments.connections, arguments.duration, run, folder)
             else:
                 load = run_clients(url, min(requests, 4000), arguments.connections, run)
+            cpu = _cpu_seconds(router.process.pid) - cpu_before
             if profiler is not None:
                 profiler.wait(60)
             with Connection(arguments.amqp) as admin:
@@ -322,6 +324,8 @@ def main() -> int:
     )
     print(f"accepted requests/s: {rate:,.0f}  ({rate * EVENTS_PER_REQUEST:,.0f} events/s)")
     print(f"latency p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms")
+    # CPU per request holds still on a shared machine where the rates do not.
+    print(f"router CPU per accepted request: {cpu / max(1, load.accepted) * 1000:.2f} ms")
     print(f"ratio to the raw pika floor: {rate / floor:.2f}")
     # Every 202 is one message in the queue; the few more are requests in flight when the load stopped.
     complete = queued is not None and load.accepted <= queued <= load.accepted + arguments.connections
@@ -336,6 +340,21 @@ def _profile(router: RouterProcess, output: str | None, duration: float) -> subp
     command += ["--nonblocking"]
     command += ["-d", str(int(duration)), "-o", output, "--pid", str(router.process.pid)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) used so far by ``pid`` and its child processes (http.workers)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _serves(url: str) -> bool:
