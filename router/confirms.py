@@ -83,7 +83,7 @@ class ConfirmWindow:
         self._declared: set[str] = set()
         self._memory: Producer | None = None
         self._frames = _Frames()
-        self._write_frame: Callable[..., None] = frame_writer
+        self._write_frame: Callable[..., None] | None = None
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Publish every message of ``messages``; returns once RabbitMQ confirmed all of them.
@@ -98,10 +98,12 @@ class ConfirmWindow:
             return
         try:
             channel = self._ensure_channel()
+            write_frame = self._write_frame
+            assert write_frame is not None  # set with the channel
             exchange = self._topology.exchange.name
             for message in messages:
                 self._declare(channel, message.queue)
-                self._write_frame(
+                write_frame(
                     1,
                     channel.channel_id,
                     spec.Basic.Publish,
