@@ -295,6 +295,10 @@ def main() -> int:
         router = RouterProcess(config, "--only", "http")
         try:
             wait_until(lambda: _serves(url), 30, "the router's listener")
+            if arguments.workers > 1:
+                # The other processes start after the first serves; their start-up CPU is not the load's.
+                wait_until(lambda: len(_children(router.process.pid)) == arguments.workers - 1, 30, "workers")
+                time.sleep(5)
             profiler = _profile(router, arguments.profile, arguments.duration)
             cpu_before = _cpu_seconds(router.process.pid)
             if use_wrk:
@@ -342,19 +346,29 @@ def _profile(router: RouterProcess, output: str | None, duration: float) -> subp
     return subprocess.Popen(command, stdout=subprocess.DEVNULL)
 
 
+def _stats() -> dict[int, list[str]]:
+    """/proc/<pid>/stat of every process, split into fields from the state on."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    return [child for child, fields in _stats().items() if int(fields[1]) == pid]
+
+
 def _cpu_seconds(pid: int) -> float:
     """CPU seconds (user and system) used so far by ``pid`` and its child processes (http.workers)."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(
+        (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for process, fields in _stats().items()
+        if process == pid or int(fields[1]) == pid
+    )
 
 
 def _serves(url: str) -> bool:

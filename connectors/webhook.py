@@ -402,7 +402,8 @@ class WebhookReceiver:
                 f"webhook-id {webhook_id!r} was already accepted with a different body; the earlier message "
                 "stands. A retry must resend the same body; a new message needs a new webhook-id",
             )
-        log.info(
+        # DEBUG: at INFO this line alone cost 10% of the listener's CPU under load (bench/README.md).
+        log.debug(
             "webhook %s on route %s accepted: %d records",
             webhook_id,
             settings.route,

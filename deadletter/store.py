@@ -887,13 +887,18 @@ class Store:
 
     def webhook_bodies(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
         """The body hash accepted under each known (route, webhook_id) of ``keys``, unknown ones absent."""
-
         found: dict[tuple[str, str], str] = {}
+        if not keys:
+            return found
+        # Table columns, not ORM attributes: a plain query skips the ORM's per-call compile state,
+        # which the webhook intake would otherwise pay on every group.
+        table = WebhookIdRow.__table__.c
         with self._transaction() as session:
+            connection = session.connection()
             for chunk in _chunks(list(keys)):
-                rows = session.execute(
-                    select(WebhookIdRow.route, WebhookIdRow.webhook_id, WebhookIdRow.body_sha256).where(
-                        tuple_(WebhookIdRow.route, WebhookIdRow.webhook_id).in_(chunk)
+                rows = connection.execute(
+                    select(table.route, table.webhook_id, table.body_sha256).where(
+                        tuple_(table.route, table.webhook_id).in_(chunk)
                     )
                 )
                 found.update(((route, webhook_id), sha) for route, webhook_id, sha in rows)
