@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any, Literal, TypedDict, Unpack, get_args
 from uuid import UUID, uuid4
 
-from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text, update
+from sqlalchemy import Engine, and_, create_engine, delete, event, exists, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -1055,25 +1055,56 @@ class Store:
                     moved.append(row.id)
         return moved
 
-    # Webhooks: the ids a partner already delivered, per route (connectors.webhook.WebhookIdLedger).
+    # Webhooks: the ids a partner already delivered, per route (connectors.webhook_intake.WebhookIdLedger).
 
-    def webhook_body_sha256(self, route: str, webhook_id: str) -> str | None:
-        """The body hash accepted under ``webhook_id`` on ``route``, or None when it was never accepted."""
+    def webhook_bodies(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The body hash accepted under each known (route, webhook_id) of ``keys``, unknown ones absent."""
+        found: dict[tuple[str, str], str] = {}
+        if not keys:
+            return found
+        # Table columns, not ORM attributes: a plain query skips the ORM's per-call compile state,
+        # which the webhook intake would otherwise pay on every group.
+        table = WebhookIdRow.__table__.c
         with self._transaction() as session:
-            row = session.get(WebhookIdRow, (route, webhook_id))
-            return row.body_sha256 if row is not None else None
+            connection = session.connection()
+            for chunk in _chunks(list(keys)):
+                rows = connection.execute(
+                    select(table.route, table.webhook_id, table.body_sha256).where(
+                        tuple_(table.route, table.webhook_id).in_(chunk)
+                    )
+                )
+                found.update(((route, webhook_id), sha) for route, webhook_id, sha in rows)
+        return found
 
-    def remember_webhook(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
-        """Record ``webhook_id`` as accepted on ``route``; a second record of the same id is a no-op."""
-        statement = self._insert(WebhookIdRow).values(
-            route=route,
-            webhook_id=webhook_id,
-            message_id=message_id,
-            body_sha256=body_sha256,
-            at=datetime.now(UTC),
-        )
+    def remember_webhooks(self, accepted: Sequence[AcceptedWebhook]) -> None:
+        """Record accepted webhook ids in one transaction; an id recorded already is left as it was."""
+        if not accepted:
+            return
+        now = datetime.now(UTC)
+        rows = [
+            {
+                "route": webhook.route,
+                "webhook_id": webhook.webhook_id,
+                "message_id": webhook.message_id,
+                "body_sha256": webhook.body_sha256,
+                "at": now,
+            }
+            for webhook in accepted
+        ]
+        # One executemany of a cached statement: a multi-row VALUES would be compiled anew for every group.
+        statement = self._insert(WebhookIdRow.__table__).on_conflict_do_nothing()
         with self._transaction() as session:
-            session.execute(statement.on_conflict_do_nothing())
+            session.connection().execute(statement, rows)
+
+
+@dataclass(frozen=True)
+class AcceptedWebhook:
+    """A webhook id the broker confirmed, as the ledger keeps it."""
+
+    route: str
+    webhook_id: str
+    message_id: str
+    body_sha256: str
 
 
 def _journal_entry(row: DeliveredEventRow) -> JournalEntry:

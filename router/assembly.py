@@ -15,7 +15,6 @@ from connectors.retry import RetryPolicy
 from connectors.sftp_source import SftpSettings
 from connectors.sftp_target import SftpTarget, SftpTargetSettings
 from connectors.webhook import WebhookSettings
-from deadletter.store import Store
 from ops import metrics
 from router.broker import BrokerSettings
 from router.config import (
@@ -203,19 +202,6 @@ def webhook_settings(config: RouterConfig, route: RouteConfig) -> WebhookSetting
         body_timeout=config.http.body_timeout,
         signature_failures=config.http.signature_failures,
     )
-
-
-class StoreWebhookLedger:
-    """The webhook-id ledger of connectors.webhook, kept in the store so every process shares it."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    def accepted(self, route: str, webhook_id: str) -> str | None:
-        return self._store.webhook_body_sha256(route, webhook_id)
-
-    def remember(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
-        self._store.remember_webhook(route, webhook_id, message_id, body_sha256)
 
 
 def rest_poll_settings(route: RouteConfig) -> RestPollSettings:

@@ -59,7 +59,12 @@ def run(config_path: str | None, only: tuple[str, ...], route_name: str | None) 
 
     config = load_or_exit(config_path)
     try:
-        runtime = RouterRuntime(config, only=only or STAGES, route=route_name)
+        runtime = RouterRuntime(
+            config,
+            only=only or STAGES,
+            route=route_name,
+            http_worker_command=_http_worker_command(config_path, route_name),
+        )
     except ValueError as error:
         click.echo(f"router run: {redact(str(error))}", err=True)
         sys.exit(EXIT_CONFIG)
@@ -69,6 +74,17 @@ def run(config_path: str | None, only: tuple[str, ...], route_name: str | None) 
         log.exception("router stopped on an error")
         click.echo(f"router run: {redact(str(error))}", err=True)
         sys.exit(EXIT_RUNTIME)
+
+
+def _http_worker_command(config_path: str | None, route_name: str | None) -> list[str]:
+    """`router run --only http` with this invocation's logging options: one more http.workers process."""
+    options = click.get_current_context().find_root().params
+    log_json = options.get("log_json")
+    command = [sys.executable, "-m", "router.cli", "--log-level", str(options.get("log_level", "INFO"))]
+    if log_json is not None:
+        command.append("--log-json" if log_json else "--no-log-json")
+    command += ["run", "-c", str(find_config_path(config_path)), "--only", "http"]
+    return command + (["--route", route_name] if route_name else [])
 
 
 @main.command()

@@ -160,6 +160,8 @@ class HttpConfig(_Section):
     listen: str = "127.0.0.1:8080"
     console_listen: str | None = None
     enabled: bool = True
+    workers: int = Field(1, ge=1, le=64)
+    """Processes serving the listener (SO_REUSEPORT): one parses every request under one GIL."""
     max_connections: int = Field(1000, gt=0)
     header_timeout: Duration = Field(10.0, gt=0)
     body_timeout: Duration = Field(30.0, gt=0)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Sequence
 from typing import Any
 
-from kombu import Connection
+from kombu import Queue
 
 from connectors.chunks import SourceChunk
-from router.broker import BrokerSettings, Publisher, Topology, connect
+from router.broker import BrokerSettings, Publisher, Topology, encode_body
+from router.confirms import ConfirmWindow, Outgoing
 from transforms.parsers import RawRecord
 
 
@@ -71,33 +72,34 @@ class IngressPublisher:
         )
 
 
-class SharedIngressSink:
-    """A chunk sink many threads may call at once (webhook requests): one broker connection per thread.
+class IngressGroupPublisher:
+    """Publishes groups of chunks to their routes' ingress queues under one confirm window (webhook intake).
 
-    A kombu connection must not be shared between threads, and one connection per request would
-    cost a TCP and AMQP handshake per webhook; a connection per worker thread avoids both.
+    Called from one thread at a time (the intake's); returns once RabbitMQ confirmed every chunk.
     """
 
     def __init__(self, settings: BrokerSettings) -> None:
-        self._settings = settings
         self._topology = Topology(settings)
-        self._local = threading.local()
-        self._connections: list[Connection] = []
-        self._lock = threading.Lock()
+        self._window = ConfirmWindow(settings, self._topology)
+        self._queues: dict[str, Queue] = {}
 
-    def __call__(self, chunk: SourceChunk) -> None:
-        sink: IngressPublisher | None = getattr(self._local, "sink", None)
-        if sink is None:
-            connection = connect(self._settings)
-            with self._lock:
-                self._connections.append(connection)
-            sink = IngressPublisher(Publisher(connection, self._topology), self._topology)
-            self._local.sink = sink
-        sink(chunk)
+    def __call__(self, chunks: Sequence[SourceChunk]) -> None:
+        self._window.publish(
+            [
+                Outgoing(
+                    self._queue(chunk.route),
+                    encode_body(chunk_message(chunk)),
+                    {"message_id": chunk.message_id},
+                )
+                for chunk in chunks
+            ]
+        )
+
+    def _queue(self, route: str) -> Queue:
+        if route not in self._queues:
+            self._queues[route] = self._topology.ingress_queue(route)
+        return self._queues[route]
 
     def close(self) -> None:
-        """Release every thread's connection."""
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for connection in connections:
-            connection.release()
+        """Release the broker connection."""
+        self._window.close()

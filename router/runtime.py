@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -25,6 +25,7 @@ from connectors.file_source import FileDropSettings, FileDropSource
 from connectors.rest_source import RestPollSource
 from connectors.sftp_source import SftpSettings, SftpSource
 from connectors.webhook import webhook_routes
+from connectors.webhook_intake import WebhookIntake
 from deadletter.store import NewDeadLetter, Store
 from ops import metrics
 from ops.health import ops_routes
@@ -33,7 +34,8 @@ from router.broker import Publisher, Topology, connect, queue_depth
 from router.config import RouteConfig, RouterConfig
 from router.console.app import ELSEWHERE, NOT_CONFIGURED, Console, closed_console_routes
 from router.http_server import HttpListener
-from router.ingress import IngressPublisher, SharedIngressSink
+from router.http_workers import HttpWorkers, worker_port
+from router.ingress import IngressGroupPublisher, IngressPublisher
 from router.workers import DeliveryWorker, TransformWorker
 from transforms.parsers import FileFormatError
 
@@ -61,10 +63,13 @@ class RouterRuntime:
     route: str | None = None
     store: Store | None = None
     http_port: int | None = None
+    http_worker_command: Sequence[str] | None = None
+    """The command of one more HTTP process (`router run --only http`), for ``http.workers`` > 1."""
     stop_event: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _listener: HttpListener | None = None
     _console_listener: HttpListener | None = None
+    _http_workers: HttpWorkers | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -201,9 +206,11 @@ class RouterRuntime:
             if route.source.type == "webhook"
         }
         if receivers:
-            sink = SharedIngressSink(self.broker)
-            self._closers.append(sink.close)
-            routes += webhook_routes(receivers, sink, assembly.StoreWebhookLedger(self._store))
+            publisher = IngressGroupPublisher(self.broker)
+            intake = WebhookIntake(publisher, self._store)
+            # Closers run last to first: the intake answers the requests in hand before the publisher goes.
+            self._closers += [publisher.close, intake.close]
+            routes += webhook_routes(receivers, intake)
         console = self.config.http.console_address
         if not self.config.console.enabled:
             routes += closed_console_routes(NOT_CONFIGURED)
@@ -217,9 +224,15 @@ class RouterRuntime:
             log.info("console listener on %s:%d", console[0], self._console_listener.port)
         app = Starlette(routes=routes)
         port = self.config.http.port if self.http_port is None else self.http_port
-        self._listener = HttpListener(app, self.config.http.host, port, self.config.http)
+        shared = worker_port()
+        self._listener = HttpListener(app, self.config.http.host, shared or port, self.config.http)
         self._listener.start()
         log.info("HTTP listener on %s:%d", self.config.http.host, self._listener.port)
+        if self.config.http.workers > 1 and shared is None and self.http_worker_command:
+            self._http_workers = HttpWorkers(
+                self.http_worker_command, self.config.http.workers - 1, self._listener.port
+            )
+            self._http_workers.start()
         if not self.broker.is_memory:
             self._spawn("queue-depths", self._sample_queue_depths)
 
@@ -255,6 +268,8 @@ class RouterRuntime:
     def stop(self, timeout: float = 30.0) -> None:
         """Drain: signal every stage, wait for them to finish the work in hand, release resources."""
         self.stop_event.set()
+        if self._http_workers is not None:
+            self._http_workers.stop(timeout)
         for thread in self._threads:
             thread.join(timeout)
             if thread.is_alive():
@@ -276,6 +291,8 @@ class RouterRuntime:
         signal.signal(signal.SIGINT, request_stop)
         self.start()
         while not self.stop_event.wait(0.5):
+            if self._http_workers is not None:
+                self._http_workers.supervise()
             if not any(thread.is_alive() for thread in self._threads) and self._listener is None:
                 log.error("every stage stopped; exiting")
                 break

@@ -21,9 +21,10 @@ from starlette.applications import Starlette
 
 from connectors.signatures import sign
 from connectors.webhook import WebhookSettings, webhook_routes
+from connectors.webhook_intake import WebhookIntake
 from router.broker import BrokerSettings, Topology, connect, decode_body
 from router.http_server import HttpListener
-from router.ingress import SharedIngressSink
+from router.ingress import IngressGroupPublisher
 from tests.integration.test_webhooks import SECRET, MemoryLedger
 
 ROUTE = "partner-fuzz"
@@ -74,15 +75,17 @@ class Edge:
 @pytest.fixture(scope="module")
 def edge() -> Iterator[Edge]:
     broker = BrokerSettings(url="memory://", prefix=f"fuzz{uuid.uuid4().hex[:8]}")
-    sink = SharedIngressSink(broker)
-    listener = HttpListener(Starlette(routes=webhook_routes(RECEIVERS, sink, MemoryLedger())), "127.0.0.1", 0)
+    publisher = IngressGroupPublisher(broker)
+    intake = WebhookIntake(publisher, MemoryLedger())
+    listener = HttpListener(Starlette(routes=webhook_routes(RECEIVERS, intake)), "127.0.0.1", 0)
     listener.start()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{listener.port}", timeout=10) as client:
             yield Edge(client, broker, Topology(broker))
     finally:
         listener.stop()
-        sink.close()
+        intake.close()
+        publisher.close()
 
 
 # JSON texts that json.loads accepts but other systems misread, spliced into otherwise valid documents.

@@ -9,7 +9,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -22,6 +22,8 @@ from starlette.applications import Starlette
 from connectors.chunks import SourceChunk
 from connectors.signatures import sign
 from connectors.webhook import LISTENER_ROUTE, WebhookSettings, webhook_routes
+from connectors.webhook_intake import WebhookIntake
+from deadletter.store import AcceptedWebhook
 from ops.metrics import REGISTRY
 from router.broker import encode_body
 from router.config import HttpConfig
@@ -54,16 +56,17 @@ STOCK_SCHEMA: dict[str, Any] = {
 
 @dataclass
 class RecordingSink:
-    """Stands in for the broker: serialises a chunk as the broker does, keeps it, or raises while ``down``."""
+    """Stands in for the broker: serialises and keeps chunks as the broker would, or fails while ``down``."""
 
     chunks: list[SourceChunk] = field(default_factory=list)
     down: bool = False
 
-    def __call__(self, chunk: SourceChunk) -> None:
+    def __call__(self, chunks: Sequence[SourceChunk]) -> None:
         if self.down:
             raise ConnectionError("broker unreachable")
-        encode_body(chunk_message(chunk))
-        self.chunks.append(chunk)
+        for chunk in chunks:
+            encode_body(chunk_message(chunk))
+        self.chunks.extend(chunks)
 
 
 @dataclass
@@ -72,11 +75,15 @@ class MemoryLedger:
 
     bodies: dict[tuple[str, str], str] = field(default_factory=dict)
 
+    def webhook_bodies(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        return {key: self.bodies[key] for key in keys if key in self.bodies}
+
+    def remember_webhooks(self, accepted: Sequence[AcceptedWebhook]) -> None:
+        for webhook in accepted:
+            self.bodies.setdefault((webhook.route, webhook.webhook_id), webhook.body_sha256)
+
     def accepted(self, route: str, webhook_id: str) -> str | None:
         return self.bodies.get((route, webhook_id))
-
-    def remember(self, route: str, webhook_id: str, message_id: str, body_sha256: str) -> None:
-        self.bodies[(route, webhook_id)] = body_sha256
 
 
 @dataclass
@@ -151,8 +158,11 @@ RECEIVERS = {
 def server() -> Iterator[tuple[str, RecordingSink, MemoryLedger]]:
     sink = RecordingSink()
     ledger = MemoryLedger()
-    app = Starlette(routes=webhook_routes(RECEIVERS, sink, ledger))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    intake = WebhookIntake(sink, ledger)
+    app = Starlette(routes=webhook_routes(RECEIVERS, intake))
+    # h11 hands a doubly framed request to the app, so this server tests the receiver's own framing
+    # check; the router's listener (httptools) refuses such a request in its parser already.
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", http="h11")
     uvicorn_server = uvicorn.Server(config)
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()
@@ -164,6 +174,7 @@ def server() -> Iterator[tuple[str, RecordingSink, MemoryLedger]]:
     yield f"http://127.0.0.1:{port}", sink, ledger
     uvicorn_server.should_exit = True
     thread.join(5)
+    intake.close()
 
 
 @pytest.fixture
@@ -629,18 +640,19 @@ def raw_request(url: str, request: bytes, timeout: float = 5.0) -> bytes:
     return answer
 
 
-def test_content_length_together_with_transfer_encoding_is_refused_400(receiver: Receiver) -> None:
-    body = b'{"order": "S1"}'
-    headers = signed_headers(body)
+def doubly_framed_request(body: bytes) -> bytes:
+    """A signed request whose body is framed by both Content-Length and Transfer-Encoding."""
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-    request = (
+    return (
         b"POST /webhooks/partner-orders HTTP/1.1\r\nHost: router\r\n"
-        + b"".join(f"{name}: {value}\r\n".encode() for name, value in headers.items())
+        + b"".join(f"{name}: {value}\r\n".encode() for name, value in signed_headers(body).items())
         + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(chunked)
         + chunked
     )
 
-    answer = raw_request(receiver.url, request)
+
+def test_content_length_together_with_transfer_encoding_is_refused_400(receiver: Receiver) -> None:
+    answer = raw_request(receiver.url, doubly_framed_request(b'{"order": "S1"}'))
 
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer
@@ -690,13 +702,15 @@ def guarded_listener() -> Iterator[tuple[HttpListener, RecordingSink]]:
     sink = RecordingSink()
     # The body deadline is the receiver's (http.body_timeout reaches it through the route's settings).
     settings = dataclasses.replace(RECEIVERS["partner-orders"], body_timeout=1.0)
-    app = Starlette(routes=webhook_routes({"partner-orders": settings}, sink, MemoryLedger()))
+    intake = WebhookIntake(sink, MemoryLedger())
+    app = Starlette(routes=webhook_routes({"partner-orders": settings}, intake))
     listener = HttpListener(
         app, "127.0.0.1", 0, HttpConfig(max_connections=50, header_timeout="1s", keep_alive="1s")
     )
     listener.start()
     yield listener, sink
     listener.stop()
+    intake.close()
 
 
 def closed_by_server(connections: list[socket.socket], within: float) -> list[socket.socket]:
@@ -781,6 +795,25 @@ def test_a_second_request_trickled_on_a_kept_alive_connection_is_cut_off(
 
         assert closed_by_server([connection], within=3.0) == [connection]
         assert time.monotonic() - started < 3.0
+
+
+def test_the_listener_answers_a_request_its_parser_refuses_with_a_problem_400_and_closes(
+    guarded_listener: tuple[HttpListener, RecordingSink],
+) -> None:
+    listener, sink = guarded_listener
+
+    answer = raw_request(f"http://127.0.0.1:{listener.port}", doubly_framed_request(b'{"order": "S2"}'))
+
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/problem+json" in head.lower()
+    assert b"connection: close" in head.lower()
+    problem = json.loads(payload)
+    assert (
+        problem["type"].endswith("malformed-request")
+        and "Content-Length or Transfer-Encoding" in problem["detail"]
+    )
+    assert sink.chunks == []
 
 
 def test_a_webhook_id_longer_than_the_ledger_keeps_is_400(receiver: Receiver) -> None:

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from deadletter.store import (
+    AcceptedWebhook,
     DeadLetterNotFound,
     DeadLetterStateError,
     NewDeadLetter,
@@ -401,15 +402,29 @@ def test_deliveries_are_a_ledger_and_a_journal_per_target(store: Store) -> None:
 
 def test_history_and_webhook_ids_are_pruned_after_the_retention(store: Store) -> None:
     store.record_deliveries("erp", [_event("e1", "A", 1)])
-    store.remember_webhook("partner-stock", "msg_1", "m-1", "a" * 64)
-    store.remember_webhook("partner-stock", "msg_1", "m-1", "b" * 64)  # a redelivery records nothing new
+    store.remember_webhooks([AcceptedWebhook("partner-stock", "msg_1", "m-1", "a" * 64)])
+    # A redelivery records nothing new.
+    store.remember_webhooks([AcceptedWebhook("partner-stock", "msg_1", "m-1", "b" * 64)])
 
-    assert store.webhook_body_sha256("partner-stock", "msg_1") == "a" * 64
-    assert store.webhook_body_sha256("other-route", "msg_1") is None
+    keys = [("partner-stock", "msg_1"), ("other-route", "msg_1")]
+    assert store.webhook_bodies(keys) == {("partner-stock", "msg_1"): "a" * 64}
     assert store.prune_history(datetime.now(UTC) - timedelta(hours=1)) == 0
     assert store.prune_history(datetime.now(UTC) + timedelta(seconds=1)) == 2
     assert store.delivery_state("erp", [_event("e1", "A", 1)]).delivered == set()
-    assert store.webhook_body_sha256("partner-stock", "msg_1") is None
+    assert store.webhook_bodies(keys) == {}
+
+
+def test_webhook_ids_of_a_group_are_recorded_and_looked_up_together(store: Store) -> None:
+    # More ids than one query chunk holds, some known before, one repeated in the group itself.
+    store.remember_webhooks([AcceptedWebhook("partner-stock", "msg_0", "m-0", "0" * 64)])
+    group = [AcceptedWebhook("partner-stock", f"msg_{n}", f"m-{n}", f"{n % 10}" * 64) for n in range(1200)]
+
+    store.remember_webhooks([*group, group[5]])
+
+    found = store.webhook_bodies([("partner-stock", f"msg_{n}") for n in range(1300)])
+    assert len(found) == 1200
+    assert found[("partner-stock", "msg_0")] == "0" * 64
+    assert found[("partner-stock", "msg_1199")] == "9" * 64
 
 
 def test_snapshot_marks_only_move_forward(store: Store) -> None:
