@@ -20,6 +20,7 @@ class SourceChunk:
     better one (a REST record's own id): then ``record_ids`` gives one per record, and ``origin``
     holds only what stays stable across re-polls. ``extra`` is added to the ingress message; an
     ``id_origin`` there replaces ``origin`` in event ids (``{}`` for EDI, whose record ids are complete).
+    ``trace`` is the trace context the chunk was taken in, when another thread publishes it.
     """
 
     route: str
@@ -30,6 +31,7 @@ class SourceChunk:
     chunk: int = 1
     record_ids: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    trace: Any = None
 
 
 ChunkSink = Callable[[SourceChunk], None]

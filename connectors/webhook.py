@@ -388,6 +388,8 @@ class WebhookReceiver:
                 RawRecord(number, None, record, document=document)
                 for number, record in enumerate(records, start=1)
             ],
+            # The intake's broker thread publishes it: the publish span joins this request's trace.
+            trace=tracing.current_context(),
         )
         try:
             admission = await self._intake.admit(chunk, webhook_id, hashlib.sha256(body).hexdigest())

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -189,9 +190,17 @@ def _messaging(operation: str, destination: str, message_id: str | None) -> dict
     return attributes
 
 
+def current_context() -> Context | None:
+    """The active trace context, for work another thread publishes on this one's behalf (None: off)."""
+    return None if _installed is None else context_api.get_current()
+
+
 @contextmanager
-def publish_span(destination: str, headers: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
-    """A PRODUCER span for one publish to ``destination``; yields ``headers`` plus its trace context."""
+def publish_span(
+    destination: str, headers: Mapping[str, Any] | None, parent: Context | None = None
+) -> Iterator[dict[str, Any]]:
+    """A PRODUCER span for one publish to ``destination``, child of ``parent`` (default: the active
+    span); yields ``headers`` plus its trace context."""
     carrier = dict(headers or {})
     if _installed is None:
         yield carrier
@@ -199,6 +208,7 @@ def publish_span(destination: str, headers: Mapping[str, Any] | None) -> Iterato
     message_id = carrier.get("message_id")
     with _installed.tracer.start_as_current_span(
         f"publish {destination}",
+        context=parent,
         kind=SpanKind.PRODUCER,
         attributes=_messaging("publish", destination, message_id if isinstance(message_id, str) else None),
     ):

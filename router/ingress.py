@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 from kombu import Queue
 
 from connectors.chunks import SourceChunk
+from ops import tracing
 from router.broker import BrokerSettings, Publisher, Topology, encode_body
 from router.confirms import ConfirmWindow, Outgoing
 from transforms.parsers import RawRecord
@@ -84,16 +86,15 @@ class IngressGroupPublisher:
         self._queues: dict[str, Queue] = {}
 
     def __call__(self, chunks: Sequence[SourceChunk]) -> None:
-        self._window.publish(
-            [
-                Outgoing(
-                    self._queue(chunk.route),
-                    encode_body(chunk_message(chunk)),
-                    {"message_id": chunk.message_id},
+        with ExitStack() as spans:
+            outgoing = []
+            for chunk in chunks:
+                queue = self._queue(chunk.route)
+                headers = spans.enter_context(
+                    tracing.publish_span(queue.name, {"message_id": chunk.message_id}, chunk.trace)
                 )
-                for chunk in chunks
-            ]
-        )
+                outgoing.append(Outgoing(queue, encode_body(chunk_message(chunk)), headers))
+            self._window.publish(outgoing)
 
     def _queue(self, route: str) -> Queue:
         if route not in self._queues:
