@@ -233,6 +233,7 @@ class _TargetBase(_Section):
     """What every target has: partitions, batching, retries, the payload's shape and format."""
 
     partitions: int = Field(8, ge=1, le=256)
+    max_in_flight: int | None = Field(None, ge=1)
     batch: BatchConfig | None = None
     retry: RetryConfig = Field(default_factory=RetryConfig)
     timeout: Duration = 10.0
@@ -241,6 +242,21 @@ class _TargetBase(_Section):
     format: Literal["json", "xml", "csv"] = "json"
     xml: XmlShape | None = None
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+
+    @model_validator(mode="after")
+    def _in_flight_within_partitions(self) -> _TargetBase:
+        # A partition has one request in flight at a time, so a larger bound would promise nothing.
+        if self.max_in_flight is not None and self.max_in_flight > self.partitions:
+            raise ValueError(
+                f"max_in_flight {self.max_in_flight} exceeds partitions {self.partitions}: each partition "
+                "has at most one request in flight; lower max_in_flight or raise partitions"
+            )
+        return self
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Requests in flight at once per process: ``max_in_flight``, by default one per partition."""
+        return self.max_in_flight or self.partitions
 
 
 class HttpTargetConfig(_TargetBase):
