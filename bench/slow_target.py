@@ -5,7 +5,9 @@ target that answers each request after ``--latency`` seconds. The events (``--ev
 sequence keys) are published to the target's partition queues in messages the size the transform stage
 makes (a 500-record chunk split over the partitions) once every process holds its share of the
 partitions; the clock runs from the target's first request to its last event. Each run checks that every
-event arrived and that each key's events arrived in order.
+event arrived and that each key's events arrived in order. Each figure is also given as a share of what
+bare httpx threads (one per partition) get from the same target on this machine at that moment, since
+a loaded machine cannot reach the ideal whatever the router does; and the router's CPU per event.
 
 Scenarios (``--scenario``, default all but ``backlog``):
 - ``single``: one event per request at ``--latency`` and at 100 ms; events/s and the share of the ideal
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -37,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 from kombu import Connection
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,6 +72,8 @@ class Figures:
     events: int
     seconds: float
     rss_kib: list[list[int]]
+    cpu_seconds: float
+    """CPU time the router processes used while delivering (user and system)."""
 
     @property
     def per_second(self) -> float:
@@ -109,6 +115,11 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def in_order(events: Sequence[dict[str, Any]]) -> bool:
@@ -193,8 +204,10 @@ def measure(
                 deadline = 60 + 10 * len(events) / 100
                 wait_until(lambda: len(erp.requests) > 0, deadline, "the first request")
                 first = time.monotonic()
+                cpu_before = sum(cpu_seconds(p.process.pid) for p in processes)
                 wait_until(lambda: len(erp.events) >= len(events), deadline, f"{len(events)} events")
                 elapsed = time.monotonic() - first
+                cpu = sum(cpu_seconds(p.process.pid) for p in processes) - cpu_before
                 sampling.set()
                 sampler.join()
         finally:
@@ -205,7 +218,7 @@ def measure(
         raise AssertionError(f"{run.label}: events lost")
     if not in_order(received):
         raise AssertionError(f"{run.label}: a key's events arrived out of order")
-    return Figures(len(events), elapsed, samples)
+    return Figures(len(events), elapsed, samples, cpu)
 
 
 def _delete_queues(amqp: str, prefix: str, partitions: int) -> None:
@@ -216,6 +229,31 @@ def _delete_queues(amqp: str, prefix: str, partitions: int) -> None:
         connection.default_channel.exchange_delete(prefix)
 
 
+def client_floor(latency: float, concurrency: int, seconds: float = 5.0) -> float:
+    """Requests/s of ``concurrency`` bare httpx threads against the same loopback target: what this
+    machine allows now, whatever the router does."""
+    with (
+        SimulatedTarget("floor", TargetBehaviour(latency=latency)) as target,
+        httpx.Client(limits=httpx.Limits(max_connections=concurrency)) as client,
+    ):
+        until = time.monotonic() + seconds
+        counts: list[int] = []
+
+        def post() -> None:
+            sent = 0
+            while time.monotonic() < until:
+                client.post(f"{target.url}/inventory", json={"event_id": str(sent)})
+                sent += 1
+            counts.append(sent)
+
+        threads = [threading.Thread(target=post) for _ in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return sum(counts) / seconds
+
+
 def ideal(run: Run, partitions: int) -> float:
     """Events/s if every partition always had a request in flight that took exactly the latency."""
     return partitions * (run.batch or 1) / run.latency
@@ -223,9 +261,12 @@ def ideal(run: Run, partitions: int) -> float:
 
 def report(run: Run, figures: Figures, partitions: int) -> None:
     share = figures.per_second / ideal(run, partitions)
+    floor = client_floor(run.latency, partitions) * (run.batch or 1)
     print(
         f"{run.label:<44} {figures.per_second:8.0f} events/s  {share:5.2f} of ideal "
-        f"{ideal(run, partitions):.0f}  ({figures.events} events in {figures.seconds:.1f}s)"
+        f"{ideal(run, partitions):.0f}, {figures.per_second / floor:5.2f} of bare httpx {floor:.0f}  "
+        f"({figures.events} events in {figures.seconds:.1f}s, "
+        f"router CPU {1000 * figures.cpu_seconds / figures.events:.2f} ms/event)"
     )
 
 

@@ -243,16 +243,6 @@ class _TargetBase(_Section):
     xml: XmlShape | None = None
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
 
-    @model_validator(mode="after")
-    def _in_flight_within_partitions(self) -> _TargetBase:
-        # A partition has one request in flight at a time, so a larger bound would promise nothing.
-        if self.max_in_flight is not None and self.max_in_flight > self.partitions:
-            raise ValueError(
-                f"max_in_flight {self.max_in_flight} exceeds partitions {self.partitions}: each partition "
-                "has at most one request in flight; lower max_in_flight or raise partitions"
-            )
-        return self
-
     @property
     def in_flight_limit(self) -> int:
         """Requests in flight at once per process: ``max_in_flight``, by default one per partition."""
@@ -682,6 +672,14 @@ def _check_semantics(document: ConfigDocument, config: RouterConfig) -> None:
     used = {rule.target for route in config.enabled_routes for rule in route.deliver}
     for name, target in config.targets.items():
         _check_retry_fits(document, config.broker, name, target)
+        if target.max_in_flight is not None and target.max_in_flight > target.partitions:
+            # A partition has one request in flight at a time, so a larger bound would promise nothing.
+            document.problem(
+                ("targets", name, "max_in_flight"),
+                f"targets.{name}.max_in_flight {target.max_in_flight} exceeds partitions "
+                f"{target.partitions}: each partition has at most one request in flight; lower "
+                "max_in_flight or raise partitions",
+            )
         if name in used and isinstance(target, SftpTargetConfig):
             _check_known_hosts(document, config, target, ("targets", name, "known_hosts"))
 

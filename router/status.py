@@ -152,7 +152,7 @@ def render_status(report: dict[str, Any], console: Console) -> None:
         for holder, partitions in target["holders"].items():
             consumers.add_row(target["name"], holder, _ranges(partitions))
         if target["unheld"]:
-            consumers.add_row(target["name"], "(none: no router running)", _ranges(target["unheld"]))
+            consumers.add_row(target["name"], "(none)", _ranges(target["unheld"]))
     console.print(consumers)
     for note in report.get("notes", []):
         console.print(f"[dim]{note}[/]")

@@ -273,6 +273,60 @@ class _BatchRun:
         return "send"
 
 
+@dataclass
+class _Recording:
+    events: Sequence[Mapping[str, Any]]
+    done: bool = False
+    error: Exception | None = None
+
+
+class GroupedLedger:
+    """Records what a target accepted for all its partition threads, in shared transactions.
+
+    A partition thread records each request's events once the target accepted them, before it sends
+    the next request (so a crash re-sends at most the one request per partition that was accepted and
+    not yet recorded). The first thread finding nobody writing writes everything recorded so far, by
+    every thread, in one transaction; the others wait for it, so one commit's flush to disk serves
+    many requests instead of each request waiting for its own.
+    """
+
+    def __init__(self, store: Store, target: str) -> None:
+        self._store = store
+        self._target = target
+        self._changed = threading.Condition()
+        self._queued: list[_Recording] = []
+        self._writing = False
+
+    def record(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Return once ``events`` are stored; raise what the store raised for them."""
+        mine = _Recording(events)
+        with self._changed:
+            self._queued.append(mine)
+        while not mine.done:
+            with self._changed:
+                while self._writing and not mine.done:
+                    self._changed.wait()
+                if mine.done:
+                    break
+                self._writing = True
+                group, self._queued = self._queued, []
+            self._write(group)
+        if mine.error is not None:
+            raise mine.error
+
+    def _write(self, group: list[_Recording]) -> None:
+        error: Exception | None = None
+        try:
+            self._store.record_deliveries(self._target, [event for item in group for event in item.events])
+        except Exception as failure:  # each waiter whose events were in the group gets the failure
+            error = failure
+        with self._changed:
+            for item in group:
+                item.done, item.error = True, error
+            self._writing = False
+            self._changed.notify_all()
+
+
 class DeliveryWorker:
     """Delivers a target's partition queues: each partition this process holds has its own consumer
     thread, so up to ``max_in_flight`` requests (one event or a micro-batch each) are in flight at once,
@@ -303,6 +357,7 @@ class DeliveryWorker:
         self._holder = lease_holder()
         self._retry_budget = retry_budget(broker.consumer_timeout, target.settings.timeout)
         self._in_flight = threading.BoundedSemaphore(settings.in_flight_limit)
+        self._ledger = GroupedLedger(store, settings.target)
         self._next_release = 0.0
         self._next_prune = 0.0
         self.assignment = PartitionAssignment(
@@ -423,9 +478,9 @@ class DeliveryWorker:
     ) -> int:
         """Resolve events in order, starting no attempt after ``deadline``; returns how many were resolved
         before ``stop`` interrupted."""
-        target = self.settings.target
-        state = self._store.delivery_state(target, [event for event, _ in events])
+        state = self._store.delivery_state(self.settings.target, [event for event, _ in events])
         run = _BatchRun(state, deadline, stop)
+        target = self.settings.target
         size = self.settings.batch_max_events or 1
         group: list[dict[str, Any]] = []
         group_start = 0
@@ -542,7 +597,7 @@ class DeliveryWorker:
         return True
 
     def _delivered(self, events: Sequence[dict[str, Any]]) -> None:
-        self._store.record_deliveries(self.settings.target, events)
+        self._ledger.record(events)
         self._count_delivered(events)
 
     def _count_delivered(self, events: Sequence[Mapping[str, Any]]) -> None:

@@ -358,3 +358,18 @@ def test_a_timeout_that_leaves_no_time_to_retry_is_refused(tmp_path: Path) -> No
     assert ":12:14: targets.erp.timeout 30s leaves no time to retry within broker.consumer_timeout 1m" in (
         problem
     )
+
+
+def test_max_in_flight_defaults_to_the_partitions_and_cannot_exceed_them(tmp_path: Path) -> None:
+    erp = load_config(_write(tmp_path, VALID), {}).targets["erp"]
+    assert (erp.partitions, erp.max_in_flight, erp.in_flight_limit) == (8, None, 8)
+    lowered = VALID.replace("    accepts: [delta]", "    max_in_flight: 2\n    accepts: [delta]")
+    assert load_config(_write(tmp_path, lowered), {}).targets["erp"].in_flight_limit == 2
+
+    too_many = VALID.replace("    accepts: [delta]", "    max_in_flight: 9\n    accepts: [delta]")
+    [problem] = _problems(_write(tmp_path, too_many))
+
+    assert problem.startswith(f"{tmp_path / 'routes.yaml'}:10:20: targets.erp.max_in_flight 9 exceeds")
+    assert "max_in_flight 9 exceeds partitions 8" in problem and "lower max_in_flight" in problem
+    zero = VALID.replace("    accepts: [delta]", "    max_in_flight: 0\n    accepts: [delta]")
+    assert any("targets.erp.max_in_flight" in p for p in _problems(_write(tmp_path, zero)))
