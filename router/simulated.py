@@ -23,7 +23,10 @@ from typing import Any
 
 
 class _QuietServer(ThreadingHTTPServer):
-    """A threading HTTP server that takes a client hanging up on a kept-alive connection in its stride."""
+    """A threading HTTP server that takes a client hanging up on a kept-alive connection in its stride,
+    with a listen backlog for a router opening a connection per partition at once."""
+
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -76,6 +79,8 @@ class SimulatedTarget:
     behaviour: TargetBehaviour = field(default_factory=TargetBehaviour)
     requests: list[ReceivedRequest] = field(default_factory=list)
     attempts: int = 0
+    accepted: int = 0
+    """Events accepted (2xx) so far: :attr:`events` without building the list."""
     in_flight: int = 0
     peak_in_flight: int = 0
     """The most requests it was answering at one moment."""
@@ -123,6 +128,7 @@ class SimulatedTarget:
             if refused:
                 return 422, {"title": "unprocessable event", "event_ids": refused}
             self.requests.append(request)
+            self.accepted += len(request.events)
             return self.behaviour.status, {"accepted": len(request.events)}
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:

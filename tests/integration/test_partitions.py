@@ -214,11 +214,12 @@ def _holders(config: Path) -> dict[int, list[int]]:
     return {int(holder.split(":")[1]): partitions for holder, partitions in target["holders"].items()}
 
 
-def test_two_processes_share_the_partitions_and_one_takes_over_when_the_other_is_killed(
+def test_a_second_process_takes_half_the_partitions_and_the_first_takes_them_back_when_it_is_killed(
     tmp_path: Path, rabbitmq_url: str, rabbitmq_namespace: str
 ) -> None:
-    # The target answers slowly so the stream is still under way when one process is killed.
-    with SimulatedTarget("erp", TargetBehaviour(latency=0.01)) as erp:
+    rows = 4000
+    # The target answers slowly so the stream is still under way when the second process joins and dies.
+    with SimulatedTarget("erp", TargetBehaviour(latency=0.02)) as erp:
         config = write_config(
             tmp_path,
             broker_url=rabbitmq_url,
@@ -230,28 +231,31 @@ def test_two_processes_share_the_partitions_and_one_takes_over_when_the_other_is
         document["targets"]["erp"]["partitions"] = 8
         config.write_text(json.dumps(document), encoding="utf-8")
         delivery = ("--only", "delivery")
+
+        def unique() -> int:
+            return len({e["event_id"] for e in erp.events})
+
         with (
             RouterProcess(config, "--only", "sources", "--only", "transform"),
             RouterProcess(config, *delivery) as first,
-            RouterProcess(config, *delivery) as second,
         ):
-            pids = {first.process.pid, second.process.pid}
-            wait_until(
-                lambda: {pid: len(held) for pid, held in _holders(config).items()} == dict.fromkeys(pids, 4),
-                60,
-                "four partitions held by each process",
-            )
-            write_pos_file(tmp_path / "inbox" / "pos-0800.csv", 3000)
-            wait_until(lambda: len(erp.events) >= 300, 120, "the stream under way")
-            second.kill()
-            assert len({e["event_id"] for e in erp.events}) < 3000, "the stream ended before the kill"
-            wait_until(
-                lambda: _holders(config) == {first.process.pid: list(range(8))},
-                60,
-                "the survivor holding every partition",
-            )
-            wait_until(lambda: len({e["event_id"] for e in erp.events}) >= 3000, 180, "all 3,000 events")
+            wait_until(lambda: _holders(config) == {first.process.pid: list(range(8))}, 60, "one holder")
+            write_pos_file(tmp_path / "inbox" / "pos-0800.csv", rows)
+            wait_until(lambda: unique() >= 200, 120, "the stream under way")
+            with RouterProcess(config, *delivery) as second:
+                # The first hands its four highest partitions over, each once its messages in hand
+                # are delivered and acknowledged.
+                split = {first.process.pid: [0, 1, 2, 3], second.process.pid: [4, 5, 6, 7]}
+                wait_until(lambda: _holders(config) == split, 60, "four partitions each")
+                at_split = unique()
+                wait_until(lambda: unique() >= at_split + 100, 60, "both delivering")
+                second.kill()
+            assert unique() < rows, "the stream ended before the kill; slow the target down"
+            # Its leases run out (10 s) and the first takes its partitions back, unacknowledged
+            # messages first.
+            wait_until(lambda: _holders(config) == {first.process.pid: list(range(8))}, 60, "the survivor")
+            wait_until(lambda: unique() >= rows, 240, f"all {rows} events")
             assert first.terminate() == 0, first.output()
 
-    assert len({e["event_id"] for e in erp.events}) == 3000
+    assert unique() == rows
     assert in_order_per_key(erp.events)
