@@ -478,9 +478,8 @@ class DeliveryWorker:
     ) -> int:
         """Resolve events in order, starting no attempt after ``deadline``; returns how many were resolved
         before ``stop`` interrupted."""
-        state = self._store.delivery_state(self.settings.target, [event for event, _ in events])
-        run = _BatchRun(state, deadline, stop)
         target = self.settings.target
+        run = _BatchRun(self._store.delivery_state(target, [event for event, _ in events]), deadline, stop)
         size = self.settings.batch_max_events or 1
         group: list[dict[str, Any]] = []
         group_start = 0
