@@ -70,7 +70,8 @@ _CAUGHT = tuple(failure for failure, _, _ in _TRANSPORT_FAILURES)
 
 @dataclass(frozen=True)
 class HttpTargetSettings:
-    """One HTTP target: where and how to send, with what auth, timeout, retry policy and batch size."""
+    """One HTTP target: where and how to send, with what auth, timeout, retry policy and batch size;
+    ``connections`` keep-alive connections are pooled (one per request the router has in flight)."""
 
     name: str
     url: str
@@ -82,6 +83,7 @@ class HttpTargetSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     batch_max_events: int | None = None
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
+    connections: int = 8
 
 
 def classify(status: int) -> AttemptKind:
@@ -107,7 +109,12 @@ class HttpTarget:
     ) -> None:
         self.settings = settings
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=settings.timeout)
+        if client is None:
+            limits = httpx.Limits(
+                max_connections=settings.connections, max_keepalive_connections=settings.connections
+            )
+            client = httpx.Client(timeout=settings.timeout, limits=limits)
+        self._client = client
         self._auth = httpx.BasicAuth(*settings.basic) if settings.basic else None
         self._base_headers = {"User-Agent": USER_AGENT, **settings.headers}
         if settings.bearer:

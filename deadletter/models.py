@@ -149,8 +149,10 @@ class SnapshotMarkRow(StoreBase):
 class LeaseRow(StoreBase):
     """A named lease: which process does a job that only one may do at a time, until when.
 
-    Scopes in use: ``release:<target>`` (name: a parked sequence key being released) and ``poll``
-    (name: a REST route being polled).
+    Scopes in use: ``release:<target>`` (name: a parked sequence key being released), ``poll``
+    (name: a REST route being polled), ``members:<target>`` (name: a process delivering to the
+    target, its heartbeat) and ``partition:<target>`` (name: a partition number, held by the process
+    consuming it).
     """
 
     __tablename__ = "leases"

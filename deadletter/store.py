@@ -1000,6 +1000,17 @@ class Store:
         with self._transaction() as session:
             return int(session.execute(statement).rowcount or 0) == 1
 
+    def live_leases(self, scope: str) -> dict[str, str]:
+        """The unexpired leases of ``scope``: name -> holder."""
+        now = datetime.now(UTC)
+        with self._transaction() as session:
+            rows = session.execute(
+                select(LeaseRow.name, LeaseRow.holder).where(
+                    LeaseRow.scope == scope, LeaseRow.expires_at >= now
+                )
+            )
+            return {name: holder for name, holder in rows}
+
     def free_lease(self, scope: str, name: str, holder: str) -> None:
         """Give up a lease (only if still ours)."""
         with self._transaction() as session:

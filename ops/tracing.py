@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
@@ -239,11 +240,15 @@ def process_span(message: Any) -> Iterator[None]:
 
 
 class EventContexts:
-    """Each event's trace context (that of the message it arrived in) and queue, by event id."""
+    """Each event's trace context (that of the message it arrived in) and queue, by event id.
+
+    Shared by a target's partition threads, so every change is made under a lock.
+    """
 
     def __init__(self, limit: int = MAX_NOTED_EVENTS) -> None:
         self._limit = limit
         self._events: OrderedDict[str, tuple[SpanContext, str]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def note(self, message: Any, events: Iterable[Mapping[str, Any]]) -> None:
         """Remember the context the message ``events`` came in carries, for the span that delivers them."""
@@ -254,19 +259,21 @@ class EventContexts:
             return
         context = trace.get_current_span(parent).get_span_context()
         queue = _queue_of(message)
-        for event in events:
-            self._events[event["event_id"]] = (context, queue)
-            self._events.move_to_end(event["event_id"])
-        while len(self._events) > self._limit:
-            self._events.popitem(last=False)
+        with self._lock:
+            for event in events:
+                self._events[event["event_id"]] = (context, queue)
+                self._events.move_to_end(event["event_id"])
+            while len(self._events) > self._limit:
+                self._events.popitem(last=False)
 
     def of(self, events: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[SpanContext, int]], list[str]]:
         """The distinct contexts of ``events`` with how many events each carries, and their queues."""
         # Keyed by ids: a SpanContext with a tracestate is not hashable.
         contexts: dict[tuple[int, int], tuple[SpanContext, int]] = {}
         queues: list[str] = []
-        for event in events:
-            noted = self._events.get(event["event_id"])
+        with self._lock:
+            noted_events = [self._events.get(event["event_id"]) for event in events]
+        for noted in noted_events:
             if noted is None:
                 continue
             context, queue = noted

@@ -160,6 +160,7 @@ def delivery_target(config: RouterConfig, name: str, target: TargetConfig) -> De
         retry=retry,
         batch_max_events=target.batch.max_events if target.batch else None,
         circuit=circuit,
+        connections=target.in_flight_limit,
     )
     return HttpTarget(http_settings, on_attempt=count_attempt)
 
@@ -178,6 +179,7 @@ def delivery_settings(name: str, target: TargetConfig, journal_retention: float)
     return DeliverySettings(
         target=name,
         partitions=target.partitions,
+        max_in_flight=target.in_flight_limit,
         batch_max_events=target.batch.max_events if target.batch else None,
         batch_max_wait=target.batch.max_wait if target.batch else 0.0,
         journal_retention=journal_retention,

@@ -319,6 +319,7 @@ class _TargetBase(_Section):
     """What every target has: partitions, batching, retries, the payload's shape and format."""
 
     partitions: int = Field(8, ge=1, le=256)
+    max_in_flight: int | None = Field(None, ge=1)
     batch: BatchConfig | None = None
     retry: RetryConfig = Field(default_factory=RetryConfig)
     timeout: Duration = 10.0
@@ -327,6 +328,11 @@ class _TargetBase(_Section):
     format: Literal["json", "xml", "csv"] = "json"
     xml: XmlShape | None = None
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Requests in flight at once per process: ``max_in_flight``, by default one per partition."""
+        return self.max_in_flight or self.partitions
 
 
 class HttpTargetConfig(_TargetBase):
@@ -806,6 +812,14 @@ def _check_semantics(document: ConfigDocument, config: RouterConfig) -> None:
     used = {rule.target for route in config.enabled_routes for rule in route.deliver}
     for name, target in config.targets.items():
         _check_retry_fits(document, config.broker, name, target)
+        if target.max_in_flight is not None and target.max_in_flight > target.partitions:
+            # A partition has one request in flight at a time, so a larger bound would promise nothing.
+            document.problem(
+                ("targets", name, "max_in_flight"),
+                f"targets.{name}.max_in_flight {target.max_in_flight} exceeds partitions "
+                f"{target.partitions}: each partition has at most one request in flight; lower "
+                "max_in_flight or raise partitions",
+            )
         if name in used and isinstance(target, SftpTargetConfig):
             _check_known_hosts(document, config, target, ("targets", name, "known_hosts"))
     if config.console.trusted_header and not config.http.console_listen:

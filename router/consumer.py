@@ -64,9 +64,13 @@ class BufferedConsumer:
         return messages
 
     def close(self) -> None:
-        """Cancel consuming; unacknowledged messages go back to their queues on RabbitMQ."""
+        """Stop consuming: unacknowledged messages go back to their queues on RabbitMQ.
+
+        The channel is closed without cancelling the consumer first: a cancel alone would let
+        single-active-consumer hand the queue to a waiting consumer while this one's unacknowledged
+        messages are still out, and that consumer would get later messages before they return.
+        """
         try:
-            self._consumer.cancel()
             self._channel.close()
         except Exception:  # closing a broken channel may fail; the connection is going away
             log.debug("ignoring error while closing a consumer", exc_info=True)
@@ -79,10 +83,12 @@ def run_reconnecting(
     *,
     initial_delay: float = 0.5,
     max_delay: float = 15.0,
+    until: Callable[[], bool] | None = None,
 ) -> None:
-    """Run ``session`` until ``stop``; when it fails (broker gone) log and retry with backoff."""
+    """Run ``session`` until ``stop`` (or ``until()`` is true); when it fails (broker gone) log and retry
+    with backoff."""
     delay = initial_delay
-    while not stop.is_set():
+    while not stop.is_set() and not (until is not None and until()):
         try:
             session()
             delay = initial_delay

@@ -13,6 +13,7 @@ from ops.secrets import redact_data
 from router.assembly import broker_settings
 from router.broker import Topology, connect, queue_depth
 from router.config import RouterConfig, redact_url
+from router.partitions import partition_holders
 from router.terminal import data_text
 
 
@@ -48,6 +49,7 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
             report["errors"].append(f"broker {broker.display} unreachable: {error}")
     open_letters: dict[str, int] = {}
     parked_keys: dict[str, int] = {}
+    holders: dict[str, dict[int, str]] = {}
     try:
         store = Store(config.store.resolved_url(config.base_dir))
         try:
@@ -55,6 +57,7 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
                 open_letters[route.name] = store.count_open(route.name)
             for name in config.targets:
                 parked_keys[name] = store.count_parked_keys(name)
+                holders[name] = partition_holders(store, name)
         finally:
             store.close()
     except Exception as error:
@@ -80,12 +83,34 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
                 "type": target.type,
                 "location": target.location,
                 "partitions": target.partitions,
+                "max_in_flight": target.in_flight_limit,
                 "queue_depth": sum(known) if known else None,
                 "parked_keys": parked_keys.get(name),
+                "holders": _by_holder(holders.get(name, {})),
+                "unheld": sorted(set(range(target.partitions)) - set(holders.get(name, {}))),
             }
         )
     # Errors quote URLs and exception text; whatever holds a secret is masked before anyone sees it.
     return redact_data(report)
+
+
+def _by_holder(holders: dict[int, str]) -> dict[str, list[int]]:
+    """Process -> the partitions it consumes now."""
+    grouped: dict[str, list[int]] = {}
+    for partition, holder in sorted(holders.items()):
+        grouped.setdefault(holder, []).append(partition)
+    return grouped
+
+
+def _ranges(partitions: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2,5``."""
+    spans: list[list[int]] = []
+    for partition in partitions:
+        if spans and partition == spans[-1][1] + 1:
+            spans[-1][1] = partition
+        else:
+            spans.append([partition, partition])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _cell(value: Any) -> str:
@@ -122,6 +147,13 @@ def render_status(report: dict[str, Any], console: Console) -> None:
             _cell(target["parked_keys"]),
         )
     console.print(targets)
+    consumers = Table("target", "process", "partitions", title="Partition consumers")
+    for target in report["targets"]:
+        for holder, partitions in target["holders"].items():
+            consumers.add_row(target["name"], holder, _ranges(partitions))
+        if target["unheld"]:
+            consumers.add_row(target["name"], "(none)", _ranges(target["unheld"]))
+    console.print(consumers)
     for note in report.get("notes", []):
         console.print(f"[dim]{note}[/]")
     for error in report["errors"]:

@@ -36,6 +36,7 @@ from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, le
 from ops import metrics, tracing
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, retry_budget
 from router.consumer import BufferedConsumer, run_reconnecting
+from router.partitions import ASSIGNMENT_TTL, PartitionAssignment
 from router.pipeline import RoutePipeline, TransformResult, check_chunk, chunk_failures
 from transforms.lookups import Lookup, LookupTableError
 from transforms.render import PayloadRenderer, RenderError
@@ -43,6 +44,8 @@ from transforms.render import PayloadRenderer, RenderError
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 0.25
+HOUSEKEEPING_TICK = 0.25
+"""Longest wait between looks at the housekeeping (parked keys, journal) of a target."""
 MALFORMED_MESSAGE = "malformed_message"
 """Dead-letter reason of a whole queue message the router cannot read: kept to inspect, not to replay."""
 # Set by `router replay` on re-sent journal events: they bypass the ledger, which would otherwise refuse
@@ -212,8 +215,10 @@ class InboundBatch:
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    """How a target takes events: partitions to consume, micro-batch limits, how often parked keys are
-    looked at and how long delivered events stay in the journal (seconds)."""
+    """How a target takes events: partitions to consume, requests in flight at once (default: one per
+    partition), micro-batch limits, messages each partition's consumer holds (``prefetch``), how often
+    parked keys are looked at, how long delivered events stay in the journal (seconds), and how long a
+    process's hold on a partition lasts unless renewed (``assignment_ttl``)."""
 
     target: str
     partitions: int
@@ -223,6 +228,12 @@ class DeliverySettings:
     journal_retention: float = 7 * 86400.0
     release_interval: float = 1.0
     lease_ttl: float = RELEASE_LEASE_TTL
+    max_in_flight: int | None = None
+    assignment_ttl: float = ASSIGNMENT_TTL
+
+    @property
+    def in_flight_limit(self) -> int:
+        return self.max_in_flight or self.partitions
 
 
 def _lag_seconds(event: Mapping[str, Any], now: datetime) -> float | None:
@@ -236,6 +247,7 @@ class _BatchRun:
 
     state: DeliveryState
     deadline: float | None = None
+    stop: threading.Event | None = None
     parked: list[dict[str, Any]] = field(default_factory=list)
     duplicates: int = 0
 
@@ -262,8 +274,70 @@ class _BatchRun:
         return "send"
 
 
+@dataclass
+class _Recording:
+    events: Sequence[Mapping[str, Any]]
+    done: bool = False
+    error: Exception | None = None
+
+
+class GroupedLedger:
+    """Records what a target accepted for all its partition threads, in shared transactions.
+
+    A partition thread records each request's events once the target accepted them, before it sends
+    the next request (so a crash re-sends at most the one request per partition that was accepted and
+    not yet recorded). The first thread finding nobody writing writes everything recorded so far, by
+    every thread, in one transaction; the others wait for it, so one commit's flush to disk serves
+    many requests instead of each request waiting for its own.
+    """
+
+    def __init__(self, store: Store, target: str) -> None:
+        self._store = store
+        self._target = target
+        self._changed = threading.Condition()
+        self._queued: list[_Recording] = []
+        self._writing = False
+
+    def record(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Return once ``events`` are stored; raise what the store raised for them."""
+        mine = _Recording(events)
+        with self._changed:
+            self._queued.append(mine)
+        while not mine.done:
+            with self._changed:
+                while self._writing and not mine.done:
+                    self._changed.wait()
+                if mine.done:
+                    break
+                self._writing = True
+                group, self._queued = self._queued, []
+            self._write(group)
+        if mine.error is not None:
+            raise mine.error
+
+    def _write(self, group: list[_Recording]) -> None:
+        error: Exception | None = None
+        try:
+            self._store.record_deliveries(self._target, [event for item in group for event in item.events])
+        except Exception as failure:  # each waiter whose events were in the group gets the failure
+            error = failure
+        with self._changed:
+            for item in group:
+                item.done, item.error = True, error
+            self._writing = False
+            self._changed.notify_all()
+
+
 class DeliveryWorker:
-    """Delivers a target's partition queues in order, one request per event or in micro-batches."""
+    """Delivers a target's partition queues: each partition this process holds has its own consumer
+    thread, so up to ``max_in_flight`` requests (one event or a micro-batch each) are in flight at once,
+    while each partition is delivered in order, one request at a time.
+
+    The delivery methods keep no state between calls but the ``_BatchRun`` they pass along, so the
+    partition threads share them safely; the target's client, circuit breaker, store and metrics are
+    thread-safe. Which partitions this process holds is decided with the other processes on the same
+    configuration (:class:`router.partitions.PartitionAssignment`).
+    """
 
     def __init__(
         self,
@@ -283,21 +357,46 @@ class DeliveryWorker:
         self._stop = stop
         self._holder = lease_holder()
         self._retry_budget = retry_budget(broker.consumer_timeout, target.settings.timeout)
+        self._in_flight = threading.BoundedSemaphore(settings.in_flight_limit)
+        self._ledger = GroupedLedger(store, settings.target)
         self._next_release = 0.0
         self._next_prune = 0.0
         self._traces = tracing.EventContexts()
+        self.assignment = PartitionAssignment(
+            store,
+            settings.target,
+            settings.partitions,
+            self._start_partition,
+            stop,
+            holder=self._holder,
+            ttl=settings.assignment_ttl,
+        )
 
     def run(self) -> None:
-        run_reconnecting(f"delivery worker for {self.settings.target}", self._session, self._stop)
+        """Consume the partitions this process holds until the drain, doing the target's housekeeping
+        (parked-key release, journal pruning) in this thread."""
+        with self.assignment:
+            while not self._stop.is_set():
+                self.housekeeping()
+                self._stop.wait(min(self.settings.release_interval, HOUSEKEEPING_TICK))
 
-    def _session(self) -> None:
+    def _start_partition(self, partition: int, cancel: threading.Event) -> PartitionConsumer:
+        consumer = PartitionConsumer(self, partition, cancel)
+        consumer.start()
+        return consumer
+
+    def consume_partition(self, partition: int, cancel: threading.Event, handover: threading.Event) -> None:
+        """One broker session on one partition queue, until ``cancel`` (drain, lost hold: retries are cut
+        short and unacknowledged messages return to the queue) or ``handover`` (another process takes the
+        partition: the messages in hand are delivered and acked first; what the broker sent beyond them
+        returns to the queue when the channel closes)."""
         settings = self.settings
         with connect(self._broker) as connection:
-            queues = self._topology.delivery_queues(settings.target, settings.partitions)
-            consumer = BufferedConsumer(connection, queues, settings.prefetch)
+            queue = self._topology.delivery_queue(settings.target, partition)
+            consumer = BufferedConsumer(connection, [queue], settings.prefetch)
             pending: list[InboundBatch] = []
             try:
-                while not self._stop.is_set():
+                while not cancel.is_set() and not handover.is_set():
                     timeout = FETCH_TIMEOUT if not pending else 0.01
                     for message in consumer.fetch(timeout):
                         inbound = self._inbound(message, consumer.sent_after)
@@ -305,8 +404,9 @@ class DeliveryWorker:
                             self._traces.note(message, inbound.events)
                             pending.append(inbound)
                     if pending and self._should_flush(pending):
-                        pending = self.deliver_messages(pending)
-                    self.housekeeping()
+                        pending = self.deliver_messages(pending, cancel)
+                if pending and not cancel.is_set():
+                    self.deliver_messages(pending, cancel)
             finally:
                 consumer.close()
 
@@ -351,11 +451,13 @@ class DeliveryWorker:
                 log.info("pruned %d journal and webhook-id rows older than %s", pruned, cutoff.isoformat())
             self._next_prune = now + PRUNE_INTERVAL
 
-    def deliver_messages(self, pending: Sequence[InboundBatch]) -> list[InboundBatch]:
+    def deliver_messages(
+        self, pending: Sequence[InboundBatch], stop: threading.Event | None = None
+    ) -> list[InboundBatch]:
         """Deliver all events of ``pending`` in order; ack each message once all its events are resolved.
 
-        Returns the messages left unacknowledged because a drain interrupted delivery; they return
-        to their queue when the consumer closes.
+        Returns the messages left unacknowledged because ``stop`` (default: the drain) interrupted
+        delivery; they return to their queue when the consumer closes.
         """
         events: list[tuple[dict[str, Any], bool]] = []
         ends: list[int] = []
@@ -365,7 +467,7 @@ class DeliveryWorker:
         deadline = None
         if not self._broker.is_memory:
             deadline = min(item.held_since for item in pending) + self._retry_budget
-        done = self._deliver_events(events, deadline)
+        done = self._deliver_events(events, deadline, stop or self._stop)
         unacked: list[InboundBatch] = []
         for item, end in zip(pending, ends, strict=True):
             if end <= done:
@@ -374,11 +476,13 @@ class DeliveryWorker:
                 unacked.append(item)
         return unacked
 
-    def _deliver_events(self, events: Sequence[tuple[dict[str, Any], bool]], deadline: float | None) -> int:
+    def _deliver_events(
+        self, events: Sequence[tuple[dict[str, Any], bool]], deadline: float | None, stop: threading.Event
+    ) -> int:
         """Resolve events in order, starting no attempt after ``deadline``; returns how many were resolved
-        before an interruption."""
+        before ``stop`` interrupted."""
         target = self.settings.target
-        run = _BatchRun(self._store.delivery_state(target, [event for event, _ in events]), deadline)
+        run = _BatchRun(self._store.delivery_state(target, [event for event, _ in events]), deadline, stop)
         size = self.settings.batch_max_events or 1
         group: list[dict[str, Any]] = []
         group_start = 0
@@ -433,7 +537,9 @@ class DeliveryWorker:
         deadline: float | None = None,
     ) -> DeliveryResult:
         """One request's worth of events to the target, retried in place until done, ``deadline`` (no
-        attempt starts after it) or ``stop`` (default: the worker's drain)."""
+        attempt starts after it) or ``stop`` (default: the worker's drain). It waits for one of the
+        target's ``max_in_flight`` slots first, and keeps it while the request is retried."""
+        stop = stop or self._stop
         as_batch = self.settings.batch_max_events is not None
         try:
             payload, content_type = self._renderer.render(group, as_batch)
@@ -441,11 +547,15 @@ class DeliveryWorker:
             # Like a 422 from the target: this event can never be sent as configured; retrying won't help.
             return DeliveryResult(DeliveryOutcome.permanent, 0, None, str(error), "render")
         key = batch_idempotency_key([e["event_id"] for e in group]) if as_batch else group[0]["event_id"]
-        started = time.monotonic()
-        with tracing.deliver_span(self.settings.target, group, self._traces):
-            result = self._target.deliver(
-                payload, content_type, key, stop=stop or self._stop, deadline=deadline
-            )
+        while not self._in_flight.acquire(timeout=FETCH_TIMEOUT):
+            if stop.is_set():
+                return DeliveryResult(DeliveryOutcome.interrupted, 0, None, "drained", "interrupted")
+        try:
+            started = time.monotonic()
+            with tracing.deliver_span(self.settings.target, group, self._traces):
+                result = self._target.deliver(payload, content_type, key, stop=stop, deadline=deadline)
+        finally:
+            self._in_flight.release()
         metrics.DELIVERY_SECONDS.labels(target=self.settings.target).observe(time.monotonic() - started)
         return result
 
@@ -454,7 +564,7 @@ class DeliveryWorker:
         were held as long as the broker allows, so their remaining events are given up (dead letters,
         reason ``max_age``) for the operator to replay, rather than the broker closing the channel."""
         if run.deadline is None or time.monotonic() < run.deadline:
-            return self._send(group, deadline=run.deadline)
+            return self._send(group, run.stop, deadline=run.deadline)
         detail = (
             "not sent: the queue message holding it was held as long as the broker's consumer timeout "
             f"({self._broker.consumer_timeout:g}s) allows while earlier events were retried; "
@@ -490,7 +600,7 @@ class DeliveryWorker:
         return True
 
     def _delivered(self, events: Sequence[dict[str, Any]]) -> None:
-        self._store.record_deliveries(self.settings.target, events)
+        self._ledger.record(events)
         self._count_delivered(events)
 
     def _count_delivered(self, events: Sequence[Mapping[str, Any]]) -> None:
@@ -634,3 +744,40 @@ def _parked_detail(event: Mapping[str, Any], target: str) -> str:
         f"waiting at {target} behind an open dead letter of key {event.get('sequence_key')!r}; "
         "replay or discard that letter to release it"
     )
+
+
+class PartitionConsumer:
+    """The thread that consumes one partition of a target for :class:`DeliveryWorker`, reconnecting
+    when the broker goes away, until cancelled or handed over."""
+
+    def __init__(self, worker: DeliveryWorker, partition: int, cancel: threading.Event) -> None:
+        self.partition = partition
+        self._worker = worker
+        self._cancel = cancel
+        self._handover = threading.Event()
+        self._ended = threading.Event()
+        """Set once the handover is done: the messages in hand were delivered and the consumer closed."""
+        name = f"deliver-{worker.settings.target}-{partition}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        name = f"delivery of {self._worker.settings.target} partition {self.partition}"
+        run_reconnecting(name, self._session, self._cancel, until=self._ended.is_set)
+
+    def _session(self) -> None:
+        self._worker.consume_partition(self.partition, self._cancel, self._handover)
+        if self._handover.is_set():
+            self._ended.set()
+
+    def hand_over(self) -> None:
+        """Finish the messages in hand, then stop: another process is to take the partition."""
+        self._handover.set()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)

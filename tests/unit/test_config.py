@@ -452,3 +452,18 @@ def test_an_edi_route_needs_a_file_source_and_a_record_loop(tmp_path: Path) -> N
         ":38:13: format: edifact is read from files (file, sftp), not a webhook source" in p for p in problems
     )
     assert len(problems) == 3, problems  # the third: the webhook has no secret
+
+
+def test_max_in_flight_defaults_to_the_partitions_and_cannot_exceed_them(tmp_path: Path) -> None:
+    erp = load_config(_write(tmp_path, VALID), {}).targets["erp"]
+    assert (erp.partitions, erp.max_in_flight, erp.in_flight_limit) == (8, None, 8)
+    lowered = VALID.replace("    accepts: [delta]", "    max_in_flight: 2\n    accepts: [delta]")
+    assert load_config(_write(tmp_path, lowered), {}).targets["erp"].in_flight_limit == 2
+
+    too_many = VALID.replace("    accepts: [delta]", "    max_in_flight: 9\n    accepts: [delta]")
+    [problem] = _problems(_write(tmp_path, too_many))
+
+    assert problem.startswith(f"{tmp_path / 'routes.yaml'}:10:20: targets.erp.max_in_flight 9 exceeds")
+    assert "max_in_flight 9 exceeds partitions 8" in problem and "lower max_in_flight" in problem
+    zero = VALID.replace("    accepts: [delta]", "    max_in_flight: 0\n    accepts: [delta]")
+    assert any("targets.erp.max_in_flight" in p for p in _problems(_write(tmp_path, zero)))
