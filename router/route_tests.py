@@ -151,7 +151,7 @@ def _run_case(pipeline: RoutePipeline, parsing: FileParsing, path: Path, case: R
                 routed.setdefault(event["event_id"], []).append(target)
         events.extend(transformed.accepted)
     if case.expect is not None:
-        result.differences.extend(_compare_events(case.expect, events, routed))
+        result.differences.extend(compare_events(case.expect, events, routed))
     if case.expect_deadletters is not None and case.expect_deadletters != len(outcome.failures):
         letters = "".join(f"\n    {failure.reason}: {failure.detail}" for failure in outcome.failures)
         result.differences.append(
@@ -160,11 +160,13 @@ def _run_case(pipeline: RoutePipeline, parsing: FileParsing, path: Path, case: R
     return result
 
 
-def _compare_events(
+def compare_events(
     expected: Sequence[Mapping[str, Any]],
     actual: Sequence[Mapping[str, Any]],
     routed: Mapping[str, list[str]],
 ) -> list[str]:
+    """Differences between partial expected events and the actual ones, in order; ``routed`` maps an
+    event id to the targets it went to (for an expected ``targets``)."""
     differences: list[str] = []
     if len(expected) != len(actual):
         differences.append(f"expected {len(expected)} event(s), got {len(actual)}")
