@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pika
 from kombu import Connection
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.floor import FLOOR_WINDOW, pika_pipelined_floor
 from connectors.signatures import sign
 from router.broker import BrokerSettings, Topology, queue_depth
 from tests.integration.harness import RouterProcess, wait_until
@@ -45,7 +45,6 @@ from tests.integration.harness import RouterProcess, wait_until
 ROUTE = "bench-partner"
 SECRET = "whsec_YmVuY2gtd2ViaG9vay1zZWNyZXQ="
 EVENTS_PER_REQUEST = 5
-FLOOR_WINDOW = 1000
 WRK_SCRIPT = Path(__file__).with_name("webhooks.lua")
 NOW = int(time.time())
 """The webhook-timestamp of every request: prepared before the load, well within the route's tolerance."""
@@ -69,59 +68,6 @@ def signed(number: int, run: str) -> tuple[str, str, bytes]:
     body = request_body(number)
     webhook_id = f"msg_{run}_{number}"
     return webhook_id, sign(SECRET, webhook_id, NOW, body), body
-
-
-def pika_url(amqp_url: str) -> str:
-    # kombu spells the default vhost "//" at the end of the URL; pika needs it percent-encoded.
-    return amqp_url[:-1] + "%2F" if amqp_url.endswith("//") else amqp_url
-
-
-def pika_pipelined_floor(amqp_url: str, messages: int, body: bytes, window: int = FLOOR_WINDOW) -> float:
-    """Messages/s publishing persistent messages into a quorum queue, ``window`` confirms outstanding."""
-    queue = f"bench.floor.{uuid.uuid4().hex[:8]}"
-    properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-    state = {"sent": 0, "confirmed": 0, "last_tag": 0, "started": 0.0, "elapsed": 0.0}
-
-    def pump(channel: Any) -> None:
-        while state["sent"] - state["confirmed"] < window and state["sent"] < messages:
-            channel.basic_publish("", queue, body, properties)
-            state["sent"] += 1
-
-    def on_confirm(channel: Any, frame: Any) -> None:
-        method = frame.method
-        if isinstance(method, pika.spec.Basic.Nack):
-            raise RuntimeError("the floor's queue nacked a message")
-        tag = method.delivery_tag
-        state["confirmed"] += tag - state["last_tag"] if method.multiple else 1
-        state["last_tag"] = max(state["last_tag"], tag)
-        if state["confirmed"] >= messages:
-            state["elapsed"] = time.perf_counter() - state["started"]
-            channel.queue_delete(queue, callback=lambda _: channel.connection.close())
-        else:
-            pump(channel)
-
-    def on_declared(channel: Any) -> None:
-        state["started"] = time.perf_counter()
-        pump(channel)
-
-    def on_channel(channel: Any) -> None:
-        channel.confirm_delivery(lambda frame: on_confirm(channel, frame))
-        channel.queue_declare(
-            queue,
-            durable=True,
-            arguments={"x-queue-type": "quorum"},
-            callback=lambda _: on_declared(channel),
-        )
-
-    connection = pika.SelectConnection(
-        pika.URLParameters(pika_url(amqp_url)),
-        on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel),
-        on_close_callback=lambda conn, _reason: conn.ioloop.stop(),
-    )
-    connection.ioloop.start()
-    if state["confirmed"] < messages:
-        raise RuntimeError(f"the floor confirmed {state['confirmed']} of {messages} messages")
-    return messages / state["elapsed"]
 
 
 def free_port() -> int:
