@@ -264,9 +264,11 @@ def _check_carried(records: list[RawRecord], name: str) -> None:
 
     One encoding per batch keeps the check cheap; the record at fault is looked for only on failure.
     """
+    # Records under one header share its object: each header is encoded once, not once per record.
+    documents = {id(record.document): record.document for record in records if record.document is not None}
     try:
         json.dumps(
-            [(record.data, record.document) for record in records], ensure_ascii=False, default=str
+            [[record.data for record in records], list(documents.values())], ensure_ascii=False, default=str
         ).encode("utf-8")
     except UnicodeEncodeError:
         for record in records:

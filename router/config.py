@@ -828,6 +828,13 @@ def _check_semantics(document: ConfigDocument, config: RouterConfig) -> None:
             "a trusted proxy header needs http.console_listen: on the partners' listener anyone could send "
             "it; serve the console on its own address that only the proxy reaches",
         )
+    if config.console.enabled and config.http.workers > 1 and not config.console.session_secret:
+        document.problem(
+            ("http", "workers"),
+            f"http.workers {config.http.workers} with the console needs console.session_secret: each "
+            "worker process would otherwise sign sign-ins and forms with a key of its own and refuse the "
+            "others'; set console.session_secret from the environment",
+        )
 
 
 def _check_route(
@@ -954,6 +961,12 @@ def _no_document(route: RouteConfig) -> str | None:
             return "a fixed route's document is its header record, and its layout has no role: header"
     if isinstance(route.source, WebhookSourceConfig) and route.records is None:
         return "without records, a webhook's payload is the record itself"
+    if isinstance(route.source, RestSourceConfig):
+        return "a REST page is not kept with its records; read the record itself"
+    if route.format in EDI_FORMATS:
+        return "an EDI record carries its header in itself: read header.*, envelope.* or its loops"
+    if route.format == "json" and route.records in (None, "@", "[*]", "@[*]"):
+        return "without a records path below the top level, a json file's records are the whole document"
     return None
 
 

@@ -86,12 +86,15 @@ class IngressGroupPublisher:
         self._queues: dict[str, Queue] = {}
 
     def __call__(self, chunks: Sequence[SourceChunk]) -> None:
+        # Taken before any span opens: a chunk without a context of its own must not become the child
+        # of the previous chunk's publish span, which is still open.
+        outside = tracing.current_context()
         with ExitStack() as spans:
             outgoing = []
             for chunk in chunks:
                 queue = self._queue(chunk.route)
                 headers = spans.enter_context(
-                    tracing.publish_span(queue.name, {"message_id": chunk.message_id}, chunk.trace)
+                    tracing.publish_span(queue.name, {"message_id": chunk.message_id}, chunk.trace or outside)
                 )
                 outgoing.append(Outgoing(queue, encode_body(chunk_message(chunk)), headers))
             self._window.publish(outgoing)

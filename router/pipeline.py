@@ -184,13 +184,15 @@ def _unexpected(error: Exception) -> str:
     return f"the transform failed unexpectedly: {type(error).__name__}: {error}"
 
 
-def chunk_failures(route: str, message: Mapping[str, Any], error: Exception) -> list[RecordFailure]:
+def chunk_failures(
+    route: str, message: Mapping[str, Any], error: Exception, *, edi: bool = False
+) -> list[RecordFailure]:
     """Every record of a checked chunk as a replayable ``transform_error`` failure: what the worker keeps
-    when the transform fails on the chunk as a whole."""
+    when the transform fails on the chunk as a whole (``edi``: the records are EDI, name their segment)."""
     failures = []
     documents = message.get("documents", ())
     for raw in message["records"]:
-        source_ref = _source_ref(route, message, raw)
+        source_ref = _source_ref(route, message, raw, edi=edi)
         event_id = _event_id(route, message, raw)
         record = _raw_record(raw, documents)
         failures.append(RecordFailure.of(TRANSFORM_ERROR, _unexpected(error), record, source_ref, event_id))

@@ -38,6 +38,7 @@ from router.broker import BrokerSettings, Publisher, Topology, connect, decode_b
 from router.consumer import BufferedConsumer, run_reconnecting
 from router.partitions import ASSIGNMENT_TTL, PartitionAssignment
 from router.pipeline import RoutePipeline, TransformResult, check_chunk, chunk_failures
+from transforms.edi import EDI_FORMATS
 from transforms.lookups import Lookup, LookupTableError
 from transforms.render import PayloadRenderer, RenderError
 
@@ -138,7 +139,8 @@ class TransformWorker:
             # Records fail one by one inside the transform; should it still fail as a whole, a redelivery
             # would fail again and hold up the route's queue, so every record becomes a replayable letter.
             log.exception("transform of %s failed as a whole", body["message_id"], extra={"route": route})
-            result = TransformResult(failures=chunk_failures(route, body, error))
+            edi = pipeline.mapping.format in EDI_FORMATS
+            result = TransformResult(failures=chunk_failures(route, body, error, edi=edi))
         for (target, partition), events in result.batches.items():
             publisher.publish(
                 self._topology.delivery_queue(target, partition),

@@ -64,3 +64,16 @@ def test_a_trusted_proxy_header_is_refused_on_the_partners_listener(tmp_path: Pa
     document["http"] = {"console_listen": "127.0.0.1:8081"}
     path.write_text(json.dumps(document))
     assert load_config(path).console.trusted_header == "X-Remote-User"
+
+
+def test_several_http_workers_need_one_session_secret_for_the_console(tmp_path: Path) -> None:
+    path = write_config(tmp_path, broker_url="memory://", prefix="x", targets={"erp": "http://127.0.0.1:9"})
+    document = json.loads(path.read_text())
+    document["console"] = {"users": {"alice": hash_password("correct horse")}}
+    document["http"] = {**document["http"], "workers": 2}
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=r"http\.workers 2 with the console needs console\.session_secret"):
+        load_config(path)
+    document["console"]["session_secret"] = "a-long-random-secret-from-the-environment"
+    path.write_text(json.dumps(document))
+    assert load_config(path).http.workers == 2

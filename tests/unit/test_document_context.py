@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from connectors.chunks import SourceChunk
+from router.config import ConfigError, load_config
 from router.ingress import chunk_message
 from router.pipeline import DeliveryRule, RoutePipeline
 from router.replay import record_message
+from tests.integration.harness import write_config
 from transforms.mapping import compile_mapping
 from transforms.parsers import MAX_HEADER_ELEMENTS, FileFormatError, RawRecord, iter_records
 
@@ -174,3 +177,35 @@ def test_from_document_on_jsonl_is_refused_at_compile_time() -> None:
         compile_mapping({"asn": {"path": "asn", "from": "document"}}, "jsonl", {})
     with pytest.raises(ValueError, match="from must be record or document"):
         compile_mapping({"asn": {"path": "asn", "from": "header"}}, "json", {})
+
+
+@pytest.mark.parametrize(
+    ("route", "reason"),
+    [
+        (
+            {"format": "x12", "records": "HL:I", "source": {"type": "file", "path": "in"}},
+            "an EDI record carries its header in itself",
+        ),
+        ({"format": "json", "source": {"type": "file", "path": "in"}}, "a json file's records are the whole"),
+        (
+            {"format": "json", "source": {"type": "rest", "url": "http://127.0.0.1:9/items", "poll": "1m"}},
+            "a REST page is not kept with its records",
+        ),
+    ],
+)
+def test_validate_refuses_from_document_where_records_have_no_document(
+    tmp_path: Path, route: dict[str, Any], reason: str
+) -> None:
+    path = write_config(tmp_path, broker_url="memory://", prefix="x", targets={"erp": "http://127.0.0.1:9"})
+    document = json.loads(path.read_text())
+    document["routes"] = [
+        {
+            "name": "no-document",
+            **route,
+            "map": {"type": "sale", "sku": {"path": "sku", "from": "document"}},
+            "deliver": ["erp"],
+        }
+    ]
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=reason):
+        load_config(path)
