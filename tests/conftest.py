@@ -11,9 +11,13 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
+from deadletter.store import Store, normalize_store_url
 from tests.rabbit_cluster import ClusterUnavailable, RabbitCluster
 
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -114,3 +118,31 @@ def postgres_database(postgres_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where a test's store lives: a URL and, on PostgreSQL, the throwaway schema."""
+
+    url: str
+    schema: str | None = None
+
+    def open(self) -> Store:
+        return Store(self.url, schema=self.schema)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreLocation]:
+    """A fresh database per test: a SQLite file, or a random PostgreSQL schema dropped afterwards."""
+    if request.param == "sqlite":
+        yield StoreLocation(f"sqlite:///{tmp_path / 'state' / 'router-state.db'}")
+        return
+    url = request.getfixturevalue("postgres_url")
+    schema = f"test_store_{uuid.uuid4().hex[:12]}"
+    yield StoreLocation(url, schema)
+    engine = create_engine(normalize_store_url(url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        engine.dispose()

@@ -7,45 +7,14 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
-import pytest
-from sqlalchemy import create_engine, text
 
 from deadletter.leases import HeldLease
-from deadletter.store import Store, normalize_store_url
+from deadletter.store import Store
+from tests.conftest import StoreLocation
 from tests.integration.harness import wait_until
 
 TTL = 1.0
 SCOPE = "release:erp"
-
-
-@dataclass(frozen=True)
-class Database:
-    url: str
-    schema: str | None = None
-
-    def open(self) -> Store:
-        return Store(self.url, schema=self.schema)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "sqlite":
-        yield Database(f"sqlite:///{tmp_path / 'state.db'}")
-        return
-    url = request.getfixturevalue("postgres_url")
-    schema = f"test_leases_{uuid.uuid4().hex[:12]}"
-    yield Database(url, schema)
-    engine = create_engine(normalize_store_url(url))
-    try:
-        with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    finally:
-        engine.dispose()
 
 
 def _never_taken(store: Store, holder: str, seconds: float) -> list[float]:
@@ -59,8 +28,8 @@ def _never_taken(store: Store, holder: str, seconds: float) -> list[float]:
     return taken
 
 
-def test_a_renewed_lease_outlasts_its_ttl_and_the_other_holder_waits(database: Database) -> None:
-    with database.open() as first, database.open() as second:
+def test_a_renewed_lease_outlasts_its_ttl_and_the_other_holder_waits(location: StoreLocation) -> None:
+    with location.open() as first, location.open() as second:
         lease = HeldLease.take(first, SCOPE, "A", "host-1", TTL)
         assert lease is not None
         with lease:
@@ -70,8 +39,8 @@ def test_a_renewed_lease_outlasts_its_ttl_and_the_other_holder_waits(database: D
         assert second.claim_lease(SCOPE, "A", "host-2", TTL)  # given up when the work ended
 
 
-def test_a_holder_that_lost_its_lease_is_told_to_stop(database: Database) -> None:
-    with database.open() as first, database.open() as second:
+def test_a_holder_that_lost_its_lease_is_told_to_stop(location: StoreLocation) -> None:
+    with location.open() as first, location.open() as second:
         lease = HeldLease.take(first, SCOPE, "A", "host-1", TTL)
         assert lease is not None
         with lease:
@@ -95,15 +64,15 @@ HOLDER = textwrap.dedent(
 )
 
 
-def test_a_crashed_holder_loses_the_key_within_the_ttl(database: Database) -> None:
+def test_a_crashed_holder_loses_the_key_within_the_ttl(location: StoreLocation) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, database.url, database.schema or "", str(TTL)],
+        [sys.executable, "-c", HOLDER, location.url, location.schema or "", str(TTL)],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "held"
-        with database.open() as second:
+        with location.open() as second:
             assert _never_taken(second, "host-2", 3 * TTL) == []  # the live child keeps renewing
             child.kill()  # a crash: no drain, no free
             child.wait(30)

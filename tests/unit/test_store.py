@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from deadletter.store import (
     AcceptedWebhook,
@@ -24,34 +21,7 @@ from deadletter.store import (
     StoreUnavailable,
     normalize_store_url,
 )
-
-
-@dataclass(frozen=True)
-class StoreLocation:
-    """Where a test's store lives: a URL and, on PostgreSQL, the throwaway schema."""
-
-    url: str
-    schema: str | None = None
-
-    def open(self) -> Store:
-        return Store(self.url, schema=self.schema)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreLocation]:
-    """A fresh database per test: a SQLite file, or a random PostgreSQL schema dropped afterwards."""
-    if request.param == "sqlite":
-        yield StoreLocation(f"sqlite:///{tmp_path / 'state' / 'router-state.db'}")
-        return
-    url = request.getfixturevalue("postgres_url")
-    schema = f"test_store_{uuid.uuid4().hex[:12]}"
-    yield StoreLocation(url, schema)
-    engine = create_engine(normalize_store_url(url))
-    try:
-        with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    finally:
-        engine.dispose()
+from tests.conftest import StoreLocation
 
 
 @pytest.fixture
