@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
-from transforms.parsers import FileFormatError, RawRecord, Splitter
+from transforms.records import FileFormatError, RawRecord, Splitter
 
 EDI_FORMATS: tuple[str, ...] = ("x12", "edifact")
 

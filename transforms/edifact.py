@@ -38,7 +38,7 @@ from transforms.edi import (
     read_blocks,
     read_head,
 )
-from transforms.parsers import RawRecord, Splitter
+from transforms.records import RawRecord, Splitter
 
 SUMMARY_TAGS = frozenset({"UNS", "CNT"})
 LINE_ITEM_COUNT = "2"

@@ -32,7 +32,7 @@ from transforms.edi import (
     read_blocks,
     read_head,
 )
-from transforms.parsers import RawRecord, Splitter
+from transforms.records import RawRecord, Splitter
 
 ISA_LENGTH = 106
 """The ISA segment is fixed-length: 105 characters and its terminator."""
