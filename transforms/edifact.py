@@ -23,8 +23,9 @@ from pydifact.exceptions import EDISyntaxError
 from pydifact.parser import Parser, TokenIterator
 from pydifact.tokenizer import Tokenizer
 
-from transforms import edi
-from transforms.edi import EdiError, Segment
+from transforms import edi, edi_segments
+from transforms.edi_loops import envelope_segments
+from transforms.edi_segments import EdiError, Segment
 from transforms.records import RawRecord, Splitter
 
 SUMMARY_TAGS = frozenset({"UNS", "CNT"})
@@ -62,7 +63,7 @@ def read_service_string(head: str) -> tuple[Characters, bool]:
     declared = {"component separator": component, "element separator": element, "terminator": terminator}
     if release != " ":
         declared["release character"] = release
-    edi.check_delimiters(una, declared, edi.LEADING_SPACE)
+    edi_segments.check_delimiters(una, declared, edi_segments.LEADING_SPACE)
     characters = Characters.from_str(head[:9])
     if release == " ":
         characters.escape_character = NO_RELEASE
@@ -79,10 +80,10 @@ def _guarded(characters: Iterator[str], terminator: str, reader: _Reader) -> Ite
     since_terminator = 0
     for char in characters:
         since_terminator = 0 if char == terminator else since_terminator + 1
-        if since_terminator > edi.MAX_SEGMENT_CHARS:
+        if since_terminator > edi_segments.MAX_SEGMENT_CHARS:
             raise EdiError(
                 None,
-                f"segment {reader.position + 1}: longer than {edi.MAX_SEGMENT_CHARS} characters "
+                f"segment {reader.position + 1}: longer than {edi_segments.MAX_SEGMENT_CHARS} characters "
                 f"without the terminator {terminator!r}",
             )
         yield char
@@ -101,12 +102,12 @@ class _Reader(edi.TransactionReader):
     position: int = 0
 
     def read(self, stream: BinaryIO) -> Iterator[RawRecord]:
-        blocks = edi.read_blocks(stream)
-        head = edi.read_head(blocks, 32)
+        blocks = edi_segments.read_blocks(stream)
+        head = edi_segments.read_head(blocks, 32)
         characters, has_una = read_service_string(head)
         if has_una:
             self.position = 1
-            head = head[9:].lstrip(edi.LEADING_SPACE)
+            head = head[9:].lstrip(edi_segments.LEADING_SPACE)
         text = _guarded(chain(head, chain.from_iterable(blocks)), characters.segment_terminator, self)
         tokens = TokenIterator(Tokenizer().get_tokens(text, characters))  # type: ignore[arg-type]
         raw_segments = Parser().convert_tokens_to_raw_segments(tokens)
@@ -122,7 +123,7 @@ class _Reader(edi.TransactionReader):
         tag = raw[0] if raw else ""
         if not isinstance(tag, str):
             raise EdiError(None, f"segment {self.position}: {':'.join(tag)!r} is not a segment tag")
-        edi.check_tag(tag, self.position)
+        edi_segments.check_tag(tag, self.position)
         if tag == "UNB" and len(raw) > 1:
             syntax = raw[1] if isinstance(raw[1], str) else raw[1][0]
             if syntax not in CHARSETS:
@@ -136,7 +137,9 @@ class _Reader(edi.TransactionReader):
         elements = []
         for element in raw[1:]:
             components = [element] if isinstance(element, str) else element
-            elements.append((tuple(edi.decode_text(part, self.charset, label) for part in components),))
+            elements.append(
+                (tuple(edi_segments.decode_text(part, self.charset, label) for part in components),)
+            )
         return Segment(tag, tuple(elements), self.position)
 
     def _segment(self, segment: Segment) -> Iterator[RawRecord]:
@@ -198,7 +201,7 @@ class _Reader(edi.TransactionReader):
             self.messages_or_groups += 1
         service = [self.unb, *([self.ung] if self.ung else []), segment]
         envelope: dict[str, Any] = {
-            **edi.envelope_segments(service),
+            **envelope_segments(service),
             "sender": self.unb.value(2),
             "receiver": self.unb.value(3),
             "interchange": self.unb.value(5),

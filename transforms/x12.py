@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from transforms import edi
-from transforms.edi import EdiError, Segment
+from transforms import edi, edi_segments
+from transforms.edi_loops import envelope_segments
+from transforms.edi_segments import EdiError, Segment
 from transforms.records import RawRecord, Splitter
 
 ISA_LENGTH = 106
@@ -58,7 +59,7 @@ def read_delimiters(head: str) -> Delimiters:
     if repetition is not None:
         declared["repetition separator ISA11"] = repetition
     # Only a space is refused: a line break is a common X12 segment terminator.
-    edi.check_delimiters(isa, declared, frozenset(" "))
+    edi_segments.check_delimiters(isa, declared, frozenset(" "))
     return Delimiters(element, component, repetition, segment)
 
 
@@ -69,8 +70,8 @@ def splitter(records: str | None) -> Splitter:
 
 def _segment_texts(stream: BinaryIO) -> Iterator[tuple[str, Delimiters]]:
     """Segment texts split on the ISA's terminator, leading line breaks dropped."""
-    blocks = edi.read_blocks(stream)
-    head = edi.read_head(blocks, ISA_LENGTH + len(edi.UTF8_BOM) + 16)
+    blocks = edi_segments.read_blocks(stream)
+    head = edi_segments.read_head(blocks, ISA_LENGTH + len(edi_segments.UTF8_BOM) + 16)
     delimiters = read_delimiters(head)
     terminator = delimiters.segment
     buffer = head
@@ -78,21 +79,21 @@ def _segment_texts(stream: BinaryIO) -> Iterator[tuple[str, Delimiters]]:
     while True:
         *complete, buffer = buffer.split(terminator)
         for text in complete:
-            text = text.lstrip(edi.LEADING_SPACE)
+            text = text.lstrip(edi_segments.LEADING_SPACE)
             if text:
                 position += 1
                 yield text, delimiters
-        if len(buffer) > edi.MAX_SEGMENT_CHARS:
+        if len(buffer) > edi_segments.MAX_SEGMENT_CHARS:
             raise EdiError(
                 None,
-                f"segment {position + 1}: longer than {edi.MAX_SEGMENT_CHARS} characters "
+                f"segment {position + 1}: longer than {edi_segments.MAX_SEGMENT_CHARS} characters "
                 f"without {terminator!r}",
             )
         block = next(blocks, None)
         if block is None:
             break
         buffer += block
-    if buffer.strip(edi.LEADING_SPACE):
+    if buffer.strip(edi_segments.LEADING_SPACE):
         raise EdiError(
             None,
             f"segment {position + 1}: the file ends inside a segment ({buffer.strip()[:20]!r} has no "
@@ -103,8 +104,8 @@ def _segment_texts(stream: BinaryIO) -> Iterator[tuple[str, Delimiters]]:
 def parse_segment(text: str, position: int, delimiters: Delimiters) -> Segment:
     """One segment's text as a Segment; raises EdiError when its tag or its bytes are wrong."""
     tag, _, _ = text.partition(delimiters.element)
-    edi.check_tag(tag, position)
-    text = edi.decode_text(text, CHARSET, f"segment {position} ({tag})")
+    edi_segments.check_tag(tag, position)
+    text = edi_segments.decode_text(text, CHARSET, f"segment {position} ({tag})")
     parts = text.split(delimiters.element)[1:]
     if tag == "ISA":
         # ISA11 and ISA16 are the delimiters themselves: its elements are never split further.
@@ -204,7 +205,7 @@ class _Reader(edi.TransactionReader):
         assert self.interchange is not None
         isa, gs = self.interchange.isa, group.gs
         envelope: dict[str, Any] = {
-            **edi.envelope_segments((isa, gs, segment)),
+            **envelope_segments((isa, gs, segment)),
             "sender": f"{isa.value(5).strip()}:{isa.value(6).strip()}",
             "receiver": f"{isa.value(7).strip()}:{isa.value(8).strip()}",
             "interchange": isa.value(13),
