@@ -186,29 +186,3 @@ def check_match(
             f"{signature_header(chosen, header)} matches the request body signed with this route's secret"
         )
 
-
-def verify(
-    secret: str,
-    body: bytes,
-    *,
-    webhook_id: str | None,
-    timestamp: str | None,
-    signature: str | None,
-    scheme: str = "standard",
-    header: str | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-    now: float | None = None,
-) -> None:
-    """Accept a signed request or raise SignatureError saying which check failed (both steps above)."""
-    offered = check_headers(
-        webhook_id=webhook_id,
-        timestamp=timestamp,
-        signature=signature,
-        scheme=scheme,
-        header=header,
-        tolerance=tolerance,
-        now=now,
-    )
-    check_match(
-        secret, body, offered, webhook_id=webhook_id, timestamp=timestamp, scheme=scheme, header=header
-    )

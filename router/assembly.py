@@ -14,7 +14,7 @@ from connectors.rest_source import RestPollSettings
 from connectors.retry import RetryPolicy
 from connectors.sftp_source import SftpSettings
 from connectors.sftp_target import SftpTarget, SftpTargetSettings
-from connectors.webhook import WebhookSettings
+from connectors.webhooks.settings import WebhookSettings
 from ops import metrics
 from router.broker import BrokerSettings
 from router.config import (

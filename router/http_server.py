@@ -25,7 +25,8 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from connectors.webhook import LISTENER_ROUTE, WebhookRejected, problem_response
+from connectors.webhooks.problems import WebhookRejected, problem_response
+from connectors.webhooks.routes import LISTENER_ROUTE
 from ops import metrics
 from router.config import HttpConfig
 

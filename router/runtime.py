@@ -24,8 +24,8 @@ from connectors.file_ingest import printable, refusal_of
 from connectors.file_source import FileDropSettings, FileDropSource
 from connectors.rest_source import RestPollSource
 from connectors.sftp_source import SftpSettings, SftpSource
-from connectors.webhook import webhook_routes
-from connectors.webhook_intake import WebhookIntake
+from connectors.webhooks.intake import WebhookIntake
+from connectors.webhooks.routes import webhook_routes
 from deadletter.store import NewDeadLetter, Store
 from ops import metrics
 from ops.health import ops_routes

@@ -23,22 +23,10 @@ from pydifact.exceptions import EDISyntaxError
 from pydifact.parser import Parser, TokenIterator
 from pydifact.tokenizer import Tokenizer
 
-from transforms.edi import (
-    LEADING_SPACE,
-    MAX_SEGMENT_CHARS,
-    EdiError,
-    Segment,
-    TransactionReader,
-    check_delimiters,
-    check_envelope_trailer,
-    check_tag,
-    decode_text,
-    edi_splitter,
-    envelope_segments,
-    read_blocks,
-    read_head,
-)
-from transforms.parsers import RawRecord, Splitter
+from transforms import edi, edi_segments
+from transforms.edi_loops import envelope_segments
+from transforms.edi_segments import EdiError, Segment
+from transforms.records import RawRecord, Splitter
 
 SUMMARY_TAGS = frozenset({"UNS", "CNT"})
 LINE_ITEM_COUNT = "2"
@@ -75,7 +63,7 @@ def read_service_string(head: str) -> tuple[Characters, bool]:
     declared = {"component separator": component, "element separator": element, "terminator": terminator}
     if release != " ":
         declared["release character"] = release
-    check_delimiters(una, declared, LEADING_SPACE)
+    edi_segments.check_delimiters(una, declared, edi_segments.LEADING_SPACE)
     characters = Characters.from_str(head[:9])
     if release == " ":
         characters.escape_character = NO_RELEASE
@@ -84,7 +72,7 @@ def read_service_string(head: str) -> tuple[Characters, bool]:
 
 def splitter(records: str | None) -> Splitter:
     """The record splitter for a route's ``records`` (``CPS/LIN``, ``LIN``, ...); raises ValueError."""
-    return edi_splitter("edifact", records, _Reader)
+    return edi.edi_splitter("edifact", records, _Reader)
 
 
 def _guarded(characters: Iterator[str], terminator: str, reader: _Reader) -> Iterator[str]:
@@ -92,17 +80,17 @@ def _guarded(characters: Iterator[str], terminator: str, reader: _Reader) -> Ite
     since_terminator = 0
     for char in characters:
         since_terminator = 0 if char == terminator else since_terminator + 1
-        if since_terminator > MAX_SEGMENT_CHARS:
+        if since_terminator > edi_segments.MAX_SEGMENT_CHARS:
             raise EdiError(
                 None,
-                f"segment {reader.position + 1}: longer than {MAX_SEGMENT_CHARS} characters "
+                f"segment {reader.position + 1}: longer than {edi_segments.MAX_SEGMENT_CHARS} characters "
                 f"without the terminator {terminator!r}",
             )
         yield char
 
 
 @dataclass
-class _Reader(TransactionReader):
+class _Reader(edi.TransactionReader):
     """The envelope state machine: which of UNB, UNG, UNH is open, and what each has counted."""
 
     charset: str = "ascii"
@@ -114,12 +102,12 @@ class _Reader(TransactionReader):
     position: int = 0
 
     def read(self, stream: BinaryIO) -> Iterator[RawRecord]:
-        blocks = read_blocks(stream)
-        head = read_head(blocks, 32)
+        blocks = edi_segments.read_blocks(stream)
+        head = edi_segments.read_head(blocks, 32)
         characters, has_una = read_service_string(head)
         if has_una:
             self.position = 1
-            head = head[9:].lstrip(LEADING_SPACE)
+            head = head[9:].lstrip(edi_segments.LEADING_SPACE)
         text = _guarded(chain(head, chain.from_iterable(blocks)), characters.segment_terminator, self)
         tokens = TokenIterator(Tokenizer().get_tokens(text, characters))  # type: ignore[arg-type]
         raw_segments = Parser().convert_tokens_to_raw_segments(tokens)
@@ -135,7 +123,7 @@ class _Reader(TransactionReader):
         tag = raw[0] if raw else ""
         if not isinstance(tag, str):
             raise EdiError(None, f"segment {self.position}: {':'.join(tag)!r} is not a segment tag")
-        check_tag(tag, self.position)
+        edi_segments.check_tag(tag, self.position)
         if tag == "UNB" and len(raw) > 1:
             syntax = raw[1] if isinstance(raw[1], str) else raw[1][0]
             if syntax not in CHARSETS:
@@ -149,7 +137,9 @@ class _Reader(TransactionReader):
         elements = []
         for element in raw[1:]:
             components = [element] if isinstance(element, str) else element
-            elements.append((tuple(decode_text(part, self.charset, label) for part in components),))
+            elements.append(
+                (tuple(edi_segments.decode_text(part, self.charset, label) for part in components),)
+            )
         return Segment(tag, tuple(elements), self.position)
 
     def _segment(self, segment: Segment) -> Iterator[RawRecord]:
@@ -183,7 +173,7 @@ class _Reader(TransactionReader):
         if self.unb is None or self.ung is not None or self.transaction is not None:
             raise EdiError(segment, f"UNZ out of place: {self._open_part()}")
         what = "functional groups" if self.uses_groups else "messages"
-        check_envelope_trailer(segment, self.unb, (5, "control reference"), what, self.messages_or_groups)
+        edi.check_envelope_trailer(segment, self.unb, (5, "control reference"), what, self.messages_or_groups)
         self.unb = None
 
     def _open_group(self, segment: Segment) -> None:
@@ -197,7 +187,7 @@ class _Reader(TransactionReader):
     def _close_group(self, segment: Segment) -> None:
         if self.ung is None or self.transaction is not None:
             raise EdiError(segment, f"UNE out of place: {self._open_part()}")
-        check_envelope_trailer(segment, self.ung, (5, ""), "messages", self.group_messages)
+        edi.check_envelope_trailer(segment, self.ung, (5, ""), "messages", self.group_messages)
         self.ung = None
 
     def _open_message(self, segment: Segment) -> None:

@@ -16,7 +16,7 @@ from enum import Enum
 from itertools import pairwise
 from typing import Any
 
-from transforms.parsers import FileFormatError, RawRecord, check_trailer_count
+from transforms.records import FileFormatError, RawRecord, check_trailer_count
 
 FILLER = "FILLER"
 """In a copybook-like list, an item that only takes columns (COBOL's name for unused space)."""

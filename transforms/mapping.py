@@ -20,7 +20,9 @@ from lxml import etree
 
 from transforms.casts import CAST_TYPES, Caster, CastError, make_caster
 from transforms.lookups import Lookup, LookupMiss
-from transforms.parsers import FORMATS, RawRecord, safe_xml_parser
+from transforms.parsers import FORMATS
+from transforms.records import RawRecord
+from transforms.xml_records import safe_xml_parser
 
 SELECTOR_FOR_FORMAT = {
     "csv": "column",

@@ -16,23 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from transforms.edi import (
-    LEADING_SPACE,
-    MAX_SEGMENT_CHARS,
-    UTF8_BOM,
-    EdiError,
-    Segment,
-    TransactionReader,
-    check_delimiters,
-    check_envelope_trailer,
-    check_tag,
-    decode_text,
-    edi_splitter,
-    envelope_segments,
-    read_blocks,
-    read_head,
-)
-from transforms.parsers import RawRecord, Splitter
+from transforms import edi, edi_segments
+from transforms.edi_loops import envelope_segments
+from transforms.edi_segments import EdiError, Segment
+from transforms.records import RawRecord, Splitter
 
 ISA_LENGTH = 106
 """The ISA segment is fixed-length: 105 characters and its terminator."""
@@ -72,19 +59,19 @@ def read_delimiters(head: str) -> Delimiters:
     if repetition is not None:
         declared["repetition separator ISA11"] = repetition
     # Only a space is refused: a line break is a common X12 segment terminator.
-    check_delimiters(isa, declared, frozenset(" "))
+    edi_segments.check_delimiters(isa, declared, frozenset(" "))
     return Delimiters(element, component, repetition, segment)
 
 
 def splitter(records: str | None) -> Splitter:
     """The record splitter for a route's ``records`` (``HL:I``, ``LIN``, ...); raises ValueError."""
-    return edi_splitter("x12", records, _Reader)
+    return edi.edi_splitter("x12", records, _Reader)
 
 
 def _segment_texts(stream: BinaryIO) -> Iterator[tuple[str, Delimiters]]:
     """Segment texts split on the ISA's terminator, leading line breaks dropped."""
-    blocks = read_blocks(stream)
-    head = read_head(blocks, ISA_LENGTH + len(UTF8_BOM) + 16)
+    blocks = edi_segments.read_blocks(stream)
+    head = edi_segments.read_head(blocks, ISA_LENGTH + len(edi_segments.UTF8_BOM) + 16)
     delimiters = read_delimiters(head)
     terminator = delimiters.segment
     buffer = head
@@ -92,20 +79,21 @@ def _segment_texts(stream: BinaryIO) -> Iterator[tuple[str, Delimiters]]:
     while True:
         *complete, buffer = buffer.split(terminator)
         for text in complete:
-            text = text.lstrip(LEADING_SPACE)
+            text = text.lstrip(edi_segments.LEADING_SPACE)
             if text:
                 position += 1
                 yield text, delimiters
-        if len(buffer) > MAX_SEGMENT_CHARS:
+        if len(buffer) > edi_segments.MAX_SEGMENT_CHARS:
             raise EdiError(
                 None,
-                f"segment {position + 1}: longer than {MAX_SEGMENT_CHARS} characters without {terminator!r}",
+                f"segment {position + 1}: longer than {edi_segments.MAX_SEGMENT_CHARS} characters "
+                f"without {terminator!r}",
             )
         block = next(blocks, None)
         if block is None:
             break
         buffer += block
-    if buffer.strip(LEADING_SPACE):
+    if buffer.strip(edi_segments.LEADING_SPACE):
         raise EdiError(
             None,
             f"segment {position + 1}: the file ends inside a segment ({buffer.strip()[:20]!r} has no "
@@ -116,8 +104,8 @@ def _segment_texts(stream: BinaryIO) -> Iterator[tuple[str, Delimiters]]:
 def parse_segment(text: str, position: int, delimiters: Delimiters) -> Segment:
     """One segment's text as a Segment; raises EdiError when its tag or its bytes are wrong."""
     tag, _, _ = text.partition(delimiters.element)
-    check_tag(tag, position)
-    text = decode_text(text, CHARSET, f"segment {position} ({tag})")
+    edi_segments.check_tag(tag, position)
+    text = edi_segments.decode_text(text, CHARSET, f"segment {position} ({tag})")
     parts = text.split(delimiters.element)[1:]
     if tag == "ISA":
         # ISA11 and ISA16 are the delimiters themselves: its elements are never split further.
@@ -142,7 +130,7 @@ class _Group:
 
 
 @dataclass
-class _Reader(TransactionReader):
+class _Reader(edi.TransactionReader):
     """The envelope state machine: which of ISA, GS, ST is open, and what each has counted."""
 
     interchange: _Interchange | None = None
@@ -186,7 +174,7 @@ class _Reader(TransactionReader):
     def _close_interchange(self, segment: Segment) -> None:
         interchange = self._between_groups(segment)
         groups = interchange.groups
-        check_envelope_trailer(segment, interchange.isa, (13, "ISA13"), "functional groups", groups)
+        edi.check_envelope_trailer(segment, interchange.isa, (13, "ISA13"), "functional groups", groups)
         self.interchange = None
 
     def _open_group(self, segment: Segment) -> None:
@@ -195,7 +183,7 @@ class _Reader(TransactionReader):
 
     def _close_group(self, segment: Segment) -> None:
         group = self._between_transactions(segment)
-        check_envelope_trailer(segment, group.gs, (6, "GS06"), "transaction sets", group.transactions)
+        edi.check_envelope_trailer(segment, group.gs, (6, "GS06"), "transaction sets", group.transactions)
         self.group = None
 
     def _between_groups(self, segment: Segment) -> _Interchange:

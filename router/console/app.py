@@ -8,34 +8,28 @@ every POST is refused with 403 unless it carries the session's CSRF token and th
 
 from __future__ import annotations
 
-import difflib
-import json
 import math
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
-import jinja2
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deadletter.store import STAGES, STATUSES, DeadLetter, DeadLetterStateError, Store, StoreUnavailable
-from ops import metrics
 from ops.secrets import redact
 from router.broker import BrokerUnavailable
 from router.config import RouterConfig
 from router.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, Operator, csrf_ok, same_origin
+from router.console.filters import BadFilter, LetterFilter, parse_time
+from router.console.guards import PREFIX, SecurityHeaders, bounded, refused
+from router.console.views import HERE, circuit, lag_p95, payload_diff, pretty, templates
 from router.replay import Replayer, ReplayError, ReplayReport
 from router.status import collect_status
 
-PREFIX = "/console"
 PAGE_SIZE = 50
 PREVIEW_ROWS = 20
 MAX_FORM_BYTES = 4 * 1024 * 1024
@@ -44,137 +38,6 @@ MAX_LOGIN_BYTES = 16 * 1024
 PARKED = "parked"
 """The reason of a letter held behind an earlier dead letter of its key: a consequence, not a failure."""
 LAST_ERROR_PAGES = 10
-HERE = Path(__file__).parent
-SECURITY_HEADERS = {
-    "content-security-policy": (
-        "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
-    ),
-    "x-frame-options": "DENY",
-    "x-content-type-options": "nosniff",
-    "referrer-policy": "same-origin",
-}
-NO_STORE = {"cache-control": "no-store"}
-FILTERS = ("route", "target", "stage", "reason", "status", "key", "since", "until")
-"""The dead-letter filters a page or a bulk replay takes (``key`` is the sequence key)."""
-
-
-class SecurityHeaders:
-    """Adds the console's security headers to every response, and no-store to all but static assets."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        static = str(scope.get("path", "")).startswith(f"{PREFIX}/static/")
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                extra = {**SECURITY_HEADERS, **({} if static else NO_STORE)}
-                headers = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1") not in extra]
-                headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-class BadFilter(ValueError):
-    """A filter value an operator typed that cannot be used (an unknown stage, a malformed time)."""
-
-
-@dataclass(frozen=True)
-class LetterFilter:
-    """The dead-letter filters of a page or a bulk replay, as typed (``values``) and as the store wants."""
-
-    values: dict[str, str]
-
-    @classmethod
-    def read(cls, source: Mapping[str, Any]) -> LetterFilter:
-        return cls(
-            {name: str(source[name]).strip() for name in FILTERS if str(source.get(name) or "").strip()}
-        )
-
-    def store_filters(self) -> dict[str, Any]:
-        """Keyword arguments for Store.list_dead_letters; BadFilter for a value it cannot take."""
-        given = dict(self.values)
-        if "stage" in given and given["stage"] not in STAGES:
-            raise BadFilter(f"stage {given['stage']!r} is not one of {', '.join(STAGES)}")
-        if "status" in given and given["status"] not in STATUSES:
-            raise BadFilter(f"status {given['status']!r} is not one of {', '.join(STATUSES)}")
-        if "key" in given:
-            given["sequence_key"] = given.pop("key")
-        for name in ("since", "until"):
-            if name in given:
-                given[name] = parse_time(name, given[name])
-        return given
-
-    def query(self, **extra: Any) -> str:
-        return urlencode({**self.values, **{k: v for k, v in extra.items() if v is not None}})
-
-
-def parse_time(name: str, value: str) -> datetime:
-    """An ISO 8601 time typed in a form; without an offset it is taken as UTC (the console shows UTC)."""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise BadFilter(f"{name} {value!r} is not an ISO 8601 time such as 2026-11-24T09:00:00Z") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _pretty(value: Any) -> str:
-    # ensure_ascii escapes C1 controls and bidi marks, so hostile text cannot reorder what is shown.
-    return json.dumps(value, indent=2, ensure_ascii=True, sort_keys=True, default=str)
-
-
-def payload_diff(old: Any, new: Any) -> list[str]:
-    """The unified diff of two payloads as shown in the console (pretty JSON, sorted keys)."""
-    lines = difflib.unified_diff(
-        _pretty(old).splitlines(), _pretty(new).splitlines(), "before", "after", lineterm=""
-    )
-    return list(lines)[2:]
-
-
-def _templates() -> jinja2.Environment:
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(HERE / "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
-    environment.filters["pretty"] = _pretty
-    environment.filters["utc"] = lambda moment: "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S}"
-    environment.filters["cell"] = lambda value: "-" if value is None or value == "" else value
-    return environment
-
-
-def _lag_p95(target: str) -> str:
-    """The 95th percentile of event lag at ``target`` seen by this process, as a bucket's bound."""
-    buckets: list[tuple[float, float]] = []
-    for family in metrics.REGISTRY.collect():
-        if family.name != "router_event_lag_seconds":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_bucket") and sample.labels.get("target") == target:
-                buckets.append((float(sample.labels["le"]), sample.value))
-    buckets.sort()
-    total = buckets[-1][1] if buckets else 0.0
-    if not total:
-        return "-"
-    bound = next(bound for bound, count in buckets if count >= 0.95 * total)
-    if math.isinf(bound):
-        return f"> {_duration(buckets[-2][0])}"
-    return f"≤ {_duration(bound)}"
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:g} {unit}"
-    return f"{seconds:g} s"
-
-
-def _circuit(target: str) -> str:
-    state = metrics.REGISTRY.get_sample_value("router_circuit_open", {"target": target})
-    return "unknown" if state is None else ("open" if state else "closed")
 
 
 class Console:
@@ -184,7 +47,7 @@ class Console:
         self.config = config
         self.store = store
         self.auth = ConsoleAuth(config.console)
-        self.templates = _templates()
+        self.templates = templates()
 
     def routes(self) -> list[BaseRoute]:
         pages: list[BaseRoute] = [
@@ -222,7 +85,7 @@ class Console:
             operator = await run_in_threadpool(self.auth.operator, request)
             if operator is None:
                 if request.headers.get("authorization"):
-                    return _refused("the credentials given are not valid for the console", 403)
+                    return refused("the credentials given are not valid for the console", 403)
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"{PREFIX}/login?{urlencode({'next': target})}", status_code=303)
             return await self._safely(request, operator, handler)
@@ -235,18 +98,16 @@ class Console:
         async def action(request: Request) -> Response:
             operator = await run_in_threadpool(self.auth.operator, request)
             if operator is None:
-                return _refused("sign in to the console first; nothing was changed", 403)
+                return refused("sign in to the console first; nothing was changed", 403)
             if not same_origin(request):
-                return _refused(
+                return refused(
                     "this form was not sent from the console's own pages; nothing was changed", 403
                 )
-            if not _bounded(request, MAX_FORM_BYTES):
-                return _refused(f"a console form is at most {MAX_FORM_BYTES} bytes, with Content-Length", 413)
+            if not bounded(request, MAX_FORM_BYTES):
+                return refused(f"a console form is at most {MAX_FORM_BYTES} bytes, with Content-Length", 413)
             form = await request.form()
             if not csrf_ok(operator, str(form.get("csrf") or "")):
-                return _refused(
-                    "the form's CSRF token is missing or not this session's; reload the page", 403
-                )
+                return refused("the form's CSRF token is missing or not this session's; reload the page", 403)
             return await self._safely(request, operator, handler)
 
         return action
@@ -272,14 +133,12 @@ class Console:
         problem = None
         status = 200
         if request.method == "POST":
-            if not _bounded(request, MAX_LOGIN_BYTES):
-                return _refused(
-                    f"a sign-in form is at most {MAX_LOGIN_BYTES} bytes, with Content-Length", 413
-                )
+            if not bounded(request, MAX_LOGIN_BYTES):
+                return refused(f"a sign-in form is at most {MAX_LOGIN_BYTES} bytes, with Content-Length", 413)
             form = await request.form()
             name, password = str(form.get("user") or ""), str(form.get("password") or "")
             if not same_origin(request) or not self.auth.login_csrf_ok(request, str(form.get("csrf") or "")):
-                return _refused("this sign-in form was not sent from the console's own page; reload it", 403)
+                return refused("this sign-in form was not sent from the console's own page; reload it", 403)
             if await run_in_threadpool(self.auth.check_password, name, password):
                 response = RedirectResponse(next_page, status_code=303)
                 response.set_cookie(
@@ -324,8 +183,8 @@ class Console:
         report = await run_in_threadpool(collect_status, self.config)
         last_errors = await run_in_threadpool(self._last_errors)
         for target in report["targets"]:
-            target["circuit"] = _circuit(target["name"])
-            target["lag_p95"] = _lag_p95(target["name"])
+            target["circuit"] = circuit(target["name"])
+            target["lag_p95"] = lag_p95(target["name"])
             target["last_error"] = last_errors.get(target["name"])
         return self.render(request, "overview.html", operator=operator, report=report)
 
@@ -434,7 +293,7 @@ class Console:
             edits=edits,
             notice=notice,
             problem=problem,
-            draft=draft if draft is not None else _pretty(letter.payload),
+            draft=draft if draft is not None else pretty(letter.payload),
         )
 
     # Actions
@@ -561,18 +420,8 @@ class Console:
         return self.render(request, "history.html", preview=None, done=count, problem=None, **page)
 
 
-def _bounded(request: Request, limit: int) -> bool:
-    """Whether the request says its body's length and it is within ``limit`` (read before any form)."""
-    length = request.headers.get("content-length", "")
-    return length.isdigit() and int(length) <= limit
-
-
 def _int(value: str | None) -> int | None:
     return int(value) if value and value.isdigit() else None
-
-
-def _refused(message: str, status: int) -> Response:
-    return PlainTextResponse(f"{status} refused: {message}\n", status_code=status)
 
 
 def closed_console_routes(why: str) -> list[BaseRoute]:

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from starlette.applications import Starlette
 
 from connectors.signatures import sign
-from connectors.webhook import WebhookSettings, webhook_routes
-from connectors.webhook_intake import WebhookIntake
+from connectors.webhooks.intake import WebhookIntake
+from connectors.webhooks.routes import webhook_routes
+from connectors.webhooks.settings import WebhookSettings
 from router.broker import BrokerSettings, Topology, connect, decode_body
 from router.http_server import HttpListener
 from router.ingress import IngressGroupPublisher

@@ -21,8 +21,9 @@ from starlette.applications import Starlette
 
 from connectors.chunks import SourceChunk
 from connectors.signatures import sign
-from connectors.webhook import LISTENER_ROUTE, WebhookSettings, webhook_routes
-from connectors.webhook_intake import WebhookIntake
+from connectors.webhooks.intake import WebhookIntake
+from connectors.webhooks.routes import LISTENER_ROUTE, webhook_routes
+from connectors.webhooks.settings import WebhookSettings
 from deadletter.store import AcceptedWebhook
 from ops.metrics import REGISTRY
 from router.broker import encode_body

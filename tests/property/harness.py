@@ -24,7 +24,8 @@ from router.pipeline import DeliveryRule, RecordFailure, RoutePipeline
 from transforms.filters import EventPredicate
 from transforms.lookups import Lookup
 from transforms.mapping import compile_mapping
-from transforms.parsers import MAX_REASON_CHARS, CsvDialect, FileFormatError
+from transforms.parsers import CsvDialect, FileFormatError
+from transforms.records import MAX_REASON_CHARS
 
 PROPERTY_SETTINGS = settings(
     derandomize=True,

@@ -12,7 +12,8 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
-from canonical.events import BIZ_STEPS, EVENT_MODELS, EVENT_TYPES, SCHEMA_VERSION, parse_event
+from canonical.events import EVENT_MODELS, EVENT_TYPES, SCHEMA_VERSION, parse_event
+from canonical.fields import BIZ_STEPS
 from canonical.ids import (
     derive_event_id,
     gs1_check_digit,

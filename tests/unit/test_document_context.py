@@ -17,7 +17,8 @@ from router.pipeline import DeliveryRule, RoutePipeline
 from router.replay import record_message
 from tests.integration.harness import write_config
 from transforms.mapping import compile_mapping
-from transforms.parsers import MAX_HEADER_ELEMENTS, FileFormatError, RawRecord, iter_records
+from transforms.parsers import FileFormatError, RawRecord, iter_records
+from transforms.xml_records import MAX_HEADER_ELEMENTS
 
 DESADV = b"""<?xml version="1.0" encoding="UTF-8"?>
 <DespatchAdvice number="ASN-0042">

@@ -541,5 +541,5 @@ def test_memory_stays_flat_over_many_transactions(fmt: str, generate: Any) -> No
 def test_a_segment_without_end_is_refused_before_it_fills_memory(
     fmt: str, content: bytes, reason: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(f"transforms.{fmt}.MAX_SEGMENT_CHARS", 200)
+    monkeypatch.setattr("transforms.edi_segments.MAX_SEGMENT_CHARS", 200)
     assert reason in rejection(content, fmt, "LIN")

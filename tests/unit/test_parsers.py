@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from transforms.json_records import MAX_JSON_DEPTH
 from transforms.parsers import (
-    MAX_JSON_DEPTH,
-    MAX_REASON_CHARS,
     FileFormatError,
     RawRecord,
     check_file,
     check_records_path,
     iter_records,
 )
+from transforms.records import MAX_REASON_CHARS
 
 
 def _records(content: bytes, fmt: str, records: str | None = None, name: str = "in.dat") -> list[RawRecord]:

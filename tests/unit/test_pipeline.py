@@ -9,7 +9,7 @@ import pytest
 from router.pipeline import DeliveryRule, MalformedChunk, RoutePipeline, check_chunk, chunk_failures
 from transforms.filters import EventPredicate
 from transforms.mapping import RecordMapping, compile_mapping
-from transforms.parsers import MAX_REASON_CHARS, RawRecord
+from transforms.records import MAX_REASON_CHARS, RawRecord
 
 MAP = {
     "type": "sale",

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from connectors.signatures import SignatureError, secret_key, sign, verify
+from connectors.signatures import (
+    SignatureError,
+    check_headers,
+    check_match,
+    secret_key,
+    sign,
+)
 
 # The published example of the Standard Webhooks specification, so partners' libraries interoperate.
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -16,6 +23,20 @@ SPEC_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
 SPEC_TIMESTAMP = 1614265330
 SPEC_BODY = b'{"test": 2432232314}'
 SPEC_SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def verify(secret: str, body: bytes, **request: Any) -> None:
+    """Both steps of the receiver: the headers (``check_headers``' arguments), then the body."""
+    offered = check_headers(**request)
+    check_match(
+        secret,
+        body,
+        offered,
+        webhook_id=request["webhook_id"],
+        timestamp=request["timestamp"],
+        scheme=request.get("scheme", "standard"),
+        header=request.get("header"),
+    )
 
 
 def check(signature: str | None, **overrides: object) -> None:
