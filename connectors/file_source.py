@@ -61,8 +61,7 @@ from connectors.file_ingest import (
     publish_file,
 )
 from ops import metrics
-from transforms.fixed_width import FixedLayout
-from transforms.parsers import CsvDialect, FileFormatError
+from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +78,18 @@ class FileDropSettings:
 
     route: str
     inbox: Path
-    pattern: str
     archive: Path
     errors: Path
-    stable_for: float
-    poll: float
-    format: str
-    records: str | None
-    chunk_size: int
-    csv: CsvDialect = field(default_factory=CsvDialect)
+    parsing: FileParsing
+    pattern: str = "*"
+    stable_for: float = 1.0
+    poll: float = 1.0
     ready: Readiness = field(default_factory=Readiness)
 
     @property
     def watch(self) -> float:
         """Seconds a published file must stand still before it is archived (0: archive at once)."""
         return self.stable_for if self.ready.waits else 0.0
-    fixed: FixedLayout | None = None
 
 
 class FileOutcome(StrEnum):
@@ -207,15 +202,7 @@ class FileDropSource:
         self._on_rejected = on_rejected
         self._clock = clock
         self._processing = settings.inbox / PROCESSING_DIR
-        self._parsing = FileParsing(
-            settings.route,
-            "file",
-            settings.format,
-            settings.records,
-            settings.chunk_size,
-            settings.csv,
-            settings.fixed,
-        )
+        self._parsing = settings.parsing
         self._claims: dict[Path, _Claim] = {}
 
     def _matching(self, folder: Path) -> list[os.DirEntry[str]]:
@@ -359,7 +346,7 @@ class FileDropSource:
         size = claim.seen.size
         end = (
             size
-            if final or self.settings.format not in _LINE_FORMATS
+            if final or self._parsing.format not in _LINE_FORMATS
             else _complete_lines(claim.handle, size)
         )
         if end <= claim.published_to and not (final and size == 0):

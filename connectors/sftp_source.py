@@ -58,14 +58,11 @@ from connectors.file_ingest import (
     publish_file,
 )
 from connectors.file_source import PROCESSING_DIR
-from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
+from connectors.sftp_session import SERVER_ERRORS, SftpEndpoint, SftpSession, describe, is_refusal
 from ops import metrics
-from transforms.fixed_width import FixedLayout
-from transforms.parsers import CsvDialect, FileFormatError
+from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)
-
-SYSTEM = "sftp"
 # Bytes requested ahead while downloading: bounds the memory a download holds, yet hides the latency.
 DOWNLOAD_WINDOW = 4 << 20
 READ_REQUEST = 32 << 10
@@ -73,74 +70,25 @@ READ_REQUEST = 32 << 10
 
 @dataclass(frozen=True)
 class SftpSettings:
-    """An sftp route's source settings: server, login, remote folders, timings in seconds."""
+    """An sftp route's source settings: the server and login, remote folders, timings in seconds.
+
+    Built from the route's validated configuration (router.assembly), which `router validate` checked:
+    exactly one of ``archive`` and ``delete``, folders apart from ``remote_dir``, positive timings.
+    """
 
     route: str
-    host: str
-    port: int
-    username: str
-    known_hosts: Path
+    endpoint: SftpEndpoint
     remote_dir: str
-    pattern: str
-    format: str
-    records: str | None
-    chunk_size: int
-    password: str | None = field(default=None, repr=False)
-    key_file: Path | None = None
-    key_passphrase: str | None = field(default=None, repr=False)
+    parsing: FileParsing
+    pattern: str = "*"
     archive: str | None = None
     delete: bool = False
     errors: str | None = None
     poll: float = 5.0
     stable_for: float = 2.0
-    connect_timeout: float = 10.0
-    io_timeout: float = 60.0
     claim_ttl: float = 600.0
     reconnect_max: float = 60.0
-    csv: CsvDialect = field(default_factory=CsvDialect)
     ready: Readiness = field(default_factory=Readiness)
-    fixed: FixedLayout | None = None
-
-    def __post_init__(self) -> None:
-        where = f"sftp source of route {self.route!r}"
-        self.endpoint.validate(where)
-        for name in ("remote_dir", "pattern"):
-            if not getattr(self, name):
-                raise ValueError(f"{where}: `{name}` is required and must not be empty")
-        if bool(self.archive) == self.delete:
-            given = "both" if self.delete else "neither"
-            raise ValueError(
-                f"{where}: give exactly one of `archive` (a remote folder) or `delete: true`, not {given}"
-            )
-        if self.chunk_size < 1:
-            raise ValueError(f"{where}: `chunk_size` must be at least 1, got {self.chunk_size}")
-        for name in ("poll", "connect_timeout", "io_timeout", "claim_ttl", "reconnect_max"):
-            seconds = getattr(self, name)
-            if not seconds > 0:
-                raise ValueError(f"{where}: `{name}` must be a positive number of seconds, got {seconds!r}")
-        if not self.stable_for >= 0:
-            raise ValueError(f"{where}: `stable_for` must not be negative, got {self.stable_for!r}")
-        inbox = posixpath.normpath(self.remote_dir)
-        for name, folder in (("archive", self.archive), ("errors", self.errors)):
-            if folder and posixpath.normpath(folder) in (inbox, posixpath.normpath(self.processing_dir)):
-                raise ValueError(
-                    f"{where}: `{name}` ({folder}) must be a folder other than remote_dir ({inbox})"
-                )
-
-    @property
-    def endpoint(self) -> SftpEndpoint:
-        """The server, login and timeouts to connect with."""
-        return SftpEndpoint(
-            self.host,
-            self.port,
-            self.username,
-            self.known_hosts,
-            self.password,
-            self.key_file,
-            self.key_passphrase,
-            self.connect_timeout,
-            self.io_timeout,
-        )
 
     @property
     def address(self) -> str:
@@ -323,11 +271,8 @@ class SftpSource:
         self._staging_dir = staging_dir
         if staging_dir is not None:
             staging_dir.mkdir(parents=True, exist_ok=True)
-        self._parsing = FileParsing(
-            settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size, settings.csv,
-            settings.fixed,
-        )
-        self._connection = SftpConnection(settings.endpoint)
+        self._parsing = settings.parsing
+        self._connection = SftpSession(settings.endpoint)
         self._failures = 0
         self._sightings: dict[str, _Sighting] = {}
         # Claims this router holds but has not yet moved on: one a lost connection cut off is settled
@@ -420,7 +365,8 @@ class SftpSource:
                      settings.route, settings.address, self._failures, extra={"route": settings.route})
         else:
             log.info("route %s: connected to SFTP server %s as %s",
-                     settings.route, settings.address, settings.username, extra={"route": settings.route})
+                     settings.route, settings.address, settings.endpoint.username,
+                     extra={"route": settings.route})
         return sftp
 
     def _named(self, name: str) -> bool:

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import re
 import types
 import typing
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import httpx
 import jmespath
 from jmespath.exceptions import JMESPathError
 from pydantic import (
@@ -37,6 +39,8 @@ from pydantic import (
 
 from canonical.events import EVENT_MODELS, EVENT_TYPES
 from connectors.file_ingest import Readiness
+from connectors.file_source import PROCESSING_DIR
+from connectors.file_target import DEFAULT_FILENAME, FilenamePattern
 from connectors.signatures import secret_key
 from ops.secrets import redact, register_config_secrets
 from router.broker import DEFAULT_CONSUMER_TIMEOUT, redact_urls, retry_budget
@@ -280,6 +284,17 @@ class AuthConfig(_Section):
     def _empty_is_none(cls, token: str | None) -> str | None:
         return token or None
 
+    @model_validator(mode="after")
+    def _one_scheme(self) -> AuthConfig:
+        if self.bearer and self.basic:
+            raise ValueError("auth has both bearer and basic; give one")
+        return self
+
+    def credentials(self) -> tuple[str | None, tuple[str, str] | None]:
+        """(bearer token, (user, password)); either may be None."""
+        basic = (self.basic.username, self.basic.password) if self.basic else None
+        return self.bearer, basic
+
 
 class XmlShape(_Section):
     root: str = "events"
@@ -293,19 +308,19 @@ class CircuitBreakerConfig(_Section):
     cooldown: Duration = 30.0
 
 
-class SftpConnection(_Section):
+class SftpLogin(_Section):
     """How to reach an SFTP server: the host key pinned in ``known_hosts``, a key or password login."""
 
-    host: str
+    host: str = Field(min_length=1)
     port: int = Field(22, ge=1, le=65535)
-    username: str
+    username: str = Field(min_length=1)
     key_file: str | None = None
     key_passphrase: str | None = Field(None, repr=False)
     password: str | None = Field(None, repr=False)
     known_hosts: str
 
     @model_validator(mode="after")
-    def _can_log_in(self) -> SftpConnection:
+    def _can_log_in(self) -> SftpLogin:
         if not self.key_file and not self.password:
             raise ValueError("give key_file or password (from the environment) to log in")
         return self
@@ -322,7 +337,7 @@ class _TargetBase(_Section):
     max_in_flight: int | None = Field(None, ge=1)
     batch: BatchConfig | None = None
     retry: RetryConfig = Field(default_factory=RetryConfig)
-    timeout: Duration = 10.0
+    timeout: Duration = Field(10.0, gt=0)
     accepts: list[Literal["delta", "absolute"]] | None = None
     body: dict[str, str] | None = None
     format: Literal["json", "xml", "csv"] = "json"
@@ -356,27 +371,34 @@ class HttpTargetConfig(_TargetBase):
         return redact_url(self.url)
 
 
-DEFAULT_FILENAME = "{target}-{key}.{ext}"
+class _FileNaming(_Section):
+    """What the file and SFTP targets share: the ``filename`` pattern of the files they write."""
+
+    filename: str = DEFAULT_FILENAME
+
+    @field_validator("filename")
+    @classmethod
+    def _usable_pattern(cls, pattern: str) -> str:
+        FilenamePattern(pattern)
+        return pattern
 
 
-class FileTargetConfig(_TargetBase):
+class FileTargetConfig(_TargetBase, _FileNaming):
     """``type: file``: each request's payload written as one file in a local (or mounted) folder."""
 
     type: Literal["file"]
-    path: str
-    filename: str = DEFAULT_FILENAME
+    path: str = Field(min_length=1)
 
     @property
     def location(self) -> str:
         return self.path
 
 
-class SftpTargetConfig(_TargetBase, SftpConnection):
+class SftpTargetConfig(_TargetBase, _FileNaming, SftpLogin):
     """``type: sftp``: each request's payload uploaded as one file to a folder on an SFTP server."""
 
     type: Literal["sftp"]
-    remote_dir: str
-    filename: str = DEFAULT_FILENAME
+    remote_dir: str = Field(min_length=1)
 
     @property
     def location(self) -> str:
@@ -415,28 +437,35 @@ class FileSourceConfig(_DropSource):
     """``source: {type: file}``: a local drop folder (POS exports)."""
 
     type: Literal["file"]
-    path: str
+    path: str = Field(min_length=1)
     stable_for: Duration = 1.0
     archive: str | None = None
     errors: str | None = None
     poll: Duration = 1.0
 
 
-class SftpSourceConfig(SftpConnection, _DropSource):
+class SftpSourceConfig(SftpLogin, _DropSource):
     """``source: {type: sftp}``: a supplier's SFTP folder, host key pinned in ``known_hosts``."""
 
     type: Literal["sftp"]
-    remote_dir: str
+    remote_dir: str = Field(min_length=1)
     archive: str | None = None
     delete: bool = False
     errors: str | None = None
-    poll: Duration = 5.0
+    poll: Duration = Field(5.0, gt=0)
     stable_for: Duration = 2.0
+    claim_ttl: Duration = Field(600.0, gt=0)
+    """How long a claim on the server lives unless its router renews it (see connectors.sftp_source)."""
 
     @model_validator(mode="after")
     def _archive_or_delete(self) -> SftpSourceConfig:
         if bool(self.archive) == bool(self.delete):
             raise ValueError("give exactly one of archive: REMOTE_FOLDER or delete: true")
+        inbox = posixpath.normpath(self.remote_dir)
+        claims = posixpath.join(inbox, PROCESSING_DIR)
+        for key, folder in (("archive", self.archive), ("errors", self.errors)):
+            if folder and posixpath.normpath(folder) in (inbox, claims):
+                raise ValueError(f"{key} ({folder}) must be a folder other than remote_dir ({inbox})")
         return self
 
 
@@ -453,9 +482,23 @@ class WebhookSourceConfig(_Section):
     tolerance: Duration = 300.0
 
 
+def _jmespath(expression: str | None) -> str | None:
+    """Refuse an expression that does not compile as JMESPath."""
+    if expression is not None:
+        try:
+            jmespath.compile(expression)
+        except JMESPathError as error:
+            reason = " ".join(str(error).split())
+            raise ValueError(f"{expression!r} is not valid JMESPath: {reason}") from None
+    return expression
+
+
+JmesPath = Annotated[str, AfterValidator(_jmespath)]
+
+
 class CursorConfig(_Section):
-    param: str
-    next: str
+    param: str = Field(min_length=1)
+    next: JmesPath
 
 
 class RestSourceConfig(_Section):
@@ -463,12 +506,27 @@ class RestSourceConfig(_Section):
 
     type: Literal["rest"]
     url: str
-    poll: Duration = 30.0
+    poll: Duration = Field(30.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
     auth: AuthConfig | None = None
     cursor: CursorConfig | None = None
-    id: str | None = None
-    timeout: Duration = 30.0
+    id: JmesPath | None = None
+    timeout: Duration = Field(30.0, gt=0)
+    max_pages_per_poll: int = Field(1000, ge=1)
+    max_page_bytes: Size = Field(32 * 1024 * 1024, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _polled_url(cls, url: str) -> str:
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as error:
+            raise ValueError(f"{redact(url)!r} is not a valid URL: {error}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"{parsed.copy_with(query=None)} must be http:// or https:// with a host")
+        if parsed.userinfo:
+            raise ValueError("the url must not carry credentials; give them under auth")
+        return url
 
 
 SourceConfig = Annotated[
@@ -480,8 +538,9 @@ def _deliver_item(item: Any) -> Any:
     return {"target": item} if isinstance(item, str) else item
 
 
-class DeliverRule(_Section):
-    """An item of ``deliver:``: a target name, or ``{target, when}`` with a JMESPath condition."""
+class DeliverTo(_Section):
+    """An item of ``deliver:``: a target name, or ``{target, when}`` with a JMESPath condition (the
+    pipeline's compiled form is :class:`router.pipeline.DeliveryRule`)."""
 
     target: str
     when: str | None = None
@@ -536,7 +595,7 @@ class RouteConfig(_Section):
     map: dict[str, Any]
     filter: str | None = None
     sequence_key: list[str] = Field(default_factory=lambda: ["sku", "location"], min_length=1)
-    deliver: list[DeliverRule] = Field(min_length=1)
+    deliver: list[DeliverTo] = Field(min_length=1)
     chunk_size: int = Field(500, ge=1, le=100_000)
 
     @field_validator("name")
@@ -554,7 +613,7 @@ class RouteConfig(_Section):
     def _names_are_rules(cls, items: Any) -> Any:
         return [_deliver_item(item) for item in items] if isinstance(items, list) else items
 
-    def deliver_rules(self) -> list[DeliverRule]:
+    def deliver_rules(self) -> list[DeliverTo]:
         return list(self.deliver)
 
 
@@ -904,13 +963,6 @@ def _check_route(
             read_json_schema(config.resolve_path(source.json_schema))
         except ValueError as error:
             document.problem((*at, "source", "schema"), str(error))
-    if isinstance(source, RestSourceConfig):
-        for key, expression in (("id", source.id), ("cursor", source.cursor.next if source.cursor else None)):
-            if expression is not None:
-                try:
-                    jmespath.compile(expression)
-                except JMESPathError as error:
-                    document.problem((*at, "source", key), f"{expression!r} is not valid JMESPath: {error}")
     if isinstance(source, SftpSourceConfig):
         _check_known_hosts(document, config, source, (*at, "source", "known_hosts"))
 
@@ -985,7 +1037,7 @@ def _check_fixed(document: ConfigDocument, route: RouteConfig, at: ConfigPath) -
 
 
 def _check_known_hosts(
-    document: ConfigDocument, config: RouterConfig, connection: SftpConnection, path: ConfigPath
+    document: ConfigDocument, config: RouterConfig, connection: SftpLogin, path: ConfigPath
 ) -> None:
     known_hosts = config.resolve_path(connection.known_hosts)
     if not known_hosts.is_file():

@@ -12,25 +12,31 @@ from pathlib import Path
 import pytest
 
 from connectors.chunks import SourceChunk
-from connectors.file_ingest import Readiness, ReadySignal, Refusal, refusal_of
+from connectors.file_ingest import FileParsing, Readiness, ReadySignal, Refusal, refusal_of
 from connectors.file_source import FileDropSettings, FileDropSource, FileOutcome
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, encode_body
 from router.ingress import IngressPublisher, chunk_message
 from transforms.parsers import CsvDialect, FileFormatError
 
 
-def _settings(root: Path, *, stable_for: float = 0.0, chunk_size: int = 2) -> FileDropSettings:
+def _settings(
+    root: Path,
+    *,
+    stable_for: float = 0.0,
+    chunk_size: int = 2,
+    fmt: str = "csv",
+    records: str | None = "rows",
+    csv: CsvDialect | None = None,
+) -> FileDropSettings:
     return FileDropSettings(
         route="pos-sales",
         inbox=root / "inbox",
         pattern="*.csv",
         archive=root / "archive",
         errors=root / "errors",
+        parsing=FileParsing("pos-sales", "file", fmt, records, chunk_size, csv or CsvDialect()),
         stable_for=stable_for,
         poll=0.05,
-        format="csv",
-        records="rows",
-        chunk_size=chunk_size,
     )
 
 
@@ -148,7 +154,7 @@ def test_a_jsonl_file_with_a_lone_surrogate_and_deep_nesting_is_archived_not_ret
     # Found by tests/property: the surrogate made the broker's JSON encoding fail and the nesting raised
     # RecursionError, so the file went back to the inbox on every poll and was never ingested.
     published: list[bytes] = []
-    settings = replace(_settings(tmp_path), pattern="*.jsonl", format="jsonl", records=None)
+    settings = replace(_settings(tmp_path, fmt="jsonl", records=None), pattern="*.jsonl")
     _drop(tmp_path, "feed.jsonl", '{"sku": "\\ud800"}\n' + "[" * 50_000 + "]" * 50_000 + '\n{"sku": "B"}\n')
 
     def sink(chunk: SourceChunk) -> None:
@@ -413,7 +419,7 @@ def test_a_lone_surrogate_is_its_records_failure_and_the_file_is_archived_not_re
     fmt: str,
     records: str | None,
 ) -> None:
-    settings = replace(_settings(tmp_path), pattern="*.json*", format=fmt, records=records)
+    settings = replace(_settings(tmp_path, fmt=fmt, records=records), pattern="*.json*")
     _drop(tmp_path, name, content)
     published: list[SourceChunk] = []
 
@@ -431,7 +437,7 @@ def test_a_lone_surrogate_is_its_records_failure_and_the_file_is_archived_not_re
 
 
 def test_paired_surrogates_and_escaped_backslashes_pass(tmp_path: Path) -> None:
-    settings = replace(_settings(tmp_path), pattern="*.jsonl", format="jsonl", records=None)
+    settings = replace(_settings(tmp_path, fmt="jsonl", records=None), pattern="*.jsonl")
     _drop(tmp_path, "ok.jsonl", '{"SKU": "\\ud83d\\ude00"}\n{"SKU": "\\\\ud800"}\n')
     chunks: list[SourceChunk] = []
     [result] = FileDropSource(settings, chunks.append).poll_once()
@@ -442,7 +448,7 @@ def test_paired_surrogates_and_escaped_backslashes_pass(tmp_path: Path) -> None:
 def test_text_the_broker_cannot_encode_sends_the_file_to_errors(
     tmp_path: Path, through_the_broker: Callable[[SourceChunk], None]
 ) -> None:
-    settings = replace(_settings(tmp_path), csv=CsvDialect(encoding="raw_unicode_escape"))
+    settings = _settings(tmp_path, csv=CsvDialect(encoding="raw_unicode_escape"))
     _drop(tmp_path, "odd.csv", "SKU,STORE,QTY\nA,S1,1\nB\\ud800,S1,2\n")
     [result] = FileDropSource(settings, through_the_broker).poll_once()
     assert result.outcome is FileOutcome.rejected
