@@ -36,13 +36,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 import paramiko
 from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR, SFTPError
 
 from connectors.chunks import ChunkSink, SourceChunk
+from connectors.drop_source import DropSource, IngestOutcome, IngestResult
 from connectors.file_ingest import (
     FileParsing,
     FileProgress,
@@ -54,12 +54,10 @@ from connectors.file_ingest import (
     is_utf8,
     link_refused,
     name_refused,
-    printable,
     publish_file,
 )
 from connectors.file_source import PROCESSING_DIR
 from connectors.sftp_session import SERVER_ERRORS, SftpEndpoint, SftpSession, describe, is_refusal
-from ops import metrics
 from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)
@@ -104,29 +102,6 @@ class SftpSettings:
     def errors_dir(self) -> str:
         """The remote folder files that do not parse are moved to (default ``<remote_dir>/errors``)."""
         return self.errors or posixpath.join(self.remote_dir, "errors")
-
-
-class SftpOutcome(StrEnum):
-    archived = "archived"
-    deleted = "deleted"
-    rejected = "rejected"
-    released = "released"
-
-
-@dataclass(frozen=True)
-class SftpResult:
-    """What happened to one remote file; ``moved_to`` is its remote path afterwards (None once deleted)."""
-
-    name: str
-    outcome: SftpOutcome
-    records: int = 0
-    chunks: int = 0
-    detail: str = ""
-    moved_to: str | None = None
-
-
-SftpRejectionHook = Callable[[SftpSettings, str, FileFormatError], None]
-"""Called with the settings, the remote path in ``errors`` and the parse error; records a dead letter."""
 
 
 class TransferIncomplete(OSError):
@@ -174,7 +149,12 @@ class _Sighting:
 
 
 @dataclass
-class _Unsettled:
+class _RemoteClaim:
+    """A file this router renamed into the processing folder and has not yet moved on."""
+
+    path: str
+    name: str
+    lease: _ClaimLease
     progress: FileProgress = field(default_factory=FileProgress)
     confirmed: bool = False
     size: int = 0
@@ -252,7 +232,7 @@ def _move(sftp: paramiko.SFTPClient, source: str, folder: str, name: str) -> str
     return target
 
 
-class SftpSource:
+class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
     """Polls one route's remote folder and publishes every stable file exactly once as chunks of records."""
 
     def __init__(
@@ -260,14 +240,11 @@ class SftpSource:
         settings: SftpSettings,
         sink: ChunkSink,
         *,
-        on_rejected: SftpRejectionHook | None = None,
+        on_rejected: Callable[[SftpSettings, str, FileFormatError], None] | None = None,
         clock: Callable[[], float] = time.time,
         staging_dir: Path | None = None,
     ) -> None:
-        self.settings = settings
-        self._sink = sink
-        self._on_rejected = on_rejected
-        self._clock = clock
+        super().__init__(settings, sink, on_rejected=on_rejected, clock=clock)
         self._staging_dir = staging_dir
         if staging_dir is not None:
             staging_dir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +254,7 @@ class SftpSource:
         self._sightings: dict[str, _Sighting] = {}
         # Claims this router holds but has not yet moved on: one a lost connection cut off is settled
         # first after reconnecting (finished when every chunk was confirmed, released otherwise).
-        self._unsettled: dict[str, _Unsettled] = {}
+        self._unsettled: dict[str, _RemoteClaim] = {}
 
     @property
     def next_poll_in(self) -> float:
@@ -287,9 +264,17 @@ class SftpSource:
         ceiling = max(self.settings.reconnect_max, self.settings.poll)
         return min(ceiling, self.settings.poll * 2 ** (self._failures - 1))
 
-    def poll_once(self, stop: threading.Event | None = None) -> list[SftpResult]:
-        """Ingest every remote file that is ready now; a server problem is logged and ends the poll early."""
-        results: list[SftpResult] = []
+    @property
+    def healthy(self) -> bool:
+        return self._failures == 0
+
+    def _origin(self) -> str:
+        return self.settings.address
+
+    def _poll(self, stop: threading.Event | None) -> list[IngestResult[str]]:
+        """Claims a lost connection cut off, expired claims, then the ready files; a server problem is
+        logged and ends the poll early."""
+        results: list[IngestResult[str]] = []
         sftp = self._session()
         if sftp is None:
             return results
@@ -298,16 +283,10 @@ class SftpSource:
             self._return_expired_claims(sftp)
             ready, refused = self._ready_names(sftp)
             for name, refusal in refused:
-                source = posixpath.join(self.settings.remote_dir, name)
-                results.append(self._reject(sftp, source, name, refusal))
+                results.append(self._refuse(posixpath.join(self.settings.remote_dir, name), refusal, name))
             if ready:
                 _ensure_dir(sftp, self.settings.processing_dir)
-            for name in ready:
-                if stop is not None and stop.is_set():
-                    break
-                result = self._take(sftp, name)
-                if result is not None:
-                    results.append(result)
+            self._take_each(ready, stop, results)
         except SERVER_ERRORS as error:
             self._failures += 1
             log.warning(
@@ -319,28 +298,18 @@ class SftpSource:
             self._connection.close()
         else:
             self._failures = 0
-        for result in results:
-            metrics.FILES_INGESTED.labels(route=self.settings.route, outcome=result.outcome).inc()
         return results
-
-    def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set; server trouble never ends it, it reconnects with capped backoff."""
-        up = metrics.SOURCE_UP.labels(route=self.settings.route)
-        try:
-            while not stop.is_set():
-                try:
-                    self.poll_once(stop)
-                    up.set(0 if self._failures else 1)
-                except Exception:
-                    up.set(0)
-                    log.exception("route %s: SFTP source failed a poll", self.settings.route)
-                stop.wait(self.next_poll_in)
-        finally:
-            self.close()
 
     def close(self) -> None:
         """Close the SFTP session and its SSH connection."""
         self._connection.close()
+
+    def _server(self) -> paramiko.SFTPClient:
+        """The session of the poll under way; a connection lost meanwhile ends the poll (a server error)."""
+        sftp = self._connection.session()
+        if sftp is None:
+            raise ConnectionResetError(f"the connection to {self.settings.address} was lost")
+        return sftp
 
     def _session(self) -> paramiko.SFTPClient | None:
         """The open SFTP session, connecting when there is none; None (logged) when that fails."""
@@ -438,17 +407,18 @@ class SftpSource:
             except FileNotFoundError:
                 continue  # another router returned it first
 
-    def _claim(self, sftp: paramiko.SFTPClient, name: str) -> tuple[str, float] | None:
+    def _claim(self, name: str) -> _RemoteClaim | None:
         """Rename ``name`` into the processing folder; None when another router got it first."""
+        sftp = self._server()
         source = posixpath.join(self.settings.remote_dir, name)
-        claim = posixpath.join(self.settings.processing_dir, name)
+        path = posixpath.join(self.settings.processing_dir, name)
         stamp = self._clock()
         try:
             if stat.S_ISLNK(sftp.lstat(source).st_mode or 0):
                 return None  # became a link since the listing: refused next poll, never stamped through
             # Stamp first: a claim must never show up in .processing already looking expired.
             sftp.utime(source, (int(stamp), int(stamp)))
-            sftp.rename(source, claim)
+            sftp.rename(source, path)
         except OSError as error:
             if not self._connection.connected:
                 raise
@@ -458,42 +428,28 @@ class SftpSource:
                 log.info("route %s: %s not claimed this poll: %s", self.settings.route, name, error,
                          extra={"route": self.settings.route, "file": name})
             return None
-        return claim, stamp
-
-    def _take(self, sftp: paramiko.SFTPClient, name: str) -> SftpResult | None:
-        claimed = self._claim(sftp, name)
-        if claimed is None:
-            return None
-        claim, stamp = claimed
         self._sightings.pop(name, None)
-        unsettled = self._unsettled[claim] = _Unsettled()
-        progress = unsettled.progress
-        lease = _ClaimLease(sftp, claim, stamp, self.settings, self._clock)
+        lease = _ClaimLease(sftp, path, stamp, self.settings, self._clock)
+        claim = self._unsettled[path] = _RemoteClaim(path, name, lease)
+        return claim
+
+    def _publish(self, claim: _RemoteClaim) -> bool:
+        """Download the claim to a staging file and publish it, then what was appended meanwhile."""
+        sftp = self._server()
         with tempfile.TemporaryDirectory(prefix="sftp-", dir=self._staging_dir) as staging:
             # The staging copy keeps the remote name, so parse errors name the file the supplier sent.
-            local = Path(staging) / name
-            try:
-                unsettled.size = size = self._download(sftp, claim, local, lease)
-                publish_file(local, self._parsing, lease.renewing(self._sink), progress, name=name, size=size)
-                unsettled.confirmed = True
-                self._publish_appended(sftp, claim, local, lease, unsettled)
-            except FileFormatError as error:
-                return self._reject(sftp, claim, name, error)
-            except Exception as error:
-                return self._release(sftp, claim, name, progress, error)
-        return self._finish(sftp, claim, name, progress)
+            local = Path(staging) / claim.name
+            claim.size = size = self._download(sftp, claim.path, local, claim.lease)
+            sink = claim.lease.renewing(self._sink)
+            publish_file(local, self._parsing, sink, claim.progress, name=claim.name, size=size)
+            claim.confirmed = True
+            self._publish_appended(sftp, claim, local)
+        return True
 
-    def _publish_appended(
-        self,
-        sftp: paramiko.SFTPClient,
-        claim: str,
-        local: Path,
-        lease: _ClaimLease,
-        unsettled: _Unsettled,
-    ) -> None:
+    def _publish_appended(self, sftp: paramiko.SFTPClient, claim: _RemoteClaim, local: Path) -> None:
         """Publish what a writer appended to the claim while it was published, until it stops growing."""
-        name, progress, size = local.name, unsettled.progress, unsettled.size
-        while (grown := sftp.lstat(claim).st_size or 0) != size:
+        name, progress, size, lease = local.name, claim.progress, claim.size, claim.lease
+        while (grown := sftp.lstat(claim.path).st_size or 0) != size:
             if grown < size:
                 raise changed_refused(name, progress.published, f"it was truncated ({size} -> {grown} bytes)")
             log.warning(
@@ -501,11 +457,11 @@ class SftpSource:
                 self.settings.route, name, size, grown,
                 extra={"route": self.settings.route, "file": name},
             )
-            size = self._download(sftp, claim, local, lease)
+            size = self._download(sftp, claim.path, local, lease)
             if file_sha256(local, progress.size) != progress.sha256:
                 raise changed_refused(name, progress.published, "its beginning was rewritten")
             publish_file(local, self._parsing, lease.renewing(self._sink), progress, name=name, size=size)
-            unsettled.size = size
+            claim.size = size
 
     def _download(self, sftp: paramiko.SFTPClient, claim: str, local: Path, lease: _ClaimLease) -> int:
         """Stream ``claim`` into ``local`` window by window; returns its size, raises unless all arrived."""
@@ -531,38 +487,36 @@ class SftpSource:
             )
         return expected
 
-    def _finish(self, sftp: paramiko.SFTPClient, claim: str, name: str, progress: FileProgress) -> SftpResult:
-        """Archive or delete a claim whose every chunk the broker confirmed."""
-        settings = self.settings
-        moved: str | None = None
-        if settings.archive:
-            moved = _move(sftp, claim, settings.archive, name)
-            outcome = SftpOutcome.archived
+    def _finish(self, claim: _RemoteClaim) -> tuple[IngestOutcome, str | None]:
+        sftp = self._server()
+        archive = self.settings.archive
+        if archive:
+            moved: str | None = _move(sftp, claim.path, archive, claim.name)
         else:
-            sftp.remove(claim)
-            outcome = SftpOutcome.deleted
-        del self._unsettled[claim]
-        self._move_marker(sftp, name, settings.archive)
-        log.info(
-            "route %s: %s from %s %s: %d records in %d chunks",
-            settings.route, name, settings.address, outcome.value, progress.records, progress.chunks,
-            extra={"route": settings.route, "file": name, "records": progress.records},
-        )
-        return SftpResult(name, outcome, progress.records, progress.chunks, moved_to=moved)
+            sftp.remove(claim.path)
+            moved = None
+        del self._unsettled[claim.path]
+        self._move_marker(sftp, claim.name, archive)
+        return (IngestOutcome.archived if archive else IngestOutcome.deleted), moved
 
-    def _release(
-        self, sftp: paramiko.SFTPClient, claim: str, name: str, progress: FileProgress, error: Exception
-    ) -> SftpResult:
-        """Rename a claim back into remote_dir: not every chunk was confirmed, so a later poll retries it."""
-        settings = self.settings
-        log.warning(
-            "route %s: %s not ingested (%d chunks confirmed): %s; releasing it back to %s",
-            settings.route, name, progress.chunks, describe(error), settings.remote_dir,
-            extra={"route": settings.route, "file": name},
-        )
-        moved = _move(sftp, claim, settings.remote_dir, name)
-        del self._unsettled[claim]
-        return SftpResult(name, SftpOutcome.released, progress.records, progress.chunks, str(error), moved)
+    def _return(self, claim: _RemoteClaim) -> str:
+        """Rename the claim back into remote_dir."""
+        moved = _move(self._server(), claim.path, self.settings.remote_dir, claim.name)
+        del self._unsettled[claim.path]
+        return moved
+
+    def _let_go(self, claim: _RemoteClaim) -> str:
+        return claim.path  # still unsettled until it is in errors: a lost connection settles it later
+
+    def _to_errors(self, place: str, error: FileFormatError) -> str:
+        sftp = self._server()
+        errors, name = self.settings.errors_dir, posixpath.basename(place)
+        moved = _move(sftp, place, errors, name)
+        self._unsettled.pop(place, None)
+        self._move_marker(sftp, name, errors)
+        with sftp.open(_wire(f"{moved}.reason.txt"), "w") as reason:
+            reason.write(f"{error}\n")
+        return moved
 
     def _move_marker(self, sftp: paramiko.SFTPClient, name: str, folder: str | None) -> None:
         """Move a data file's marker along with it (or delete it with it), when the route uses markers."""
@@ -578,40 +532,23 @@ class SftpSource:
         except FileNotFoundError:
             return
 
-    def _reject(self, sftp: paramiko.SFTPClient, claim: str, name: str, error: FileFormatError) -> SftpResult:
-        """Move a file (a claim, or an entry refused unread) to errors with its reason beside it."""
-        settings = self.settings
-        moved = _move(sftp, claim, settings.errors_dir, name)
-        self._unsettled.pop(claim, None)
-        self._move_marker(sftp, name, settings.errors_dir)
-        with sftp.open(_wire(f"{moved}.reason.txt"), "w") as reason:
-            reason.write(f"{error}\n")
-        log.error(
-            "route %s: %s from %s rejected to %s: %s",
-            settings.route, printable(name), settings.address, settings.errors_dir, error,
-            extra={"route": settings.route, "file": printable(name)},
-        )
-        if self._on_rejected is not None:
-            self._on_rejected(settings, moved, error)
-        return SftpResult(name, SftpOutcome.rejected, detail=str(error), moved_to=moved)
-
-    def _settle_unsettled(self, sftp: paramiko.SFTPClient) -> list[SftpResult]:
+    def _settle_unsettled(self, sftp: paramiko.SFTPClient) -> list[IngestResult[str]]:
         """Finish or release the claims a lost connection cut off, now that the server is back."""
-        results: list[SftpResult] = []
-        for claim, unsettled in list(self._unsettled.items()):
-            name = posixpath.basename(claim)
-            if not _exists(sftp, claim):
+        results: list[IngestResult[str]] = []
+        for path, claim in list(self._unsettled.items()):
+            if not _exists(sftp, path):
                 log.warning("route %s: claim %s was taken over by another router while disconnected",
-                            self.settings.route, claim, extra={"route": self.settings.route, "file": name})
-                del self._unsettled[claim]
-            elif unsettled.confirmed and (sftp.lstat(claim).st_size or 0) != unsettled.size:
+                            self.settings.route, path,
+                            extra={"route": self.settings.route, "file": claim.name})
+                del self._unsettled[path]
+            elif claim.confirmed and (sftp.lstat(path).st_size or 0) != claim.size:
                 # Appended to while the connection was down: what is not published must not be archived.
                 what = "it grew while the server was away"
-                lost = changed_refused(name, unsettled.progress.published, what)
-                results.append(self._reject(sftp, claim, name, lost))
-            elif unsettled.confirmed:
-                results.append(self._finish(sftp, claim, name, unsettled.progress))
+                grown = changed_refused(claim.name, claim.progress.published, what)
+                results.append(self._reject(claim, grown))
+            elif claim.confirmed:
+                results.append(self._settle(claim))
             else:
                 lost = ConnectionError(f"the connection to {self.settings.address} was lost mid-file")
-                results.append(self._release(sftp, claim, name, unsettled.progress, lost))
+                results.append(self._release(claim, lost))
         return results

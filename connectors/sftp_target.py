@@ -158,7 +158,7 @@ class SftpTarget(FileWritingTarget[SftpTargetSettings]):
         self._remove_temporary(sftp, temporary)
         code = getattr(error, "errno", None)
         if code == errno.EACCES:
-            hint = f"check the remote folder's permissions for {self.settings.username}"
+            hint = f"check the remote folder's permissions for {self.settings.endpoint.username}"
             return AttemptResult("permanent", None, f"{what}; {hint}", reason="sftp_error")
         if code == errno.ENOENT:
             return AttemptResult("retry", None, f"{what}; does remote_dir {self.settings.remote_dir} exist?")
