@@ -79,12 +79,12 @@ RejectionHook = Callable[[Settings, Place, FileFormatError], None]
 """Called with a source's settings, where a rejected file now lies and why: it records a dead letter."""
 
 
-class RefusedUnread(Exception):
+class RefusedUnread(Exception, Generic[Place]):
     """A claimed entry turned out not to be a readable file (a link swapped in): moved aside unread."""
 
-    def __init__(self, place: Path | str, refusal: FileRefused) -> None:
+    def __init__(self, place: Place, refusal: FileRefused) -> None:
         super().__init__(str(refusal))
-        self.place = place
+        self.place: Place = place
         self.refusal = refusal
 
 
@@ -180,7 +180,7 @@ class DropSource(ABC, Generic[Settings, Candidate, ClaimT, Place]):
         try:
             claim = self._claim(candidate)
         except RefusedUnread as refused:
-            return self._refuse(refused.place, refused.refusal)  # type: ignore[arg-type]
+            return self._refuse(refused.place, refused.refusal)
         if claim is None:
             return None
         try:
