@@ -252,5 +252,6 @@ def sftp_settings(config: RouterConfig, route: RouteConfig) -> SftpSettings:
         poll=source.poll,
         stable_for=source.stable_for,
         claim_ttl=source.claim_ttl,
+        reconnect_max=source.reconnect_max,
         ready=source.readiness,
     )

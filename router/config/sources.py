@@ -62,6 +62,8 @@ class SftpSourceConfig(SftpLogin, _DropSource):
     poll: Duration = Field(5.0, gt=0)
     stable_for: Duration = 2.0
     claim_ttl: Duration = Field(600.0, gt=0)
+    reconnect_max: Duration = Field(60.0, gt=0)
+    """The longest wait between attempts while the server is unreachable (the backoff doubles up to it)."""
     """How long a claim on the server lives unless its router renews it (see connectors.sftp_source)."""
 
     @model_validator(mode="after")

@@ -561,13 +561,12 @@ def test_sftp_and_rest_knobs_have_defaults_and_can_be_set(tmp_path: Path) -> Non
     text = VALID.replace("routes:\n", "routes:\n" + textwrap.indent(textwrap.dedent(SFTP_AND_REST), "  "))
     (tmp_path / "known_hosts").write_text("[127.0.0.1]:22 ssh-ed25519 AAAA\n", encoding="utf-8")
     asn, orders = load_config(_write(tmp_path, text), {}).routes[:2]
-    assert (asn.source.claim_ttl, orders.source.max_page_bytes, orders.source.max_pages_per_poll) == (
-        600.0, 32 * 1024 * 1024, 1000
-    )
-    text = text.replace("remote_dir: /srv/inbound", "remote_dir: /srv/inbound\n      claim_ttl: 15m")
+    assert (asn.source.claim_ttl, asn.source.reconnect_max) == (600.0, 60.0)
+    assert (orders.source.max_page_bytes, orders.source.max_pages_per_poll) == (32 * 1024 * 1024, 1000)
+    sftp_knobs = "\n      claim_ttl: 15m\n      reconnect_max: 5m"
+    text = text.replace("remote_dir: /srv/inbound", "remote_dir: /srv/inbound" + sftp_knobs)
     rest_knobs = "\n      max_page_bytes: 4MiB\n      max_pages_per_poll: 50"
     text = text.replace(REST_URL, "url: http://127.0.0.1:9/orders" + rest_knobs)
     asn, orders = load_config(_write(tmp_path, text), {}).routes[:2]
-    assert (asn.source.claim_ttl, orders.source.max_page_bytes, orders.source.max_pages_per_poll) == (
-        900.0, 4 * 1024 * 1024, 50
-    )
+    assert (asn.source.claim_ttl, asn.source.reconnect_max) == (900.0, 300.0)
+    assert (orders.source.max_page_bytes, orders.source.max_pages_per_poll) == (4 * 1024 * 1024, 50)
