@@ -1,5 +1,8 @@
 """File drop source: POS exports and other files dropped into a local folder.
 
+The claim → publish → settle sequence is :mod:`connectors.drop_source`'s; this module supplies the
+local folder's operations: listing, claiming with a rename and a lock, watching a growing file, moving.
+
 A file is taken once it is complete by the route's ``ready`` signal: ``stable`` (size and mtime
 unchanged for ``stable_for``), ``marker`` (its marker file, ``{name}.done``, exists) or ``rename``
 (its name matches ``pattern`` at all: writers use another name until done). It is claimed by an

@@ -1,5 +1,8 @@
 """SFTP source: suppliers drop ASN and receipt files on an SFTP server and the router takes them from there.
 
+The claim → publish → settle sequence is :mod:`connectors.drop_source`'s; this module supplies the
+server's operations: listing, claiming with a rename and a lease, downloading, moving.
+
 A remote file is taken once it is complete by the route's ``ready`` signal: ``stable`` (size and mtime
 the same for ``stable_for`` across polls), ``marker`` (its marker file, ``{name}.done``, is listed) or
 ``rename`` (its name matches ``pattern`` at all). It is claimed by an atomic rename into
