@@ -1,5 +1,8 @@
 """File drop source: POS exports and other files dropped into a local folder.
 
+The claim → publish → settle sequence is :mod:`connectors.drop_source`'s; this module supplies the
+local folder's operations: listing, claiming with a rename and a lock, watching a growing file, moving.
+
 A file is taken once it is complete by the route's ``ready`` signal: ``stable`` (size and mtime
 unchanged for ``stable_for``), ``marker`` (its marker file, ``{name}.done``, exists) or ``rename``
 (its name matches ``pattern`` at all: writers use another name until done). It is claimed by an
@@ -40,11 +43,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
 from connectors.chunks import ChunkSink
+from connectors.drop_source import DropSource, IngestOutcome, IngestResult, RefusedUnread
 from connectors.file_ingest import (
     READ_FLAGS,
     FileParsing,
@@ -60,9 +63,7 @@ from connectors.file_ingest import (
     printable,
     publish_file,
 )
-from ops import metrics
-from transforms.fixed_width import FixedLayout
-from transforms.parsers import CsvDialect, FileFormatError
+from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)
 
@@ -79,43 +80,18 @@ class FileDropSettings:
 
     route: str
     inbox: Path
-    pattern: str
     archive: Path
     errors: Path
-    stable_for: float
-    poll: float
-    format: str
-    records: str | None
-    chunk_size: int
-    csv: CsvDialect = field(default_factory=CsvDialect)
+    parsing: FileParsing
+    pattern: str = "*"
+    stable_for: float = 1.0
+    poll: float = 1.0
     ready: Readiness = field(default_factory=Readiness)
 
     @property
     def watch(self) -> float:
         """Seconds a published file must stand still before it is archived (0: archive at once)."""
         return self.stable_for if self.ready.waits else 0.0
-    fixed: FixedLayout | None = None
-
-
-class FileOutcome(StrEnum):
-    archived = "archived"
-    rejected = "rejected"
-    released = "released"
-
-
-@dataclass(frozen=True)
-class FileResult:
-    """What happened to one dropped file."""
-
-    name: str
-    outcome: FileOutcome
-    records: int = 0
-    chunks: int = 0
-    detail: str = ""
-    moved_to: Path | None = None
-
-
-RejectionHook = Callable[[FileDropSettings, Path, FileFormatError], None]
 
 
 @dataclass(frozen=True)
@@ -191,7 +167,7 @@ def _complete_lines(handle: IO[bytes], size: int) -> int:
     return 0
 
 
-class FileDropSource:
+class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
     """Polls one route's inbox and publishes every complete file exactly as chunks of raw records."""
 
     def __init__(
@@ -199,24 +175,16 @@ class FileDropSource:
         settings: FileDropSettings,
         sink: ChunkSink,
         *,
-        on_rejected: RejectionHook | None = None,
+        on_rejected: Callable[[FileDropSettings, Path, FileFormatError], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.settings = settings
-        self._sink = sink
-        self._on_rejected = on_rejected
-        self._clock = clock
+        super().__init__(settings, sink, on_rejected=on_rejected, clock=clock)
         self._processing = settings.inbox / PROCESSING_DIR
-        self._parsing = FileParsing(
-            settings.route,
-            "file",
-            settings.format,
-            settings.records,
-            settings.chunk_size,
-            settings.csv,
-            settings.fixed,
-        )
+        self._parsing = settings.parsing
         self._claims: dict[Path, _Claim] = {}
+
+    def _origin(self) -> str:
+        return str(self.settings.inbox)
 
     def _matching(self, folder: Path) -> list[os.DirEntry[str]]:
         """Entries of ``folder`` matching the pattern, hidden ones left out (no link is followed)."""
@@ -231,16 +199,16 @@ class FileDropSource:
         except FileNotFoundError:
             return []
 
-    def _ready_files(self) -> tuple[list[Path], list[FileResult]]:
-        """Files of the inbox complete by the route's ``ready`` signal, oldest first; links and names
-        that are not UTF-8 are refused on the way (moved to errors, unread)."""
+    def _ready_files(self) -> tuple[list[Path], list[tuple[Path, FileRefused]]]:
+        """Files of the inbox complete by the route's ``ready`` signal, oldest first; and the links and
+        names that are not UTF-8, to refuse unread."""
         settings = self.settings
         ready = settings.ready
         entries = self._matching(settings.inbox)
         names = set(os.listdir(settings.inbox)) if ready.signal is ReadySignal.marker else set()
         markers = {ready.marker_for(name) for name in names} if names else set()
         now = self._clock()
-        refused: list[FileResult] = []
+        refused: list[tuple[Path, FileRefused]] = []
         found: list[tuple[int, str, Path]] = []
         for entry in entries:
             path = Path(entry.path)
@@ -249,9 +217,9 @@ class FileDropSource:
             except FileNotFoundError:
                 continue  # claimed by another process between listing and stat
             if stat.S_ISLNK(status.st_mode):
-                refused.append(self._reject(path, link_refused(entry.name)))
+                refused.append((path, link_refused(entry.name)))
             elif not is_utf8(entry.name):
-                refused.append(self._reject(path, name_refused(entry.name)))
+                refused.append((path, name_refused(entry.name)))
             elif (
                 stat.S_ISREG(status.st_mode)
                 and entry.name not in markers
@@ -269,7 +237,20 @@ class FileDropSource:
             return now - status.st_mtime >= self.settings.stable_for
         return True
 
-    def _claim(self, path: Path) -> Path | None:
+    def _poll(self, stop: threading.Event | None) -> list[IngestResult[Path]]:
+        """Claims being watched, then orphaned claims (left by a stopped process), then the inbox."""
+        results = self._watch_claims()
+        orphans = [
+            Path(entry.path)
+            for entry in sorted(self._matching(self._processing), key=lambda entry: entry.name)
+            if Path(entry.path) not in self._claims
+        ]
+        ready, refused = self._ready_files()
+        results.extend(self._refuse(path, refusal) for path, refusal in refused)
+        self._take_each(orphans + ready, stop, results)
+        return results
+
+    def _rename_into_processing(self, path: Path) -> Path | None:
         self._processing.mkdir(parents=True, exist_ok=True)
         claimed = self._processing / path.name
         if os.path.lexists(claimed):
@@ -280,32 +261,13 @@ class FileDropSource:
             return None  # another router process claimed it first
         return claimed
 
-    def poll_once(self, stop: threading.Event | None = None) -> list[FileResult]:
-        """Ingest every file that is ready now: claims being watched, then orphaned claims, then the inbox."""
-        results = self._watch_claims()
-        orphans = [
-            Path(entry.path)
-            for entry in sorted(self._matching(self._processing), key=lambda entry: entry.name)
-            if Path(entry.path) not in self._claims
-        ]
-        ready, refused = self._ready_files()
-        results.extend(refused)
-        candidates = [(path, False) for path in orphans] + [(path, True) for path in ready]
-        for path, needs_claim in candidates:
-            if stop is not None and stop.is_set():
-                break
-            claimed = self._claim(path) if needs_claim else path
-            if claimed is None:
-                continue
-            result = self._take(claimed)
-            if result is not None:
-                results.append(result)
-        for result in results:
-            metrics.FILES_INGESTED.labels(route=self.settings.route, outcome=result.outcome).inc()
-        return results
-
-    def _take(self, claimed: Path) -> FileResult | None:
-        """Lock and publish a claimed file; None when another process holds it or it is still watched."""
+    def _claim(self, candidate: Path) -> _Claim | None:
+        """Rename an inbox file into .processing (an orphan is there already) and lock it; None when
+        another process holds it."""
+        orphan = candidate.parent == self._processing
+        claimed = candidate if orphan else self._rename_into_processing(candidate)
+        if claimed is None:
+            return None
         try:
             handle = os.fdopen(os.open(claimed, READ_FLAGS), "rb")
         except FileNotFoundError:
@@ -314,7 +276,7 @@ class FileDropSource:
             if error.errno != errno.ELOOP:
                 raise
             # A link swapped in after the listing: move it aside, still unread.
-            return self._reject(claimed, link_refused(claimed.name))
+            raise RefusedUnread(claimed, link_refused(claimed.name)) from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             status = os.fstat(handle.fileno())
@@ -325,8 +287,7 @@ class FileDropSource:
         except (BlockingIOError, FileNotFoundError):
             handle.close()
             return None  # another live process holds it
-        claim = _Claim(claimed, handle, seen, self._identity(claimed), self.settings.watch, self._clock())
-        return self._ingest(claim)
+        return _Claim(claimed, handle, seen, self._identity(claimed), self.settings.watch, self._clock())
 
     def _identity(self, claimed: Path) -> FileProgress:
         """The identity a claim was first published under (kept beside it), or a fresh one."""
@@ -339,42 +300,31 @@ class FileDropSource:
             return FileProgress()  # another file of the same name: its own identity
         return FileProgress(sha256=sha256, size=size)
 
-    def _ingest(self, claim: _Claim) -> FileResult | None:
-        try:
-            rejected = self._advance(claim, final=claim.watch == 0)
-            while rejected is None and claim.watch == 0:
-                current = _Signature.of(os.lstat(claim.path))
-                if current == claim.seen:
-                    return self._archive(claim)
-                rejected = self._grew(claim, current) or self._advance(claim, final=True)
-        except Exception as error:
-            return self._release(claim, error)
-        if rejected is not None:
-            return rejected
-        self._claims[claim.path] = claim
-        return None
+    def _publish(self, claim: _Claim) -> bool:
+        """Publish the claim; with ``stable`` it stays claimed and watched (False) until it stood still."""
+        self._advance(claim, final=claim.watch == 0)
+        if claim.watch:
+            self._claims[claim.path] = claim
+            return False
+        while (current := _Signature.of(os.lstat(claim.path))) != claim.seen:
+            self._grew(claim, current)
+            self._advance(claim, final=True)
+        return True
 
-    def _advance(self, claim: _Claim, *, final: bool) -> FileResult | None:
+    def _advance(self, claim: _Claim, *, final: bool) -> None:
         """Publish what the file holds beyond what was published; while it may grow, complete lines only."""
         size = claim.seen.size
-        end = (
-            size
-            if final or self.settings.format not in _LINE_FORMATS
-            else _complete_lines(claim.handle, size)
-        )
+        whole = final or self._parsing.format not in _LINE_FORMATS
+        end = size if whole else _complete_lines(claim.handle, size)
         if end <= claim.published_to and not (final and size == 0):
-            return None
+            return
         progress = claim.progress
         if not progress.sha256:
             progress.sha256, progress.size = file_sha256(claim.path, end), end
             self._keep_identity(claim)
-        try:
-            publish_file(claim.path, self._parsing, self._sink, progress, size=end)
-        except FileFormatError as error:
-            return self._reject(claim.path, error, claim)
+        publish_file(claim.path, self._parsing, self._sink, progress, size=end)
         claim.published_to = end
         claim.published_sha256 = progress.sha256 if end == progress.size else file_sha256(claim.path, end)
-        return None
 
     def _keep_identity(self, claim: _Claim) -> None:
         sidecar = _sidecar(claim.path)
@@ -382,16 +332,14 @@ class FileDropSource:
         staged.write_text(json.dumps({"size": claim.progress.size, "sha256": claim.progress.sha256}), "utf-8")
         os.replace(staged, sidecar)
 
-    def _grew(self, claim: _Claim, current: _Signature) -> FileResult | None:
-        """Note that a claimed file changed; a change other than an append rejects it."""
+    def _grew(self, claim: _Claim, current: _Signature) -> None:
+        """Note that a claimed file changed; raises FileRefused for a change other than an append."""
         rewritten = claim.published_to > 0 and (
             file_sha256(claim.path, claim.published_to) != claim.published_sha256
         )
         if not current.appended_to(claim.seen) or rewritten:
-            return self._changed(
-                claim,
-                f"it was replaced, truncated or rewritten ({claim.seen.size} -> {current.size} bytes)",
-            )
+            what = f"it was replaced, truncated or rewritten ({claim.seen.size} -> {current.size} bytes)"
+            raise changed_refused(printable(claim.name), claim.progress.published, what)
         log.warning(
             "file %s grew after it was taken (%d -> %d bytes); publishing what was appended",
             printable(claim.name),
@@ -400,11 +348,10 @@ class FileDropSource:
             extra={"route": self.settings.route, "file": printable(claim.name)},
         )
         claim.seen = current
-        return None
 
-    def _watch_claims(self) -> list[FileResult]:
+    def _watch_claims(self) -> list[IngestResult[Path]]:
         """Archive the published claims that stood still long enough; publish what was appended to others."""
-        results: list[FileResult] = []
+        results: list[IngestResult[Path]] = []
         for claim in list(self._claims.values()):
             try:
                 current = _Signature.of(os.lstat(claim.path))
@@ -419,17 +366,17 @@ class FileDropSource:
                 self._forget(claim)
                 continue
             now = self._clock()
-            if current != claim.seen:
-                rejected = self._grew(claim, current)
-                if rejected is not None:
-                    results.append(rejected)
-                    continue
-                claim.quiet_since = now
-                # A writer that paused longer than the window once may do so again: give it longer.
-                claim.watch = min(claim.watch * 2, LONGEST_WATCH)
-            settled = now - claim.quiet_since >= claim.watch
             try:
-                rejected = self._advance(claim, final=settled)
+                if current != claim.seen:
+                    self._grew(claim, current)
+                    claim.quiet_since = now
+                    # A writer that paused longer than the window once may do so again: give it longer.
+                    claim.watch = min(claim.watch * 2, LONGEST_WATCH)
+                settled = now - claim.quiet_since >= claim.watch
+                self._advance(claim, final=settled)
+            except FileFormatError as error:
+                results.append(self._reject(claim, error))
+                continue
             except Exception as error:
                 log.warning(
                     "file %s: publishing what was appended failed, retrying next poll: %s",
@@ -438,10 +385,8 @@ class FileDropSource:
                     extra={"route": self.settings.route, "file": printable(claim.name)},
                 )
                 continue
-            if rejected is not None:
-                results.append(rejected)
-            elif settled:
-                results.append(self._archive(claim))
+            if settled:
+                results.append(self._settle(claim))
         return results
 
     def _forget(self, claim: _Claim, *, identity: bool = True) -> None:
@@ -457,88 +402,31 @@ class FileDropSource:
             with contextlib.suppress(FileNotFoundError):
                 _move(marker, folder)
 
-    def _archive(self, claim: _Claim) -> FileResult:
-        settings = self.settings
-        progress = claim.progress
-        archived = _move(claim.path, settings.archive)
+    def _finish(self, claim: _Claim) -> tuple[IngestOutcome, Path]:
+        archived = _move(claim.path, self.settings.archive)
         self._forget(claim)
-        self._move_marker(claim.name, settings.archive)
-        log.info(
-            "file %s archived: %d records in %d chunks",
-            printable(claim.name),
-            progress.published,
-            progress.chunks,
-            extra={"route": settings.route, "file": printable(claim.name), "records": progress.published},
-        )
-        return FileResult(
-            claim.name, FileOutcome.archived, progress.published, progress.chunks, moved_to=archived
-        )
+        self._move_marker(claim.name, self.settings.archive)
+        return IngestOutcome.archived, archived
 
-    def _release(self, claim: _Claim, error: Exception) -> FileResult:
-        """Not archived: the claim goes back to the inbox and the whole file is offered again.
-
-        Its identity stays beside the claim, so chunks already confirmed carry the same event ids next
-        time and nothing doubles downstream.
-        """
-        progress = claim.progress
+    def _return(self, claim: _Claim) -> Path:
+        """Back to the inbox; the claim's identity stays beside where it was claimed."""
         released = _move(claim.path, self.settings.inbox)
         self._forget(claim, identity=False)
-        log.warning(
-            "file %s released back to the inbox after %d confirmed chunks: %s",
-            printable(claim.name),
-            progress.chunks,
-            error,
-            extra={"route": self.settings.route, "file": printable(claim.name)},
-        )
-        return FileResult(
-            claim.name, FileOutcome.released, progress.published, progress.chunks, str(error), released
-        )
+        return released
 
-    def _changed(self, claim: _Claim, what: str) -> FileResult:
-        error = changed_refused(printable(claim.name), claim.progress.published, what)
-        return self._reject(claim.path, error, claim)
+    def _let_go(self, claim: _Claim) -> Path:
+        self._forget(claim)
+        return claim.path
 
-    def _reject(self, path: Path, error: FileFormatError, claim: _Claim | None = None) -> FileResult:
-        if claim is not None:
-            self._forget(claim)
-            if claim.progress.published and not isinstance(error, FileRefused):
-                error = FileFormatError(
-                    error.name,
-                    error.line,
-                    error.column,
-                    f"{error.reason} (it changed after it was taken: records 1-{claim.progress.published} "
-                    "were published before)",
-                )
-        moved = _move(path, self.settings.errors)
-        self._move_marker(path.name, self.settings.errors)
+    def _to_errors(self, place: Path, error: FileFormatError) -> Path:
+        moved = _move(place, self.settings.errors)
+        self._move_marker(place.name, self.settings.errors)
         moved.with_name(moved.name + ".reason.txt").write_text(f"{error}\n", encoding="utf-8")
-        log.error(
-            "file %s rejected to %s: %s",
-            printable(path.name),
-            self.settings.errors,
-            error,
-            extra={"route": self.settings.route, "file": printable(path.name)},
-        )
-        if self._on_rejected is not None:
-            self._on_rejected(self.settings, moved, error)
-        return FileResult(path.name, FileOutcome.rejected, detail=str(error), moved_to=moved)
+        return moved
 
-    def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set; a failing poll is logged and retried after the poll interval."""
+    def _prepare(self) -> None:
         for folder in (self.settings.inbox, self.settings.archive, self.settings.errors):
             folder.mkdir(parents=True, exist_ok=True)
-        up = metrics.SOURCE_UP.labels(route=self.settings.route)
-        try:
-            while not stop.is_set():
-                try:
-                    self.poll_once(stop)
-                    up.set(1)
-                except Exception:
-                    up.set(0)
-                    log.exception("file source of route %s failed a poll", self.settings.route)
-                stop.wait(self.settings.poll)
-        finally:
-            self.close()
 
     def close(self) -> None:
         """Let go of the claims still watched: they stay in .processing, where the next start takes them."""

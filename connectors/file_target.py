@@ -157,28 +157,18 @@ class FilenamePattern:
         return name
 
 
-def check_filename(pattern: str, where: str) -> None:
-    """Raise ValueError naming ``where`` when ``pattern`` is not a usable ``filename`` pattern."""
-    try:
-        FilenamePattern(pattern)
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
-
-
 @dataclass(frozen=True)
 class FileTargetSettings:
-    """One file target: the local folder files are written to and how they are named and retried."""
+    """One file target: the local folder files are written to and how they are named and retried.
+
+    ``filename`` was checked by `router validate` (router.config); :class:`FilenamePattern` raises
+    ValueError for a pattern that was not."""
 
     name: str
     folder: Path
     filename: str = DEFAULT_FILENAME
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("file target: `name` is required and must not be empty")
-        check_filename(self.filename, f"file target {self.name!r}")
 
     @property
     def timeout(self) -> float:

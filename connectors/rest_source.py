@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 import jmespath
-from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
 from connectors.chunks import ChunkSink, SourceChunk, batched
@@ -73,18 +72,9 @@ def _default_retry() -> RetryPolicy:
     return RetryPolicy(attempts=5, initial=1.0, max_delay=30.0, max_age=120.0)
 
 
-def _compile(route: str, key: str, expression: str | None) -> ParsedResult | None:
-    """The compiled JMESPath of setting ``key``, or None when it is not set."""
-    if expression is None:
-        return None
-    try:
-        return jmespath.compile(expression)
-    except JMESPathError as error:
-        reason = _WHITESPACE.sub(" ", str(error)).strip()
-        raise ValueError(
-            f"rest source of route {route!r}: {key} {expression!r} is not a valid JMESPath expression: "
-            f"{reason}"
-        ) from None
+def _compile(expression: str | None) -> ParsedResult | None:
+    """The compiled JMESPath of a setting (checked by `router validate`), or None when it is not set."""
+    return jmespath.compile(expression) if expression is not None else None
 
 
 @dataclass(frozen=True)
@@ -94,6 +84,7 @@ class RestPollSettings:
     ``records`` finds the record list in a page (default: the page itself); ``cursor_param`` and
     ``cursor_next`` (both or neither) name the query parameter that selects a page and the JMESPath
     to the next page's cursor; ``record_id`` is the JMESPath to a record's own id. Durations are seconds.
+    Built from the route's configuration, which `router validate` checked (router.config).
     """
 
     route: str
@@ -112,40 +103,6 @@ class RestPollSettings:
     max_page_bytes: int = 32 * 1024 * 1024
     retry: RetryPolicy = field(default_factory=_default_retry)
     lease_ttl: float = POLL_LEASE_TTL
-
-    def __post_init__(self) -> None:
-        where = f"rest source of route {self.route!r}"
-        if not self.route:
-            raise ValueError("rest source: route name is empty")
-        try:
-            url = httpx.URL(self.url)
-        except httpx.InvalidURL as error:
-            raise ValueError(f"{where}: url {self.url!r} is not a valid URL: {error}") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(
-                f"{where}: url {url.copy_with(query=None)} must be http:// or https:// with a host"
-            )
-        if url.userinfo:
-            raise ValueError(f"{where}: url must not carry credentials; give them under auth")
-        if (self.cursor_param is None) != (self.cursor_next is None):
-            given, missing = ("param", "next") if self.cursor_next is None else ("next", "param")
-            raise ValueError(
-                f"{where}: cursor has {given} but no {missing}; it needs both param (the query parameter "
-                "that selects a page) and next (a JMESPath to the next page's cursor)"
-            )
-        if self.cursor_param == "":
-            raise ValueError(f"{where}: cursor param is empty; give the query parameter that selects a page")
-        if self.bearer is not None and self.basic is not None:
-            raise ValueError(f"{where}: auth has both bearer and basic; give one")
-        for key in ("records", "cursor_next", "record_id"):
-            _compile(self.route, key, getattr(self, key))
-        for key in ("chunk_size", "max_pages_per_poll", "max_page_bytes"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{where}: {key} must be at least 1, got {getattr(self, key)}")
-        for key in ("poll", "timeout", "lease_ttl"):
-            seconds = getattr(self, key)
-            if not seconds > 0:
-                raise ValueError(f"{where}: {key} must be a positive number of seconds, got {seconds}")
 
 
 @dataclass(frozen=True)
@@ -253,9 +210,9 @@ class RestPollSource:
         self._store = store
         self._owns_client = client is None
         self._client = client if client is not None else httpx.Client(timeout=settings.timeout)
-        self._records = _compile(settings.route, "records", settings.records)
-        self._next = _compile(settings.route, "cursor_next", settings.cursor_next)
-        self._record_id = _compile(settings.route, "record_id", settings.record_id)
+        self._records = _compile(settings.records)
+        self._next = _compile(settings.cursor_next)
+        self._record_id = _compile(settings.record_id)
         url = httpx.URL(settings.url).copy_with(fragment=None)
         self._url = url
         self._origin_url = str(url.copy_with(query=None))

@@ -26,7 +26,11 @@ class ClientKeyUnusable(paramiko.SSHException):
 
 @dataclass(frozen=True)
 class SftpEndpoint:
-    """Where and as whom to log in to an SFTP server, the known_hosts pinning its key, timeouts in seconds."""
+    """Where and as whom to log in to an SFTP server, the known_hosts pinning its key, timeouts in seconds.
+
+    Built from a route's or target's validated ``SftpLogin`` (router.config) with its files resolved:
+    the one copy of the login a source or target holds.
+    """
 
     host: str
     port: int
@@ -42,16 +46,6 @@ class SftpEndpoint:
     def address(self) -> str:
         """``host:port`` of the server, as logs and errors name it."""
         return f"{self.host}:{self.port}"
-
-    def validate(self, where: str) -> None:
-        """Raise ValueError naming ``where`` (e.g. "sftp target 'wms'") for a missing or impossible login."""
-        for name in ("host", "username"):
-            if not getattr(self, name):
-                raise ValueError(f"{where}: `{name}` is required and must not be empty")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"{where}: `port` must be 1..65535, got {self.port}")
-        if not self.password and self.key_file is None:
-            raise ValueError(f"{where}: needs `key_file` or `password` to log in as {self.username!r}")
 
 
 class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
@@ -78,7 +72,7 @@ def is_refusal(error: BaseException) -> bool:
     return isinstance(error, HostKeyRefused | ClientKeyUnusable | paramiko.AuthenticationException)
 
 
-class SftpConnection:
+class SftpSession:
     """One SSH connection with its SFTP session, kept open between uses and replaced after a loss."""
 
     def __init__(self, endpoint: SftpEndpoint) -> None:

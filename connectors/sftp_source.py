@@ -1,5 +1,8 @@
 """SFTP source: suppliers drop ASN and receipt files on an SFTP server and the router takes them from there.
 
+The claim → publish → settle sequence is :mod:`connectors.drop_source`'s; this module supplies the
+server's operations: listing, claiming with a rename and a lease, downloading, moving.
+
 A remote file is taken once it is complete by the route's ``ready`` signal: ``stable`` (size and mtime
 the same for ``stable_for`` across polls), ``marker`` (its marker file, ``{name}.done``, is listed) or
 ``rename`` (its name matches ``pattern`` at all). It is claimed by an atomic rename into
@@ -36,13 +39,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 import paramiko
 from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR, SFTPError
 
 from connectors.chunks import ChunkSink, SourceChunk
+from connectors.drop_source import DropSource, IngestOutcome, IngestResult
 from connectors.file_ingest import (
     FileParsing,
     FileProgress,
@@ -54,18 +57,13 @@ from connectors.file_ingest import (
     is_utf8,
     link_refused,
     name_refused,
-    printable,
     publish_file,
 )
 from connectors.file_source import PROCESSING_DIR
-from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
-from ops import metrics
-from transforms.fixed_width import FixedLayout
-from transforms.parsers import CsvDialect, FileFormatError
+from connectors.sftp_session import SERVER_ERRORS, SftpEndpoint, SftpSession, describe, is_refusal
+from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)
-
-SYSTEM = "sftp"
 # Bytes requested ahead while downloading: bounds the memory a download holds, yet hides the latency.
 DOWNLOAD_WINDOW = 4 << 20
 READ_REQUEST = 32 << 10
@@ -73,74 +71,25 @@ READ_REQUEST = 32 << 10
 
 @dataclass(frozen=True)
 class SftpSettings:
-    """An sftp route's source settings: server, login, remote folders, timings in seconds."""
+    """An sftp route's source settings: the server and login, remote folders, timings in seconds.
+
+    Built from the route's validated configuration (router.assembly), which `router validate` checked:
+    exactly one of ``archive`` and ``delete``, folders apart from ``remote_dir``, positive timings.
+    """
 
     route: str
-    host: str
-    port: int
-    username: str
-    known_hosts: Path
+    endpoint: SftpEndpoint
     remote_dir: str
-    pattern: str
-    format: str
-    records: str | None
-    chunk_size: int
-    password: str | None = field(default=None, repr=False)
-    key_file: Path | None = None
-    key_passphrase: str | None = field(default=None, repr=False)
+    parsing: FileParsing
+    pattern: str = "*"
     archive: str | None = None
     delete: bool = False
     errors: str | None = None
     poll: float = 5.0
     stable_for: float = 2.0
-    connect_timeout: float = 10.0
-    io_timeout: float = 60.0
     claim_ttl: float = 600.0
     reconnect_max: float = 60.0
-    csv: CsvDialect = field(default_factory=CsvDialect)
     ready: Readiness = field(default_factory=Readiness)
-    fixed: FixedLayout | None = None
-
-    def __post_init__(self) -> None:
-        where = f"sftp source of route {self.route!r}"
-        self.endpoint.validate(where)
-        for name in ("remote_dir", "pattern"):
-            if not getattr(self, name):
-                raise ValueError(f"{where}: `{name}` is required and must not be empty")
-        if bool(self.archive) == self.delete:
-            given = "both" if self.delete else "neither"
-            raise ValueError(
-                f"{where}: give exactly one of `archive` (a remote folder) or `delete: true`, not {given}"
-            )
-        if self.chunk_size < 1:
-            raise ValueError(f"{where}: `chunk_size` must be at least 1, got {self.chunk_size}")
-        for name in ("poll", "connect_timeout", "io_timeout", "claim_ttl", "reconnect_max"):
-            seconds = getattr(self, name)
-            if not seconds > 0:
-                raise ValueError(f"{where}: `{name}` must be a positive number of seconds, got {seconds!r}")
-        if not self.stable_for >= 0:
-            raise ValueError(f"{where}: `stable_for` must not be negative, got {self.stable_for!r}")
-        inbox = posixpath.normpath(self.remote_dir)
-        for name, folder in (("archive", self.archive), ("errors", self.errors)):
-            if folder and posixpath.normpath(folder) in (inbox, posixpath.normpath(self.processing_dir)):
-                raise ValueError(
-                    f"{where}: `{name}` ({folder}) must be a folder other than remote_dir ({inbox})"
-                )
-
-    @property
-    def endpoint(self) -> SftpEndpoint:
-        """The server, login and timeouts to connect with."""
-        return SftpEndpoint(
-            self.host,
-            self.port,
-            self.username,
-            self.known_hosts,
-            self.password,
-            self.key_file,
-            self.key_passphrase,
-            self.connect_timeout,
-            self.io_timeout,
-        )
 
     @property
     def address(self) -> str:
@@ -156,29 +105,6 @@ class SftpSettings:
     def errors_dir(self) -> str:
         """The remote folder files that do not parse are moved to (default ``<remote_dir>/errors``)."""
         return self.errors or posixpath.join(self.remote_dir, "errors")
-
-
-class SftpOutcome(StrEnum):
-    archived = "archived"
-    deleted = "deleted"
-    rejected = "rejected"
-    released = "released"
-
-
-@dataclass(frozen=True)
-class SftpResult:
-    """What happened to one remote file; ``moved_to`` is its remote path afterwards (None once deleted)."""
-
-    name: str
-    outcome: SftpOutcome
-    records: int = 0
-    chunks: int = 0
-    detail: str = ""
-    moved_to: str | None = None
-
-
-SftpRejectionHook = Callable[[SftpSettings, str, FileFormatError], None]
-"""Called with the settings, the remote path in ``errors`` and the parse error; records a dead letter."""
 
 
 class TransferIncomplete(OSError):
@@ -226,7 +152,12 @@ class _Sighting:
 
 
 @dataclass
-class _Unsettled:
+class _RemoteClaim:
+    """A file this router renamed into the processing folder and has not yet moved on."""
+
+    path: str
+    name: str
+    lease: _ClaimLease
     progress: FileProgress = field(default_factory=FileProgress)
     confirmed: bool = False
     size: int = 0
@@ -304,7 +235,7 @@ def _move(sftp: paramiko.SFTPClient, source: str, folder: str, name: str) -> str
     return target
 
 
-class SftpSource:
+class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
     """Polls one route's remote folder and publishes every stable file exactly once as chunks of records."""
 
     def __init__(
@@ -312,27 +243,21 @@ class SftpSource:
         settings: SftpSettings,
         sink: ChunkSink,
         *,
-        on_rejected: SftpRejectionHook | None = None,
+        on_rejected: Callable[[SftpSettings, str, FileFormatError], None] | None = None,
         clock: Callable[[], float] = time.time,
         staging_dir: Path | None = None,
     ) -> None:
-        self.settings = settings
-        self._sink = sink
-        self._on_rejected = on_rejected
-        self._clock = clock
+        super().__init__(settings, sink, on_rejected=on_rejected, clock=clock)
         self._staging_dir = staging_dir
         if staging_dir is not None:
             staging_dir.mkdir(parents=True, exist_ok=True)
-        self._parsing = FileParsing(
-            settings.route, SYSTEM, settings.format, settings.records, settings.chunk_size, settings.csv,
-            settings.fixed,
-        )
-        self._connection = SftpConnection(settings.endpoint)
+        self._parsing = settings.parsing
+        self._connection = SftpSession(settings.endpoint)
         self._failures = 0
         self._sightings: dict[str, _Sighting] = {}
         # Claims this router holds but has not yet moved on: one a lost connection cut off is settled
         # first after reconnecting (finished when every chunk was confirmed, released otherwise).
-        self._unsettled: dict[str, _Unsettled] = {}
+        self._unsettled: dict[str, _RemoteClaim] = {}
 
     @property
     def next_poll_in(self) -> float:
@@ -342,9 +267,17 @@ class SftpSource:
         ceiling = max(self.settings.reconnect_max, self.settings.poll)
         return min(ceiling, self.settings.poll * 2 ** (self._failures - 1))
 
-    def poll_once(self, stop: threading.Event | None = None) -> list[SftpResult]:
-        """Ingest every remote file that is ready now; a server problem is logged and ends the poll early."""
-        results: list[SftpResult] = []
+    @property
+    def healthy(self) -> bool:
+        return self._failures == 0
+
+    def _origin(self) -> str:
+        return self.settings.address
+
+    def _poll(self, stop: threading.Event | None) -> list[IngestResult[str]]:
+        """Claims a lost connection cut off, expired claims, then the ready files; a server problem is
+        logged and ends the poll early."""
+        results: list[IngestResult[str]] = []
         sftp = self._session()
         if sftp is None:
             return results
@@ -353,16 +286,10 @@ class SftpSource:
             self._return_expired_claims(sftp)
             ready, refused = self._ready_names(sftp)
             for name, refusal in refused:
-                source = posixpath.join(self.settings.remote_dir, name)
-                results.append(self._reject(sftp, source, name, refusal))
+                results.append(self._refuse(posixpath.join(self.settings.remote_dir, name), refusal, name))
             if ready:
                 _ensure_dir(sftp, self.settings.processing_dir)
-            for name in ready:
-                if stop is not None and stop.is_set():
-                    break
-                result = self._take(sftp, name)
-                if result is not None:
-                    results.append(result)
+            self._take_each(ready, stop, results)
         except SERVER_ERRORS as error:
             self._failures += 1
             log.warning(
@@ -374,28 +301,18 @@ class SftpSource:
             self._connection.close()
         else:
             self._failures = 0
-        for result in results:
-            metrics.FILES_INGESTED.labels(route=self.settings.route, outcome=result.outcome).inc()
         return results
-
-    def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set; server trouble never ends it, it reconnects with capped backoff."""
-        up = metrics.SOURCE_UP.labels(route=self.settings.route)
-        try:
-            while not stop.is_set():
-                try:
-                    self.poll_once(stop)
-                    up.set(0 if self._failures else 1)
-                except Exception:
-                    up.set(0)
-                    log.exception("route %s: SFTP source failed a poll", self.settings.route)
-                stop.wait(self.next_poll_in)
-        finally:
-            self.close()
 
     def close(self) -> None:
         """Close the SFTP session and its SSH connection."""
         self._connection.close()
+
+    def _server(self) -> paramiko.SFTPClient:
+        """The session of the poll under way; a connection lost meanwhile ends the poll (a server error)."""
+        sftp = self._connection.session()
+        if sftp is None:
+            raise ConnectionResetError(f"the connection to {self.settings.address} was lost")
+        return sftp
 
     def _session(self) -> paramiko.SFTPClient | None:
         """The open SFTP session, connecting when there is none; None (logged) when that fails."""
@@ -420,7 +337,8 @@ class SftpSource:
                      settings.route, settings.address, self._failures, extra={"route": settings.route})
         else:
             log.info("route %s: connected to SFTP server %s as %s",
-                     settings.route, settings.address, settings.username, extra={"route": settings.route})
+                     settings.route, settings.address, settings.endpoint.username,
+                     extra={"route": settings.route})
         return sftp
 
     def _named(self, name: str) -> bool:
@@ -492,17 +410,18 @@ class SftpSource:
             except FileNotFoundError:
                 continue  # another router returned it first
 
-    def _claim(self, sftp: paramiko.SFTPClient, name: str) -> tuple[str, float] | None:
+    def _claim(self, name: str) -> _RemoteClaim | None:
         """Rename ``name`` into the processing folder; None when another router got it first."""
+        sftp = self._server()
         source = posixpath.join(self.settings.remote_dir, name)
-        claim = posixpath.join(self.settings.processing_dir, name)
+        path = posixpath.join(self.settings.processing_dir, name)
         stamp = self._clock()
         try:
             if stat.S_ISLNK(sftp.lstat(source).st_mode or 0):
                 return None  # became a link since the listing: refused next poll, never stamped through
             # Stamp first: a claim must never show up in .processing already looking expired.
             sftp.utime(source, (int(stamp), int(stamp)))
-            sftp.rename(source, claim)
+            sftp.rename(source, path)
         except OSError as error:
             if not self._connection.connected:
                 raise
@@ -512,42 +431,28 @@ class SftpSource:
                 log.info("route %s: %s not claimed this poll: %s", self.settings.route, name, error,
                          extra={"route": self.settings.route, "file": name})
             return None
-        return claim, stamp
-
-    def _take(self, sftp: paramiko.SFTPClient, name: str) -> SftpResult | None:
-        claimed = self._claim(sftp, name)
-        if claimed is None:
-            return None
-        claim, stamp = claimed
         self._sightings.pop(name, None)
-        unsettled = self._unsettled[claim] = _Unsettled()
-        progress = unsettled.progress
-        lease = _ClaimLease(sftp, claim, stamp, self.settings, self._clock)
+        lease = _ClaimLease(sftp, path, stamp, self.settings, self._clock)
+        claim = self._unsettled[path] = _RemoteClaim(path, name, lease)
+        return claim
+
+    def _publish(self, claim: _RemoteClaim) -> bool:
+        """Download the claim to a staging file and publish it, then what was appended meanwhile."""
+        sftp = self._server()
         with tempfile.TemporaryDirectory(prefix="sftp-", dir=self._staging_dir) as staging:
             # The staging copy keeps the remote name, so parse errors name the file the supplier sent.
-            local = Path(staging) / name
-            try:
-                unsettled.size = size = self._download(sftp, claim, local, lease)
-                publish_file(local, self._parsing, lease.renewing(self._sink), progress, name=name, size=size)
-                unsettled.confirmed = True
-                self._publish_appended(sftp, claim, local, lease, unsettled)
-            except FileFormatError as error:
-                return self._reject(sftp, claim, name, error)
-            except Exception as error:
-                return self._release(sftp, claim, name, progress, error)
-        return self._finish(sftp, claim, name, progress)
+            local = Path(staging) / claim.name
+            claim.size = size = self._download(sftp, claim.path, local, claim.lease)
+            sink = claim.lease.renewing(self._sink)
+            publish_file(local, self._parsing, sink, claim.progress, name=claim.name, size=size)
+            claim.confirmed = True
+            self._publish_appended(sftp, claim, local)
+        return True
 
-    def _publish_appended(
-        self,
-        sftp: paramiko.SFTPClient,
-        claim: str,
-        local: Path,
-        lease: _ClaimLease,
-        unsettled: _Unsettled,
-    ) -> None:
+    def _publish_appended(self, sftp: paramiko.SFTPClient, claim: _RemoteClaim, local: Path) -> None:
         """Publish what a writer appended to the claim while it was published, until it stops growing."""
-        name, progress, size = local.name, unsettled.progress, unsettled.size
-        while (grown := sftp.lstat(claim).st_size or 0) != size:
+        name, progress, size, lease = local.name, claim.progress, claim.size, claim.lease
+        while (grown := sftp.lstat(claim.path).st_size or 0) != size:
             if grown < size:
                 raise changed_refused(name, progress.published, f"it was truncated ({size} -> {grown} bytes)")
             log.warning(
@@ -555,11 +460,11 @@ class SftpSource:
                 self.settings.route, name, size, grown,
                 extra={"route": self.settings.route, "file": name},
             )
-            size = self._download(sftp, claim, local, lease)
+            size = self._download(sftp, claim.path, local, lease)
             if file_sha256(local, progress.size) != progress.sha256:
                 raise changed_refused(name, progress.published, "its beginning was rewritten")
             publish_file(local, self._parsing, lease.renewing(self._sink), progress, name=name, size=size)
-            unsettled.size = size
+            claim.size = size
 
     def _download(self, sftp: paramiko.SFTPClient, claim: str, local: Path, lease: _ClaimLease) -> int:
         """Stream ``claim`` into ``local`` window by window; returns its size, raises unless all arrived."""
@@ -585,38 +490,36 @@ class SftpSource:
             )
         return expected
 
-    def _finish(self, sftp: paramiko.SFTPClient, claim: str, name: str, progress: FileProgress) -> SftpResult:
-        """Archive or delete a claim whose every chunk the broker confirmed."""
-        settings = self.settings
-        moved: str | None = None
-        if settings.archive:
-            moved = _move(sftp, claim, settings.archive, name)
-            outcome = SftpOutcome.archived
+    def _finish(self, claim: _RemoteClaim) -> tuple[IngestOutcome, str | None]:
+        sftp = self._server()
+        archive = self.settings.archive
+        if archive:
+            moved: str | None = _move(sftp, claim.path, archive, claim.name)
         else:
-            sftp.remove(claim)
-            outcome = SftpOutcome.deleted
-        del self._unsettled[claim]
-        self._move_marker(sftp, name, settings.archive)
-        log.info(
-            "route %s: %s from %s %s: %d records in %d chunks",
-            settings.route, name, settings.address, outcome.value, progress.records, progress.chunks,
-            extra={"route": settings.route, "file": name, "records": progress.records},
-        )
-        return SftpResult(name, outcome, progress.records, progress.chunks, moved_to=moved)
+            sftp.remove(claim.path)
+            moved = None
+        del self._unsettled[claim.path]
+        self._move_marker(sftp, claim.name, archive)
+        return (IngestOutcome.archived if archive else IngestOutcome.deleted), moved
 
-    def _release(
-        self, sftp: paramiko.SFTPClient, claim: str, name: str, progress: FileProgress, error: Exception
-    ) -> SftpResult:
-        """Rename a claim back into remote_dir: not every chunk was confirmed, so a later poll retries it."""
-        settings = self.settings
-        log.warning(
-            "route %s: %s not ingested (%d chunks confirmed): %s; releasing it back to %s",
-            settings.route, name, progress.chunks, describe(error), settings.remote_dir,
-            extra={"route": settings.route, "file": name},
-        )
-        moved = _move(sftp, claim, settings.remote_dir, name)
-        del self._unsettled[claim]
-        return SftpResult(name, SftpOutcome.released, progress.records, progress.chunks, str(error), moved)
+    def _return(self, claim: _RemoteClaim) -> str:
+        """Rename the claim back into remote_dir."""
+        moved = _move(self._server(), claim.path, self.settings.remote_dir, claim.name)
+        del self._unsettled[claim.path]
+        return moved
+
+    def _let_go(self, claim: _RemoteClaim) -> str:
+        return claim.path  # still unsettled until it is in errors: a lost connection settles it later
+
+    def _to_errors(self, place: str, error: FileFormatError) -> str:
+        sftp = self._server()
+        errors, name = self.settings.errors_dir, posixpath.basename(place)
+        moved = _move(sftp, place, errors, name)
+        self._unsettled.pop(place, None)
+        self._move_marker(sftp, name, errors)
+        with sftp.open(_wire(f"{moved}.reason.txt"), "w") as reason:
+            reason.write(f"{error}\n")
+        return moved
 
     def _move_marker(self, sftp: paramiko.SFTPClient, name: str, folder: str | None) -> None:
         """Move a data file's marker along with it (or delete it with it), when the route uses markers."""
@@ -632,40 +535,23 @@ class SftpSource:
         except FileNotFoundError:
             return
 
-    def _reject(self, sftp: paramiko.SFTPClient, claim: str, name: str, error: FileFormatError) -> SftpResult:
-        """Move a file (a claim, or an entry refused unread) to errors with its reason beside it."""
-        settings = self.settings
-        moved = _move(sftp, claim, settings.errors_dir, name)
-        self._unsettled.pop(claim, None)
-        self._move_marker(sftp, name, settings.errors_dir)
-        with sftp.open(_wire(f"{moved}.reason.txt"), "w") as reason:
-            reason.write(f"{error}\n")
-        log.error(
-            "route %s: %s from %s rejected to %s: %s",
-            settings.route, printable(name), settings.address, settings.errors_dir, error,
-            extra={"route": settings.route, "file": printable(name)},
-        )
-        if self._on_rejected is not None:
-            self._on_rejected(settings, moved, error)
-        return SftpResult(name, SftpOutcome.rejected, detail=str(error), moved_to=moved)
-
-    def _settle_unsettled(self, sftp: paramiko.SFTPClient) -> list[SftpResult]:
+    def _settle_unsettled(self, sftp: paramiko.SFTPClient) -> list[IngestResult[str]]:
         """Finish or release the claims a lost connection cut off, now that the server is back."""
-        results: list[SftpResult] = []
-        for claim, unsettled in list(self._unsettled.items()):
-            name = posixpath.basename(claim)
-            if not _exists(sftp, claim):
+        results: list[IngestResult[str]] = []
+        for path, claim in list(self._unsettled.items()):
+            if not _exists(sftp, path):
                 log.warning("route %s: claim %s was taken over by another router while disconnected",
-                            self.settings.route, claim, extra={"route": self.settings.route, "file": name})
-                del self._unsettled[claim]
-            elif unsettled.confirmed and (sftp.lstat(claim).st_size or 0) != unsettled.size:
+                            self.settings.route, path,
+                            extra={"route": self.settings.route, "file": claim.name})
+                del self._unsettled[path]
+            elif claim.confirmed and (sftp.lstat(path).st_size or 0) != claim.size:
                 # Appended to while the connection was down: what is not published must not be archived.
                 what = "it grew while the server was away"
-                lost = changed_refused(name, unsettled.progress.published, what)
-                results.append(self._reject(sftp, claim, name, lost))
-            elif unsettled.confirmed:
-                results.append(self._finish(sftp, claim, name, unsettled.progress))
+                grown = changed_refused(claim.name, claim.progress.published, what)
+                results.append(self._reject(claim, grown))
+            elif claim.confirmed:
+                results.append(self._settle(claim))
             else:
                 lost = ConnectionError(f"the connection to {self.settings.address} was lost mid-file")
-                results.append(self._release(sftp, claim, name, unsettled.progress, lost))
+                results.append(self._release(claim, lost))
         return results

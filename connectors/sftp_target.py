@@ -18,11 +18,9 @@ import contextlib
 import errno
 import io
 import logging
-import math
 import posixpath
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -32,59 +30,30 @@ from connectors.delivery import AttemptResult
 from connectors.file_target import (
     DEFAULT_FILENAME,
     FileWritingTarget,
-    check_filename,
     temporary_name,
 )
 from connectors.retry import RetryPolicy
-from connectors.sftp_session import SERVER_ERRORS, SftpConnection, SftpEndpoint, describe, is_refusal
+from connectors.sftp_session import SERVER_ERRORS, SftpEndpoint, SftpSession, describe, is_refusal
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SftpTargetSettings:
-    """One SFTP target: server, login, remote folder, file naming, retry; ``timeout`` bounds each
-    connect and each server reply, in seconds."""
+    """One SFTP target: the server and login, remote folder, file naming, retry. The endpoint's timeouts
+    bound each connect and each server reply (the target's ``timeout``, in seconds)."""
 
     name: str
-    host: str
-    port: int
-    username: str
-    known_hosts: Path
+    endpoint: SftpEndpoint
     remote_dir: str
     filename: str = DEFAULT_FILENAME
-    password: str | None = field(default=None, repr=False)
-    key_file: Path | None = None
-    key_passphrase: str | None = field(default=None, repr=False)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
-    timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("sftp target: `name` is required and must not be empty")
-        where = f"sftp target {self.name!r}"
-        self.endpoint.validate(where)
-        if not self.remote_dir:
-            raise ValueError(f"{where}: `remote_dir` is required and must not be empty")
-        if not (math.isfinite(self.timeout) and self.timeout > 0):
-            raise ValueError(f"{where}: `timeout` must be a positive number of seconds, got {self.timeout!r}")
-        check_filename(self.filename, where)
 
     @property
-    def endpoint(self) -> SftpEndpoint:
-        """The server, login and timeouts to connect with."""
-        return SftpEndpoint(
-            self.host,
-            self.port,
-            self.username,
-            self.known_hosts,
-            self.password,
-            self.key_file,
-            self.key_passphrase,
-            connect_timeout=self.timeout,
-            io_timeout=self.timeout,
-        )
+    def timeout(self) -> float:
+        """Seconds one attempt may wait on the server: what the delivery worker budgets per attempt."""
+        return self.endpoint.io_timeout
 
 
 class SftpTarget(FileWritingTarget[SftpTargetSettings]):
@@ -95,7 +64,7 @@ class SftpTarget(FileWritingTarget[SftpTargetSettings]):
     def __init__(self, settings: SftpTargetSettings, **hooks: Any) -> None:
         """``hooks`` are FileWritingTarget's injectable sleep, clock, on_attempt and now."""
         super().__init__(settings, **hooks)
-        self._connection = SftpConnection(settings.endpoint)
+        self._connection = SftpSession(settings.endpoint)
         self._address = settings.endpoint.address
         # Connection state is shared by whoever delivers through this target.
         self._lock = threading.Lock()
@@ -135,7 +104,7 @@ class SftpTarget(FileWritingTarget[SftpTargetSettings]):
         if sftp is None:
             sftp = self._connection.connect()
             log.info("%s: connected to SFTP server %s as %s", self._where, self._address,
-                     self.settings.username, extra={"target": self.settings.name})
+                     self.settings.endpoint.username, extra={"target": self.settings.name})
         for leftover in sorted(self._leftovers):
             self._remove_temporary(sftp, leftover)
         return sftp
@@ -189,7 +158,7 @@ class SftpTarget(FileWritingTarget[SftpTargetSettings]):
         self._remove_temporary(sftp, temporary)
         code = getattr(error, "errno", None)
         if code == errno.EACCES:
-            hint = f"check the remote folder's permissions for {self.settings.username}"
+            hint = f"check the remote folder's permissions for {self.settings.endpoint.username}"
             return AttemptResult("permanent", None, f"{what}; {hint}", reason="sftp_error")
         if code == errno.ENOENT:
             return AttemptResult("retry", None, f"{what}; does remote_dir {self.settings.remote_dir} exist?")

@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from connectors.circuit import CircuitSettings
 from connectors.delivery import DeliveryTarget
+from connectors.file_ingest import FileParsing
 from connectors.file_source import FileDropSettings
 from connectors.file_target import FileTarget, FileTargetSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.rest_source import RestPollSettings
 from connectors.retry import RetryPolicy
+from connectors.sftp_session import SftpEndpoint
 from connectors.sftp_source import SftpSettings
 from connectors.sftp_target import SftpTarget, SftpTargetSettings
 from connectors.webhooks.settings import WebhookSettings
 from ops import metrics
 from router.broker import BrokerSettings
 from router.config import (
-    AuthConfig,
-    DeliverRule,
+    DeliverTo,
+    FileSourceConfig,
     FileTargetConfig,
     RestSourceConfig,
     RouteConfig,
     RouterConfig,
-    SftpConnection,
+    SftpLogin,
     SftpSourceConfig,
     SftpTargetConfig,
     TargetConfig,
@@ -51,7 +52,7 @@ def broker_settings(config: RouterConfig) -> BrokerSettings:
     )
 
 
-def _delivery_rule(config: RouterConfig, rule: DeliverRule) -> DeliveryRule:
+def _delivery_rule(config: RouterConfig, rule: DeliverTo) -> DeliveryRule:
     target = config.targets[rule.target]
     return DeliveryRule(
         target=rule.target,
@@ -90,33 +91,30 @@ def fixed_layout(route: RouteConfig) -> FixedLayout | None:
     return compile_layout(route.fixed.layout()) if route.fixed is not None else None
 
 
+def file_parsing(route: RouteConfig) -> FileParsing:
+    """How a file or SFTP route's files are read: format, record path, chunk size, CSV dialect, layout."""
+    return FileParsing(
+        route.name, route.source.type, route.format, route.records, route.chunk_size, csv_dialect(route),
+        fixed_layout(route),
+    )
+
+
 def file_drop_settings(config: RouterConfig, route: RouteConfig) -> FileDropSettings:
     """Resolve a file route's folders against the config file's folder."""
     source = route.source
+    assert isinstance(source, FileSourceConfig)
     inbox = config.resolve_path(source.path)
     return FileDropSettings(
         route=route.name,
         inbox=inbox,
-        pattern=source.pattern,
         archive=config.resolve_path(source.archive) if source.archive else inbox.parent / "archive",
         errors=config.resolve_path(source.errors) if source.errors else inbox.parent / "errors",
+        parsing=file_parsing(route),
+        pattern=source.pattern,
         stable_for=source.stable_for,
         poll=source.poll,
-        format=route.format,
-        records=route.records,
-        chunk_size=route.chunk_size,
-        csv=csv_dialect(route),
         ready=source.readiness,
-        fixed=fixed_layout(route),
     )
-
-
-def credentials(auth: AuthConfig | None) -> tuple[str | None, tuple[str, str] | None]:
-    """(bearer token, (user, password)) from an ``auth:`` block; either may be None."""
-    if auth is None:
-        return None, None
-    basic = (auth.basic.username, auth.basic.password) if auth.basic else None
-    return auth.bearer, basic
 
 
 def delivery_target(config: RouterConfig, name: str, target: TargetConfig) -> DeliveryTarget:
@@ -138,17 +136,12 @@ def delivery_target(config: RouterConfig, name: str, target: TargetConfig) -> De
         file_settings = FileTargetSettings(name, folder, target.filename, retry=retry, circuit=circuit)
         return FileTarget(file_settings, on_attempt=count_attempt)
     if isinstance(target, SftpTargetConfig):
+        endpoint = sftp_endpoint(config, target, connect_timeout=target.timeout, io_timeout=target.timeout)
         sftp_settings = SftpTargetSettings(
-            name=name,
-            **_sftp_login(config, target),
-            remote_dir=target.remote_dir,
-            filename=target.filename,
-            retry=retry,
-            circuit=circuit,
-            timeout=target.timeout,
+            name, endpoint, target.remote_dir, target.filename, retry=retry, circuit=circuit
         )
         return SftpTarget(sftp_settings, on_attempt=count_attempt)
-    bearer, basic = credentials(target.auth)
+    bearer, basic = target.auth.credentials() if target.auth else (None, None)
     http_settings = HttpTargetSettings(
         name=name,
         url=target.url,
@@ -210,7 +203,7 @@ def rest_poll_settings(route: RouteConfig) -> RestPollSettings:
     """A REST route's polling settings."""
     source = route.source
     assert isinstance(source, RestSourceConfig)
-    bearer, basic = credentials(source.auth)
+    bearer, basic = source.auth.credentials() if source.auth else (None, None)
     return RestPollSettings(
         route=route.name,
         url=source.url,
@@ -224,40 +217,41 @@ def rest_poll_settings(route: RouteConfig) -> RestPollSettings:
         cursor_next=source.cursor.next if source.cursor else None,
         record_id=source.id,
         timeout=source.timeout,
+        max_pages_per_poll=source.max_pages_per_poll,
+        max_page_bytes=source.max_page_bytes,
     )
 
 
-def _sftp_login(config: RouterConfig, connection: SftpConnection) -> dict[str, Any]:
-    """Server and login of SFTP source or target settings; key files resolved against the config folder."""
-    return {
-        "host": connection.host,
-        "port": connection.port,
-        "username": connection.username,
-        "known_hosts": config.resolve_path(connection.known_hosts),
-        "password": connection.password,
-        "key_file": config.resolve_path(connection.key_file) if connection.key_file else None,
-        "key_passphrase": connection.key_passphrase,
-    }
+def sftp_endpoint(config: RouterConfig, login: SftpLogin, **timeouts: float) -> SftpEndpoint:
+    """The one runtime copy of an SFTP login: key and known_hosts files resolved against the config folder."""
+    return SftpEndpoint(
+        host=login.host,
+        port=login.port,
+        username=login.username,
+        known_hosts=config.resolve_path(login.known_hosts),
+        password=login.password,
+        key_file=config.resolve_path(login.key_file) if login.key_file else None,
+        key_passphrase=login.key_passphrase,
+        **timeouts,
+    )
 
 
 def sftp_settings(config: RouterConfig, route: RouteConfig) -> SftpSettings:
-    """An SFTP route's settings, with its key and known_hosts files resolved against the config folder."""
+    """An SFTP route's source settings (the endpoint keeps its default connect and I/O timeouts)."""
     source = route.source
     assert isinstance(source, SftpSourceConfig)
     return SftpSettings(
         route=route.name,
-        **_sftp_login(config, source),
+        endpoint=sftp_endpoint(config, source),
         remote_dir=source.remote_dir,
+        parsing=file_parsing(route),
         pattern=source.pattern,
-        format=route.format,
-        records=route.records,
-        chunk_size=route.chunk_size,
         archive=source.archive,
         delete=source.delete,
         errors=source.errors,
         poll=source.poll,
         stable_for=source.stable_for,
-        csv=csv_dialect(route),
+        claim_ttl=source.claim_ttl,
+        reconnect_max=source.reconnect_max,
         ready=source.readiness,
-        fixed=fixed_layout(route),
     )

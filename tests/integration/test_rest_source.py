@@ -571,33 +571,6 @@ def test_two_routers_on_one_route_take_turns_instead_of_both_polling(
     assert first_sink.record_ids() == ["A1", "A2", "B1", "B2", "C1"]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"records": "data[?"}, "records 'data[?' is not a valid JMESPath expression"),
-        ({"record_id": "sku |"}, "record_id 'sku |' is not a valid JMESPath expression"),
-        ({"cursor_next": None}, "cursor has param but no next"),
-        ({"cursor_param": None}, "cursor has next but no param"),
-        ({"bearer": "t", "basic": ("u", "p")}, "auth has both bearer and basic"),
-        ({"url": "ftp://127.0.0.1/stock"}, "must be http:// or https://"),
-        ({"url": "http://user:pw@127.0.0.1/stock"}, "url must not carry credentials"),
-        ({"chunk_size": 0}, "chunk_size must be at least 1"),
-    ],
-)
-def test_bad_settings_are_refused_with_a_clear_message(overrides: dict[str, Any], message: str) -> None:
-    options: dict[str, Any] = {
-        "route": ROUTE,
-        "url": "http://127.0.0.1:9/stock",
-        "records": "data",
-        "chunk_size": 100,
-        "cursor_param": "after",
-        "cursor_next": "paging.next",
-    }
-    with pytest.raises(ValueError, match=rf"route '{ROUTE}': .*") as raised:
-        RestPollSettings(**{**options, **overrides})
-    assert message in str(raised.value)
-
-
 @dataclass
 class SlowSink(RecordingSink):
     """A broker that takes ``seconds`` to confirm each chunk: a poll that outlasts the poll lease's ttl."""

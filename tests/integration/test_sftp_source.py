@@ -16,8 +16,10 @@ import pytest
 
 from connectors import sftp_source
 from connectors.chunks import SourceChunk
-from connectors.file_ingest import Readiness, Refusal, refusal_of
-from connectors.sftp_source import SftpOutcome, SftpSettings, SftpSource
+from connectors.drop_source import IngestOutcome
+from connectors.file_ingest import FileParsing, Readiness, Refusal, refusal_of
+from connectors.sftp_session import SftpEndpoint
+from connectors.sftp_source import SftpSettings, SftpSource
 from ops.metrics import REGISTRY
 from tests.sftp_server import CLIENT_KEY_PASSPHRASE, SftpServer, generate_key, running_sftp_server
 from transforms.parsers import FileFormatError
@@ -66,28 +68,32 @@ def supplier_dir(tmp_path: Path) -> Path:
 
 
 def settings_for(server: SftpServer, inbox: Path, **overrides: Any) -> SftpSettings:
-    values: dict[str, Any] = {
-        "route": "supplier-asn",
+    """Source settings for ``inbox`` on ``server``; an override may name a login or parsing field too."""
+    login: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": server.port,
         "username": server.username,
         "known_hosts": server.known_hosts,
-        "remote_dir": str(inbox),
-        "pattern": "*.csv",
-        "format": "csv",
-        "records": "rows",
-        "chunk_size": 2,
         "key_file": server.client_key,
         "key_passphrase": CLIENT_KEY_PASSPHRASE,
+        "connect_timeout": 5.0,
+        "io_timeout": 10.0,
+    }
+    parsing: dict[str, Any] = {"format": "csv", "records": "rows", "chunk_size": 2}
+    values: dict[str, Any] = {
+        "route": "supplier-asn",
+        "remote_dir": str(inbox),
+        "pattern": "*.csv",
         "archive": str(inbox.parent / "archive"),
         "poll": 0.05,
         "stable_for": 0.0,
-        "connect_timeout": 5.0,
-        "io_timeout": 10.0,
         "reconnect_max": 0.2,
     }
-    values.update(overrides)
-    return SftpSettings(**values)
+    for key, value in overrides.items():
+        (login if key in login or key == "password" else parsing if key in parsing else values)[key] = value
+    endpoint = SftpEndpoint(**login)
+    file_parsing = FileParsing(values["route"], "sftp", **parsing)
+    return SftpSettings(endpoint=endpoint, parsing=file_parsing, **values)
 
 
 def drop(server: SftpServer, inbox: Path, name: str, text: str = ASN) -> None:
@@ -115,7 +121,7 @@ def test_a_dropped_file_is_published_with_its_remote_name_then_archived(
     finally:
         source.close()
 
-    assert (result.outcome, result.records, result.chunks) == (SftpOutcome.archived, 3, 2)
+    assert (result.outcome, result.records, result.chunks) == (IngestOutcome.archived, 3, 2)
     assert [c.origin["file"] for c in sink.chunks] == ["asn-0001.csv", "asn-0001.csv"]
     assert all(c.system == "sftp" and c.route == "supplier-asn" for c in sink.chunks)
     assert [[r.number for r in c.records] for c in sink.chunks] == [[1, 2], [3]]
@@ -139,7 +145,7 @@ def test_with_delete_the_remote_file_is_removed_after_publishing(
     finally:
         source.close()
 
-    assert result.outcome is SftpOutcome.deleted and result.moved_to is None
+    assert result.outcome is IngestOutcome.deleted and result.moved_to is None
     assert sum(len(c.records) for c in sink.chunks) == 3
     assert sorted(p.name for p in supplier_dir.iterdir()) == [".processing", "notes.txt"]
     assert not (supplier_dir.parent / "archive").exists()
@@ -169,7 +175,7 @@ def test_a_file_still_growing_is_taken_only_once_stable(sftp_server: SftpServer,
         [result] = source.poll_once()
     finally:
         source.close()
-    assert result.outcome is SftpOutcome.archived and result.records == 3
+    assert result.outcome is IngestOutcome.archived and result.records == 3
 
 
 def test_a_changed_host_key_is_refused_and_the_file_stays(
@@ -254,7 +260,7 @@ def test_an_unconfirmed_publish_releases_the_file_for_a_later_poll(
     source = SftpSource(settings_for(sftp_server, supplier_dir), sink)
     try:
         [first] = source.poll_once()
-        assert first.outcome is SftpOutcome.released and first.chunks == 1
+        assert first.outcome is IngestOutcome.released and first.chunks == 1
         assert "broker unreachable" in first.detail
         assert (supplier_dir / "asn-0005.csv").read_text() == ASN
         assert not (supplier_dir.parent / "archive").exists()
@@ -263,7 +269,7 @@ def test_an_unconfirmed_publish_releases_the_file_for_a_later_poll(
         [second] = source.poll_once()
     finally:
         source.close()
-    assert second.outcome is SftpOutcome.archived
+    assert second.outcome is IngestOutcome.archived
     ids = [c.message_id for c in sink.chunks]
     assert ids[0] == ids[1], "the chunk confirmed before the failure is republished under the same id"
     assert len(ids) == 3
@@ -296,10 +302,10 @@ def test_a_file_cut_off_by_a_lost_connection_is_settled_after_reconnecting(
 
     archive = supplier_dir.parent / "archive"
     if broker_confirmed:
-        assert [(r.outcome, r.records, r.chunks) for r in results] == [(SftpOutcome.archived, 3, 2)]
+        assert [(r.outcome, r.records, r.chunks) for r in results] == [(IngestOutcome.archived, 3, 2)]
         assert len(sink.chunks) == 2, "a confirmed file is archived, not published again"
     else:
-        assert [r.outcome for r in results] == [SftpOutcome.released, SftpOutcome.archived]
+        assert [r.outcome for r in results] == [IngestOutcome.released, IngestOutcome.archived]
         assert sum(len(c.records) for c in sink.chunks) == 3
     assert (archive / "asn-0007.csv").read_text() == ASN
     assert not list((supplier_dir / ".processing").iterdir())
@@ -322,7 +328,7 @@ def test_an_unparseable_file_goes_to_errors_with_its_reason(
         source.close()
 
     errors = supplier_dir / "errors"
-    assert result.outcome is SftpOutcome.rejected and sink.chunks == []
+    assert result.outcome is IngestOutcome.rejected and sink.chunks == []
     assert rejected == [(str(errors / "asn-broken.csv"), result.detail)]
     reason = (errors / "asn-broken.csv.reason.txt").read_text(encoding="utf-8")
     assert reason.startswith("asn-broken.csv") and "SKU" in reason
@@ -371,7 +377,7 @@ def test_a_claim_left_by_a_crashed_router_is_taken_again_once_its_lease_expires(
     finally:
         source.close()
 
-    assert result.name == "asn-orphan.csv" and result.outcome is SftpOutcome.archived
+    assert result.name == "asn-orphan.csv" and result.outcome is IngestOutcome.archived
     assert {c.origin["file"] for c in sink.chunks} == {"asn-orphan.csv"}
     assert (processing / "asn-in-flight.csv").exists(), "a claim renewed within claim_ttl is a live router's"
 
@@ -388,7 +394,7 @@ def test_a_file_larger_than_the_download_window_arrives_byte_exact(
         [result] = source.poll_once()
     finally:
         source.close()
-    assert result.outcome is SftpOutcome.archived and result.records == 12_000 and result.chunks == 3
+    assert result.outcome is IngestOutcome.archived and result.records == 12_000 and result.chunks == 3
     published = [record.data for chunk in sink.chunks for record in chunk.records]
     expected = [{"SKU": f"SKU-{n:06d}", "STORE": f"DC{n % 7}", "QTY": f"{n % 50}"} for n in range(12_000)]
     assert published == expected
@@ -406,38 +412,8 @@ def test_password_login_works(tmp_path: Path, supplier_dir: Path) -> None:
             [result] = source.poll_once()
         finally:
             source.close()
-    assert result.outcome is SftpOutcome.archived and len(sink.chunks) == 2
+    assert result.outcome is IngestOutcome.archived and len(sink.chunks) == 2
     assert "Rcv-2024-dock!" not in repr(settings)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "complaint"),
-    [
-        ({"archive": None}, "exactly one of `archive`"),
-        ({"delete": True}, "exactly one of `archive`"),
-        ({"key_file": None}, "needs `key_file` or `password`"),
-        ({"archive": "/srv/inbound"}, "other than remote_dir"),
-        ({"port": 0}, "1..65535"),
-    ],
-)
-def test_settings_refuse_contradictory_or_missing_options(overrides: dict[str, Any], complaint: str) -> None:
-    base = {
-        "route": "supplier-asn",
-        "host": "127.0.0.1",
-        "port": 2222,
-        "username": "router",
-        "known_hosts": Path("known_hosts"),
-        "remote_dir": "/srv/inbound",
-        "pattern": "*.csv",
-        "format": "csv",
-        "records": None,
-        "chunk_size": 100,
-        "key_file": Path("id_ed25519"),
-        "archive": "/srv/archive",
-    }
-    with pytest.raises(ValueError, match="supplier-asn") as raised:
-        SftpSettings(**{**base, **overrides})
-    assert complaint in str(raised.value)
 
 
 def test_a_symbolic_link_on_the_server_is_moved_to_errors_unread(
@@ -460,7 +436,7 @@ def test_a_symbolic_link_on_the_server_is_moved_to_errors_unread(
         source.close()
 
     errors = supplier_dir / "errors"
-    assert result.outcome is SftpOutcome.rejected and sink.chunks == []
+    assert result.outcome is IngestOutcome.rejected and sink.chunks == []
     assert (errors / "asn-link.csv").is_symlink() and os.readlink(errors / "asn-link.csv") == str(secret)
     assert [refusal_of(error) for error in rejected] == [Refusal.link]
     reason = (errors / "asn-link.csv.reason.txt").read_text(encoding="utf-8")
@@ -482,7 +458,7 @@ def test_with_a_marker_a_file_is_taken_only_once_its_marker_is_there_and_leaves_
         [result] = source.poll_once()
     finally:
         source.close()
-    assert (result.name, result.outcome, result.records) == ("asn-0100.csv", SftpOutcome.archived, 3)
+    assert (result.name, result.outcome, result.records) == ("asn-0100.csv", IngestOutcome.archived, 3)
     archived = sorted(p.name for p in (supplier_dir.parent / "archive").iterdir())
     assert archived == ["asn-0100.csv", "asn-0100.ok"]
     assert sorted(p.name for p in supplier_dir.iterdir()) == [".processing"]
@@ -501,7 +477,7 @@ def test_with_a_marker_and_delete_the_marker_is_deleted_too(
         [result] = source.poll_once()
     finally:
         source.close()
-    assert result.outcome is SftpOutcome.deleted
+    assert result.outcome is IngestOutcome.deleted
     assert sorted(p.name for p in supplier_dir.iterdir()) == [".processing"]
 
 
@@ -516,7 +492,7 @@ def test_with_rename_a_matching_file_is_taken_without_waiting(
         [result] = source.poll_once()
     finally:
         source.close()
-    assert (result.name, result.outcome) == ("asn-0102.csv", SftpOutcome.archived)
+    assert (result.name, result.outcome) == ("asn-0102.csv", IngestOutcome.archived)
     assert (supplier_dir / "asn-0102.csv.tmp").exists()
 
 
@@ -537,7 +513,7 @@ def test_rows_appended_to_a_claim_while_it_is_published_are_published_before_it_
         [result] = source.poll_once()
     finally:
         source.close()
-    assert (result.outcome, result.records) == (SftpOutcome.archived, 4)
+    assert (result.outcome, result.records) == (IngestOutcome.archived, 4)
     assert [r.data["SKU"] for c in sink.chunks for r in c.records] == ["A-100", "B-200", "C-300", "D-400"]
     assert len({c.origin["sha256"] for c in sink.chunks}) == 1
     assert (supplier_dir.parent / "archive" / "asn-0103.csv").read_text().endswith("D-400,DC3,9\n")
@@ -562,7 +538,7 @@ def test_a_remote_name_that_is_not_utf8_goes_to_errors_and_the_other_files_flow(
     finally:
         source.close()
 
-    assert sorted(r.outcome for r in results) == [SftpOutcome.archived, SftpOutcome.rejected]
+    assert sorted(r.outcome for r in results) == [IngestOutcome.archived, IngestOutcome.rejected]
     assert [c.origin["file"] for c in sink.chunks] == ["asn-0104.csv", "asn-0104.csv"]
     [error] = rejected
     assert refusal_of(error) is Refusal.file_name and "asn-\\xff.csv" in str(error)

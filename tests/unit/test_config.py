@@ -467,3 +467,106 @@ def test_max_in_flight_defaults_to_the_partitions_and_cannot_exceed_them(tmp_pat
     assert "max_in_flight 9 exceeds partitions 8" in problem and "lower max_in_flight" in problem
     zero = VALID.replace("    accepts: [delta]", "    max_in_flight: 0\n    accepts: [delta]")
     assert any("targets.erp.max_in_flight" in p for p in _problems(_write(tmp_path, zero)))
+
+
+SFTP_AND_REST = """\
+      - name: asn
+        source:
+          type: sftp
+          host: 127.0.0.1
+          username: router
+          key_file: id_ed25519
+          known_hosts: known_hosts
+          remote_dir: /srv/inbound
+          archive: /srv/archive
+        format: csv
+        map: {type: sale, sku: {column: SKU}, location: {column: STORE}, quantity: {column: QTY}}
+        deliver: [erp]
+      - name: orders
+        source:
+          type: rest
+          url: http://127.0.0.1:9/orders
+          cursor: {param: after, next: paging.next}
+        format: json
+        map: {type: sale, sku: {path: sku}, location: {path: store}, quantity: {path: qty}}
+        deliver: [erp]
+"""
+
+
+NEXT_KEY = "\n          "
+"""A line break into the next key of a source in SFTP_AND_REST."""
+REST_URL = "url: http://127.0.0.1:9/orders"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "complaint"),
+    [
+        ("archive: /srv/archive", "delete: false", 15, "exactly one of archive"),
+        ("archive: /srv/archive", "delete: true" + NEXT_KEY + "archive: /a", 15, "exactly one of archive"),
+        ("archive: /srv/archive", "archive: /srv/inbound/", 15, "must be a folder other than remote_dir"),
+        ("archive: /srv/archive", "archive: /srv/archive" + NEXT_KEY + "errors: /srv/inbound/.processing", 15,
+         "errors (/srv/inbound/.processing) must be a folder other than remote_dir"),
+        ("key_file: id_ed25519", "port: 0", 19, "greater than or equal to 1"),
+        ("key_file: id_ed25519", "port: 22", 15, "give key_file or password"),
+        ("host: 127.0.0.1", 'host: ""', 17, "at least 1 character"),
+        ("remote_dir: /srv/inbound", 'remote_dir: ""', 21, "at least 1 character"),
+        ("archive: /srv/archive", "archive: /srv/a" + NEXT_KEY + "claim_ttl: 0s", 23, "greater than 0"),
+        ("next: paging.next", 'next: "paging.["', 30, "is not valid JMESPath"),
+        ("next: paging.next}", "next: paging.next}" + NEXT_KEY + "id: 'sku |'", 31, "is not valid JMESPath"),
+        ("{param: after, next: paging.next}", "{param: after}", 30, "missing required key 'next'"),
+        ("{param: after, next: paging.next}", '{param: "", next: paging.next}', 30, "at least 1 character"),
+        (REST_URL, "url: ftp://127.0.0.1/orders", 29, "must be http:// or https://"),
+        (REST_URL, "url: http://user:pw@127.0.0.1/orders", 29, "must not carry credentials"),
+        (REST_URL, REST_URL + NEXT_KEY + "max_page_bytes: 0", 30, "greater than or equal to 1"),
+        (REST_URL, REST_URL + NEXT_KEY + "auth: {bearer: t, basic: {username: u, password: p}}", 30,
+         "auth has both bearer and basic"),
+    ],
+)
+def test_connector_settings_are_refused_by_validate_at_their_line(
+    tmp_path: Path, old: str, new: str, line: int, complaint: str
+) -> None:
+    """What a source or target would refuse on start is reported by `router validate`, at its line."""
+    routes = textwrap.indent(textwrap.dedent(SFTP_AND_REST.replace(old, new, 1)), "  ")
+    text = VALID.replace("routes:\n", "routes:\n" + routes)
+    (tmp_path / "known_hosts").write_text("[127.0.0.1]:22 ssh-ed25519 AAAA\n", encoding="utf-8")
+    [problem] = _problems(_write(tmp_path, text))
+    assert problem.startswith(f"{tmp_path / 'routes.yaml'}:{line}:") and complaint in problem, problem
+
+
+@pytest.mark.parametrize(
+    ("filename", "complaint"),
+    [
+        ("{target}-{sku}.{ext}", "unknown placeholder {sku}"),
+        ("{target}-{date}.{ext}", "must contain {key}"),
+        ("../{key}.{ext}", "must name a file inside the folder"),
+        (".{key}.{ext}", "no leading dot"),
+        ("{key.{ext}", "is malformed"),
+        ("{key!r}.{ext}", "no format spec or conversion"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["file", "sftp"])
+def test_a_file_or_sftp_targets_filename_is_checked_by_validate(
+    tmp_path: Path, kind: str, filename: str, complaint: str
+) -> None:
+    where = "path: outbox" if kind == "file" else (
+        "host: 127.0.0.1, username: router, password: pw, known_hosts: known_hosts, remote_dir: /in"
+    )
+    target = f'  drop: {{type: {kind}, {where}, filename: "{filename}"}}\n'
+    text = VALID.replace("targets:\n", "targets:\n" + target)
+    [problem] = _problems(_write(tmp_path, text))
+    assert problem.startswith(f"{tmp_path / 'routes.yaml'}:6:") and complaint in problem, problem
+
+
+def test_sftp_and_rest_knobs_have_defaults_and_can_be_set(tmp_path: Path) -> None:
+    text = VALID.replace("routes:\n", "routes:\n" + textwrap.indent(textwrap.dedent(SFTP_AND_REST), "  "))
+    (tmp_path / "known_hosts").write_text("[127.0.0.1]:22 ssh-ed25519 AAAA\n", encoding="utf-8")
+    asn, orders = load_config(_write(tmp_path, text), {}).routes[:2]
+    assert (asn.source.claim_ttl, asn.source.reconnect_max) == (600.0, 60.0)
+    assert (orders.source.max_page_bytes, orders.source.max_pages_per_poll) == (32 * 1024 * 1024, 1000)
+    sftp_knobs = "\n      claim_ttl: 15m\n      reconnect_max: 5m"
+    text = text.replace("remote_dir: /srv/inbound", "remote_dir: /srv/inbound" + sftp_knobs)
+    rest_knobs = "\n      max_page_bytes: 4MiB\n      max_pages_per_poll: 50"
+    text = text.replace(REST_URL, "url: http://127.0.0.1:9/orders" + rest_knobs)
+    asn, orders = load_config(_write(tmp_path, text), {}).routes[:2]
+    assert (asn.source.claim_ttl, asn.source.reconnect_max) == (900.0, 300.0)
+    assert (orders.source.max_page_bytes, orders.source.max_pages_per_poll) == (4 * 1024 * 1024, 50)

@@ -12,25 +12,32 @@ from pathlib import Path
 import pytest
 
 from connectors.chunks import SourceChunk
-from connectors.file_ingest import Readiness, ReadySignal, Refusal, refusal_of
-from connectors.file_source import FileDropSettings, FileDropSource, FileOutcome
+from connectors.drop_source import IngestOutcome
+from connectors.file_ingest import FileParsing, Readiness, ReadySignal, Refusal, refusal_of
+from connectors.file_source import FileDropSettings, FileDropSource
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, encode_body
 from router.ingress import IngressPublisher, chunk_message
 from transforms.parsers import CsvDialect, FileFormatError
 
 
-def _settings(root: Path, *, stable_for: float = 0.0, chunk_size: int = 2) -> FileDropSettings:
+def _settings(
+    root: Path,
+    *,
+    stable_for: float = 0.0,
+    chunk_size: int = 2,
+    fmt: str = "csv",
+    records: str | None = "rows",
+    csv: CsvDialect | None = None,
+) -> FileDropSettings:
     return FileDropSettings(
         route="pos-sales",
         inbox=root / "inbox",
         pattern="*.csv",
         archive=root / "archive",
         errors=root / "errors",
+        parsing=FileParsing("pos-sales", "file", fmt, records, chunk_size, csv or CsvDialect()),
         stable_for=stable_for,
         poll=0.05,
-        format="csv",
-        records="rows",
-        chunk_size=chunk_size,
     )
 
 
@@ -53,7 +60,7 @@ def test_a_stable_file_is_published_in_chunks_then_archived(tmp_path: Path) -> N
     results = FileDropSource(_settings(tmp_path), chunks.append).poll_once()
 
     assert [(r.name, r.outcome, r.records, r.chunks) for r in results] == [
-        ("pos-1.csv", FileOutcome.archived, 3, 2)
+        ("pos-1.csv", IngestOutcome.archived, 3, 2)
     ]
     assert [[r.number for r in c.records] for c in chunks] == [[1, 2], [3]]
     assert [r.line for r in chunks[1].records] == [4]
@@ -79,7 +86,7 @@ def test_an_unparseable_file_goes_to_errors_with_its_reason_and_nothing_is_publi
     )
     [result] = source.poll_once()
 
-    assert result.outcome is FileOutcome.rejected and chunks == []
+    assert result.outcome is IngestOutcome.rejected and chunks == []
     assert rejected == ["dup.csv"]
     reason = (tmp_path / "errors" / "dup.csv.reason.txt").read_text(encoding="utf-8")
     assert "dup.csv" in reason and "SKU" in reason
@@ -96,13 +103,13 @@ def test_a_file_whose_publish_fails_returns_to_the_inbox_and_is_taken_again(tmp_
 
     source = FileDropSource(_settings(tmp_path), flaky_sink)
     [first] = source.poll_once()
-    assert first.outcome is FileOutcome.released and first.chunks == 1
+    assert first.outcome is IngestOutcome.released and first.chunks == 1
     assert (tmp_path / "inbox" / "pos-3.csv").exists()
 
     retried: list[SourceChunk] = []
     source = FileDropSource(_settings(tmp_path), retried.append)
     [second] = source.poll_once()
-    assert second.outcome is FileOutcome.archived
+    assert second.outcome is IngestOutcome.archived
     assert next(c.message_id for c in retried).startswith("pos-3.csv@")
 
 
@@ -112,7 +119,7 @@ def test_an_orphaned_claim_from_a_dead_process_is_ingested(tmp_path: Path) -> No
     (processing / "pos-4.csv").write_text(SALES, encoding="utf-8")
     chunks: list[SourceChunk] = []
     [result] = FileDropSource(_settings(tmp_path), chunks.append).poll_once()
-    assert result.outcome is FileOutcome.archived and sum(len(c.records) for c in chunks) == 3
+    assert result.outcome is IngestOutcome.archived and sum(len(c.records) for c in chunks) == 3
 
 
 def test_two_sources_on_one_inbox_ingest_each_file_once(tmp_path: Path) -> None:
@@ -148,7 +155,7 @@ def test_a_jsonl_file_with_a_lone_surrogate_and_deep_nesting_is_archived_not_ret
     # Found by tests/property: the surrogate made the broker's JSON encoding fail and the nesting raised
     # RecursionError, so the file went back to the inbox on every poll and was never ingested.
     published: list[bytes] = []
-    settings = replace(_settings(tmp_path), pattern="*.jsonl", format="jsonl", records=None)
+    settings = replace(_settings(tmp_path, fmt="jsonl", records=None), pattern="*.jsonl")
     _drop(tmp_path, "feed.jsonl", '{"sku": "\\ud800"}\n' + "[" * 50_000 + "]" * 50_000 + '\n{"sku": "B"}\n')
 
     def sink(chunk: SourceChunk) -> None:
@@ -156,7 +163,7 @@ def test_a_jsonl_file_with_a_lone_surrogate_and_deep_nesting_is_archived_not_ret
 
     [result] = FileDropSource(settings, sink).poll_once()
 
-    assert (result.outcome, result.records) == (FileOutcome.archived, 3)
+    assert (result.outcome, result.records) == (IngestOutcome.archived, 3)
     records = [record for body in published for record in decode_body(body)["records"]]
     assert [record.get("error", "")[:20] for record in records] == [
         "line holds the lone ",
@@ -203,7 +210,7 @@ def test_rows_appended_after_the_claim_are_published_in_order_before_the_file_is
     clock.now += 4.0
     [result] = source.poll_once()
 
-    assert (result.outcome, result.records) == (FileOutcome.archived, 5)
+    assert (result.outcome, result.records) == (IngestOutcome.archived, 5)
     assert _records(chunks) == [(1, "A"), (2, "B"), (3, "C"), (4, "D"), (5, "E")]
     assert len({c.origin["sha256"] for c in chunks}) == 1  # one file, one identity: event ids stay unique
     assert [c.chunk for c in chunks] == list(range(1, len(chunks) + 1))
@@ -224,7 +231,7 @@ def test_a_half_written_row_is_not_taken_until_the_writer_finishes_it(tmp_path: 
     source.poll_once()
     clock.now += 2.5
     [result] = source.poll_once()
-    assert result.outcome is FileOutcome.archived
+    assert result.outcome is IngestOutcome.archived
     assert [(r.number, r.data["QTY"]) for c in chunks for r in c.records] == [(1, "1"), (2, "12")]
 
 
@@ -236,7 +243,7 @@ def test_a_file_last_row_without_newline_is_taken_once_the_file_stood_still(tmp_
     source.poll_once()
     clock.now += 1.0
     [result] = source.poll_once()
-    assert (result.outcome, result.records) == (FileOutcome.archived, 2)
+    assert (result.outcome, result.records) == (IngestOutcome.archived, 2)
     assert _records(chunks) == [(1, "A"), (2, "B")]
 
 
@@ -255,7 +262,7 @@ def test_a_watched_file_taken_over_after_a_restart_keeps_its_event_ids(tmp_path:
     restarted.poll_once()
     clock.now += 1.0
     [result] = restarted.poll_once()
-    assert result.outcome is FileOutcome.archived
+    assert result.outcome is IngestOutcome.archived
     assert _records(again) == [(1, "A"), (2, "B")]
     # The same identity as before the restart: record 1 gets the event id it already had.
     assert {c.origin["sha256"] for c in again} == {first[0].origin["sha256"]}
@@ -274,7 +281,7 @@ def test_rows_appended_while_a_ready_file_is_published_are_published_before_arch
         chunks.append(chunk)
 
     [result] = FileDropSource(settings, appending_sink).poll_once()
-    assert (result.outcome, result.records) == (FileOutcome.archived, 4)
+    assert (result.outcome, result.records) == (IngestOutcome.archived, 4)
     assert _records(chunks) == [(1, "A"), (2, "B"), (3, "C"), (4, "D")]
 
 
@@ -294,7 +301,7 @@ def test_a_file_truncated_after_part_of_it_was_published_goes_to_errors(tmp_path
     )
     clock.now += 0.5
     [result] = source.poll_once()
-    assert result.outcome is FileOutcome.rejected
+    assert result.outcome is IngestOutcome.rejected
     [(name, error)] = rejected
     assert name == "pos-10.csv" and refusal_of(error) is Refusal.changed
     assert "records 1-3 of it were published" in str(error)
@@ -314,7 +321,7 @@ def test_with_a_marker_only_files_whose_marker_exists_are_taken_and_the_marker_i
     assert source.poll_once() == []
     _drop(tmp_path, "pos-11.csv.done", "", age=0.0)
     [result] = source.poll_once()
-    assert (result.name, result.outcome) == ("pos-11.csv", FileOutcome.archived)
+    assert (result.name, result.outcome) == ("pos-11.csv", IngestOutcome.archived)
     assert sorted(p.name for p in (tmp_path / "archive").iterdir()) == ["pos-11.csv", "pos-11.csv.done"]
     assert sorted(p.name for p in (tmp_path / "inbox").iterdir() if p.is_file()) == ["pos-12.csv"]
 
@@ -325,7 +332,7 @@ def test_with_rename_a_matching_name_is_taken_at_once(tmp_path: Path) -> None:
     _drop(tmp_path, "pos-13.csv.part", SALES, age=0.0)
     _drop(tmp_path, "pos-14.csv", SALES, age=0.0)
     [result] = FileDropSource(settings, chunks.append).poll_once()
-    assert (result.name, result.outcome) == ("pos-14.csv", FileOutcome.archived)
+    assert (result.name, result.outcome) == ("pos-14.csv", IngestOutcome.archived)
     assert (tmp_path / "inbox" / "pos-13.csv.part").exists()
 
 
@@ -341,7 +348,7 @@ def test_a_symbolic_link_is_moved_to_errors_unread(tmp_path: Path) -> None:
     )
 
     [result] = source.poll_once()
-    assert result.outcome is FileOutcome.rejected and chunks == []
+    assert result.outcome is IngestOutcome.rejected and chunks == []
     moved = tmp_path / "errors" / "x.csv"
     assert moved.is_symlink() and os.readlink(moved) == str(secret)  # the link itself, as it was
     reason = (tmp_path / "errors" / "x.csv.reason.txt").read_text(encoding="utf-8")
@@ -359,7 +366,7 @@ def test_a_link_found_among_the_claims_is_refused_not_followed(tmp_path: Path) -
     (processing / "y.csv").symlink_to(secret)
     chunks: list[SourceChunk] = []
     [result] = FileDropSource(_settings(tmp_path), chunks.append).poll_once()
-    assert result.outcome is FileOutcome.rejected and chunks == []
+    assert result.outcome is IngestOutcome.rejected and chunks == []
     assert (tmp_path / "errors" / "y.csv").is_symlink()
 
 
@@ -377,7 +384,7 @@ def test_a_file_name_that_is_not_utf8_goes_to_errors_once(
         _settings(tmp_path), through_the_broker, on_rejected=lambda s, p, e: rejected.append(e)
     )
     [result] = source.poll_once()
-    assert result.outcome is FileOutcome.rejected
+    assert result.outcome is IngestOutcome.rejected
     assert os.path.exists(os.path.join(os.fsencode(tmp_path / "errors"), b"\xff-sales.csv"))
     [error] = rejected
     assert refusal_of(error) is Refusal.file_name and "\\xff-sales.csv" in str(error)
@@ -413,7 +420,7 @@ def test_a_lone_surrogate_is_its_records_failure_and_the_file_is_archived_not_re
     fmt: str,
     records: str | None,
 ) -> None:
-    settings = replace(_settings(tmp_path), pattern="*.json*", format=fmt, records=records)
+    settings = replace(_settings(tmp_path, fmt=fmt, records=records), pattern="*.json*")
     _drop(tmp_path, name, content)
     published: list[SourceChunk] = []
 
@@ -424,28 +431,28 @@ def test_a_lone_surrogate_is_its_records_failure_and_the_file_is_archived_not_re
     source = FileDropSource(settings, sink)
 
     [result] = source.poll_once()
-    assert result.outcome is FileOutcome.archived
+    assert result.outcome is IngestOutcome.archived
     errors = [record.error or "" for chunk in published for record in chunk.records]
     assert ["surrogate" in error for error in errors] == [False, True]
     assert source.poll_once() == [] and not list((tmp_path / "inbox").glob("*.json*"))
 
 
 def test_paired_surrogates_and_escaped_backslashes_pass(tmp_path: Path) -> None:
-    settings = replace(_settings(tmp_path), pattern="*.jsonl", format="jsonl", records=None)
+    settings = replace(_settings(tmp_path, fmt="jsonl", records=None), pattern="*.jsonl")
     _drop(tmp_path, "ok.jsonl", '{"SKU": "\\ud83d\\ude00"}\n{"SKU": "\\\\ud800"}\n')
     chunks: list[SourceChunk] = []
     [result] = FileDropSource(settings, chunks.append).poll_once()
-    assert (result.outcome, result.records) == (FileOutcome.archived, 2)
+    assert (result.outcome, result.records) == (IngestOutcome.archived, 2)
     assert [r.data["SKU"] for c in chunks for r in c.records] == ["\U0001f600", "\\ud800"]
 
 
 def test_text_the_broker_cannot_encode_sends_the_file_to_errors(
     tmp_path: Path, through_the_broker: Callable[[SourceChunk], None]
 ) -> None:
-    settings = replace(_settings(tmp_path), csv=CsvDialect(encoding="raw_unicode_escape"))
+    settings = _settings(tmp_path, csv=CsvDialect(encoding="raw_unicode_escape"))
     _drop(tmp_path, "odd.csv", "SKU,STORE,QTY\nA,S1,1\nB\\ud800,S1,2\n")
     [result] = FileDropSource(settings, through_the_broker).poll_once()
-    assert result.outcome is FileOutcome.rejected
+    assert result.outcome is IngestOutcome.rejected
     reason = (tmp_path / "errors" / "odd.csv.reason.txt").read_text(encoding="utf-8")
     assert "odd.csv:3: record 2: field 'SKU' holds '\\ud800'" in reason
 
@@ -467,5 +474,5 @@ def test_a_watched_file_rewritten_in_place_goes_to_errors_not_to_the_archive(tmp
         writer.write(b"9")
     clock.now += 0.5
     [result] = source.poll_once()
-    assert result.outcome is FileOutcome.rejected
+    assert result.outcome is IngestOutcome.rejected
     assert [refusal_of(e) for e in rejected] == [Refusal.changed] and "rewritten" in str(rejected[0])

@@ -195,23 +195,3 @@ def test_stop_interrupts_the_wait_between_attempts_promptly(tmp_path: Path) -> N
     [result] = results
     assert result.outcome is DeliveryOutcome.interrupted
     assert "interrupted by shutdown after" in result.detail
-
-
-@pytest.mark.parametrize(
-    ("overrides", "complaint"),
-    [
-        ({"filename": "{target}-{sku}.{ext}"}, "unknown placeholder {sku}"),
-        ({"filename": "{target}-{date}.{ext}"}, "must contain {key}"),
-        ({"filename": "../{key}.{ext}"}, "must name a file inside the folder"),
-        ({"filename": ".{key}.{ext}"}, "no leading dot"),
-        ({"filename": "{key.{ext}"}, "is malformed"),
-        ({"filename": "{key!r}.{ext}"}, "no format spec or conversion"),
-    ],
-)
-def test_bad_settings_are_refused_with_the_target_named(
-    tmp_path: Path, overrides: dict[str, object], complaint: str
-) -> None:
-    values: dict[str, object] = {"name": "wms", "folder": tmp_path, **overrides}
-    with pytest.raises(ValueError, match="file target 'wms'") as raised:
-        FileTargetSettings(**values)  # type: ignore[arg-type]
-    assert complaint in str(raised.value)
