@@ -285,8 +285,8 @@ class Publisher:
 
 
 @contextmanager
-def publisher(settings: BrokerSettings, topology: Topology | None = None) -> Iterator[Publisher]:
-    """A connection and publisher for one thread, closed on exit."""
+def open_publisher(settings: BrokerSettings, topology: Topology | None = None) -> Iterator[Publisher]:
+    """A broker connection with a :class:`Publisher` on it for one thread, released on exit."""
     connection = connect(settings)
     try:
         yield Publisher(connection, topology or Topology(settings))

@@ -31,7 +31,7 @@ from canonical.ids import partition_for
 from connectors.file_ingest import Refusal
 from deadletter.store import DeadLetter, DeadLetterStateError, JournalEntry, StatusChange, Store
 from router import assembly
-from router.broker import Publisher, Topology, publisher
+from router.broker import Publisher, Topology, open_publisher
 from router.config import RouterConfig
 from router.pipeline import validation_detail
 from router.workers import MALFORMED_MESSAGE, REPLAY_HEADER, SNAPSHOT_TYPE
@@ -129,7 +129,7 @@ class Replayer:
             self._return_file(letter, reason, report)
             progress(1)
         if needs_broker:
-            with publisher(self.broker, self.topology) as sink:
+            with open_publisher(self.broker, self.topology) as sink:
                 for letter in needs_broker:
                     self._republish_record(sink, letter, reason, report)
                     progress(1)
@@ -335,7 +335,7 @@ class Replayer:
         """
         partitions = self.config.targets[target].partitions
         buffers: dict[int, list[dict[str, Any]]] = {}
-        with publisher(self.broker, self.topology) as sink:
+        with open_publisher(self.broker, self.topology) as sink:
 
             def flush(partition: int) -> None:
                 events = buffers.pop(partition)

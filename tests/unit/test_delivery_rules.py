@@ -23,7 +23,7 @@ from connectors.http_target import DeliveryOutcome, HttpTarget, HttpTargetSettin
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
 from ops import metrics
-from router.broker import BrokerSettings, Topology, publisher
+from router.broker import BrokerSettings, Topology, open_publisher
 from router.simulated import SimulatedTarget, TargetBehaviour
 from router.workers import REPLAY_HEADER, DeliverySettings, DeliveryWorker
 from tests.integration.harness import wait_until
@@ -68,7 +68,7 @@ class Rig:
         per_partition: dict[int, list[dict[str, Any]]] = {}
         for event in events:
             per_partition.setdefault(partition_for(event["sequence_key"], PARTITIONS), []).append(event)
-        with publisher(self.broker, topology) as sink:
+        with open_publisher(self.broker, topology) as sink:
             for partition, batch in per_partition.items():
                 sink.publish(
                     topology.delivery_queue("erp", partition),
