@@ -34,10 +34,19 @@ from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget,
 from deadletter.leases import HeldLease
 from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, lease_holder, occurred_at_of
 from ops import metrics, tracing
-from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, retry_budget
+from router.broker import BrokerSettings, Publisher, Topology, connect, retry_budget
 from router.consumer import BufferedConsumer, run_reconnecting
+from router.messages import (
+    MALFORMED_MESSAGE,
+    REPLAY_HEADER,
+    MalformedMessage,
+    PartitionBatch,
+    decode_batch,
+    decode_chunk,
+    readable_body,
+)
 from router.partitions import ASSIGNMENT_TTL, PartitionAssignment
-from router.pipeline import RoutePipeline, TransformResult, check_chunk, chunk_failures
+from router.pipeline import RoutePipeline, TransformResult, chunk_failures
 from transforms.edi import EDI_FORMATS
 from transforms.lookups import Lookup, LookupTableError
 from transforms.render import PayloadRenderer, RenderError
@@ -47,12 +56,6 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT = 0.25
 HOUSEKEEPING_TICK = 0.25
 """Longest wait between looks at the housekeeping (parked keys, journal) of a target."""
-MALFORMED_MESSAGE = "malformed_message"
-"""Dead-letter reason of a whole queue message the router cannot read: kept to inspect, not to replay."""
-# Set by `router replay` on re-sent journal events: they bypass the ledger, which would otherwise refuse
-# exactly the events a restored target needs again. They do not bypass the stale guard: a replayed
-# snapshot older than one applied since (live traffic goes on during a replay) would roll stock back.
-REPLAY_HEADER = "x-router-replay"
 RELEASE_ACTOR = "router"
 PRUNE_INTERVAL = 300.0
 RELEASE_LEASE_TTL = 30.0
@@ -122,12 +125,12 @@ class TransformWorker:
         events it published again are recognised as delivered by the targets' ledger).
         """
         try:
-            body = check_chunk(decode_body(message.body))
-        except ValueError as error:
+            body = decode_chunk(message.body)
+        except MalformedMessage as error:
             detail = f"ingress message is not a chunk of records: {error}"
             self._reject(message, "?", MALFORMED_MESSAGE, detail)
             return
-        route = body["route"]
+        route = body.route
         pipeline = self._pipelines.get(route)
         if pipeline is None:
             self._reject(message, route, "unknown_route", f"no route named {route!r} in this configuration")
@@ -138,13 +141,13 @@ class TransformWorker:
         except Exception as error:
             # Records fail one by one inside the transform; should it still fail as a whole, a redelivery
             # would fail again and hold up the route's queue, so every record becomes a replayable letter.
-            log.exception("transform of %s failed as a whole", body["message_id"], extra={"route": route})
+            log.exception("transform of %s failed as a whole", body.message_id, extra={"route": route})
             edi = pipeline.mapping.format in EDI_FORMATS
             result = TransformResult(failures=chunk_failures(route, body, error, edi=edi))
         for (target, partition), events in result.batches.items():
             publisher.publish(
                 self._topology.delivery_queue(target, partition),
-                {"route": route, "target": target, "partition": partition, "events": events},
+                PartitionBatch(target=target, partition=partition, events=events, route=route),
             )
             metrics.EVENTS_ROUTED.labels(route=route, target=target).inc(len(events))
         if result.failures:
@@ -169,7 +172,7 @@ class TransformWorker:
             log.warning(
                 "%d record(s) of %s dead-lettered (%s); first: %s",
                 len(result.failures),
-                body.get("message_id"),
+                body.message_id,
                 ", ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items())),
                 result.failures[0].detail,
                 extra={"route": route, "reason": result.failures[0].reason},
@@ -180,17 +183,12 @@ class TransformWorker:
     def _reject(self, message: Message, route: str, reason: str, detail: str) -> None:
         """Keep a whole ingress message that cannot be handled as a dead letter, then acknowledge it."""
         letter = NewDeadLetter(
-            route=route, stage="transform", reason=reason, detail=detail, payload=_raw_text(message)
+            route=route, stage="transform", reason=reason, detail=detail, payload=readable_body(message.body)
         )
         self._store.add_dead_letters([letter])
         metrics.DEADLETTERS.labels(route=route, stage="transform", reason=reason).inc()
         log.error("ingress message dead-lettered (%s): %s", reason, detail, extra={"route": route})
         message.ack()
-
-
-def _raw_text(message: Message) -> Any:
-    """A message body as text, for a dead letter an operator can read."""
-    return message.body.decode("utf-8", "replace") if isinstance(message.body, bytes) else message.body
 
 
 @dataclass(frozen=True)
@@ -206,12 +204,9 @@ class InboundBatch:
 
     @classmethod
     def of(cls, message: Message, held_since: float) -> InboundBatch:
-        """Decode a partition message; raises ValueError when it is not a list of routed events."""
+        """Decode a partition message; raises MalformedMessage when it is not a batch of routed events."""
         replay = bool((message.headers or {}).get(REPLAY_HEADER))
-        events = decode_body(message.body)["events"]
-        for event in events:
-            if not isinstance(event.get("event_id"), str) or not isinstance(event["source"]["route"], str):
-                raise ValueError("an event lacks its event_id or source route")
+        events = decode_batch(message.body).events
         return cls(message, events, time.monotonic(), held_since, replay)
 
 
@@ -416,16 +411,16 @@ class DeliveryWorker:
         """The message's events; a message that is not a batch of events becomes a dead letter (acked)."""
         try:
             return InboundBatch.of(message, held_since)
-        except (ValueError, KeyError, TypeError) as error:
+        except MalformedMessage as error:
             target = self.settings.target
-            detail = f"partition message for {target} is not a batch of events: {error!r}"
+            detail = f"partition message for {target} is not a batch of events: {error}"
             letter = NewDeadLetter(
                 route="?",
                 stage="delivery",
                 target=target,
                 reason=MALFORMED_MESSAGE,
                 detail=detail,
-                payload=_raw_text(message),
+                payload=readable_body(message.body),
             )
             self._store.add_dead_letters([letter])
             metrics.DEADLETTERS.labels(route="?", stage="delivery", reason=MALFORMED_MESSAGE).inc()

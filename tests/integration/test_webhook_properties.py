@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from connectors.signatures import sign
 from connectors.webhook import WebhookSettings, webhook_routes
 from connectors.webhook_intake import WebhookIntake
-from router.broker import BrokerSettings, Topology, connect, decode_body
+from router.broker import BrokerSettings, Topology, connect
 from router.http_server import HttpListener
 from router.ingress import IngressGroupPublisher
 from tests.integration.test_webhooks import SECRET, MemoryLedger
@@ -68,7 +68,7 @@ class Edge:
             queue = self.topology.ingress_queue(route)(connection.default_channel)
             queue.declare()
             while (message := queue.get(no_ack=True)) is not None:
-                messages.append(decode_body(message.body))
+                messages.append(json.loads(message.body))
         return messages
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -14,8 +15,9 @@ import pytest
 from connectors.chunks import SourceChunk
 from connectors.file_ingest import Readiness, ReadySignal, Refusal, refusal_of
 from connectors.file_source import FileDropSettings, FileDropSource, FileOutcome
-from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, encode_body
+from router.broker import BrokerSettings, Publisher, Topology, connect
 from router.ingress import IngressPublisher, chunk_message
+from router.messages import encode_body
 from transforms.parsers import CsvDialect, FileFormatError
 
 
@@ -157,7 +159,7 @@ def test_a_jsonl_file_with_a_lone_surrogate_and_deep_nesting_is_archived_not_ret
     [result] = FileDropSource(settings, sink).poll_once()
 
     assert (result.outcome, result.records) == (FileOutcome.archived, 3)
-    records = [record for body in published for record in decode_body(body)["records"]]
+    records = [record for body in published for record in json.loads(body)["records"]]
     assert [record.get("error", "")[:20] for record in records] == [
         "line holds the lone ",
         "line nests arrays an",
