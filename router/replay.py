@@ -36,7 +36,7 @@ from router.broker import Publisher, Topology, open_publisher
 from router.config import RouterConfig
 from router.messages import MALFORMED_MESSAGE, REPLAY_HEADER, ChunkRecord, IngressChunk, PartitionBatch
 from router.pipeline import validation_detail
-from router.workers import SNAPSHOT_TYPE
+from router.sequencing import SNAPSHOT_TYPE
 
 REPLAY_MESSAGE_EVENTS = 200
 BULK_LIMIT = 1_000_000

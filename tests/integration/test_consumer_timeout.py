@@ -19,8 +19,8 @@ from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
 from router.broker import BrokerSettings, Topology, open_publisher, queue_depth, retry_budget
+from router.delivery_worker import DeliverySettings, DeliveryWorker
 from router.simulated import SimulatedTarget, TargetBehaviour
-from router.workers import DeliverySettings, DeliveryWorker
 from tests.integration.harness import wait_until
 from transforms.render import PayloadRenderer
 

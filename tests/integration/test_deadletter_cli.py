@@ -21,9 +21,8 @@ from router.assembly import build_pipelines
 from router.broker import BrokerSettings, Topology
 from router.config import load_config
 from router.deadletter_cli import deadletter, replay_history
-from router.messages import decode_chunk
+from router.messages import REPLAY_HEADER, decode_chunk
 from router.pipeline import RoutePipeline
-from router.workers import REPLAY_HEADER
 from tests.integration.harness import write_config
 
 

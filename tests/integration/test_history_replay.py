@@ -20,9 +20,9 @@ from connectors.retry import RetryPolicy
 from deadletter.store import JournalEntry, Store
 from router.broker import BrokerSettings, Topology, open_publisher
 from router.deadletter_cli import replay_history
+from router.delivery_worker import DeliverySettings, DeliveryWorker
 from router.replay import newest_last
 from router.simulated import SimulatedTarget
-from router.workers import DeliverySettings, DeliveryWorker
 from tests.integration.harness import wait_until, write_config
 from transforms.render import PayloadRenderer
 

@@ -25,8 +25,8 @@ from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
 from router.broker import BrokerSettings, Topology, open_publisher
+from router.delivery_worker import DeliverySettings, DeliveryWorker
 from router.simulated import Fault, ReceivedRequest, SimulatedTarget, TargetBehaviour
-from router.workers import DeliverySettings, DeliveryWorker
 from tests.integration.harness import (
     RouterProcess,
     in_order_per_key,

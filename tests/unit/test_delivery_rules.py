@@ -24,8 +24,10 @@ from connectors.retry import RetryPolicy
 from deadletter.store import Store
 from ops import metrics
 from router.broker import BrokerSettings, Topology, open_publisher
+from router.delivery_worker import DeliverySettings, DeliveryWorker
+from router.messages import REPLAY_HEADER
+from router.parking import PARKED, delivery_letter
 from router.simulated import SimulatedTarget, TargetBehaviour
-from router.workers import REPLAY_HEADER, DeliverySettings, DeliveryWorker
 from tests.integration.harness import wait_until
 from transforms.render import PayloadRenderer
 
@@ -356,11 +358,11 @@ def test_a_release_that_loses_its_lease_stops_before_the_next_request(tmp_path: 
         broker = BrokerSettings(url="memory://", prefix=f"t{uuid.uuid4().hex[:8]}")
         worker = DeliveryWorker(broker, settings, client, PayloadRenderer(), store, threading.Event())
         letters = [sale("A", n) for n in range(1, 21)]
-        store.add_dead_letters([worker._letter(event, "parked", "waiting") for event in letters])
-        releasing = threading.Thread(target=worker.release_parked, daemon=True)
+        store.add_dead_letters([delivery_letter("erp", event, PARKED, "waiting") for event in letters])
+        releasing = threading.Thread(target=worker.release.release_all, daemon=True)
         releasing.start()
         wait_until(lambda: len(target.events) >= 2, 10, "the release under way")
-        store.free_lease("release:erp", "A", worker._holder)  # its lease ran out and ...
+        store.free_lease("release:erp", "A", worker.assignment.holder)  # its lease ran out and ...
         assert store.claim_lease("release:erp", "A", "another-router", 60)  # ... another router took it
         releasing.join(10)
         client.close()
