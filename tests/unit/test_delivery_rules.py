@@ -18,7 +18,7 @@ import pytest
 
 from canonical.ids import partition_for
 from connectors.circuit import CircuitBreaker, CircuitSettings
-from connectors.delivery import AttemptResult, RetryInPlace
+from connectors.delivery import AttemptKind, AttemptResult, RetryInPlace
 from connectors.http_target import DeliveryOutcome, HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
@@ -327,7 +327,7 @@ def test_no_attempt_starts_after_the_deadline_and_the_delivery_ends_as_max_age()
     def attempt() -> AttemptResult:
         started.append(now[0])
         now[0] += 1.0  # each failing attempt takes a second
-        return AttemptResult("retry", 503, "HTTP 503 from erp")
+        return AttemptResult(AttemptKind.retry, 503, "HTTP 503 from erp")
 
     policy = RetryPolicy(attempts=1000, initial=2.0, max_delay=2.0, max_age=600.0)
     circuit = CircuitBreaker("erp", CircuitSettings(failures=1000, cooldown=1.0), clock=lambda: now[0])
