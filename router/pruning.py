@@ -17,25 +17,21 @@ PRUNE_INTERVAL = 300.0
 """Seconds between two runs of each pruning job."""
 
 
-def _cutoff(retention: float) -> datetime:
-    return datetime.now(UTC) - timedelta(seconds=retention)
-
-
 def prune_journal(store: Store, retention: float) -> int:
     """Forget deliveries older than ``retention`` seconds (every target's); returns the rows removed."""
-    cutoff = _cutoff(retention)
-    pruned = store.prune_journal(cutoff)
-    if pruned:
-        log.info("pruned %d journal row(s) older than %s", pruned, cutoff.isoformat())
-    return pruned
+    return _prune("journal row(s)", store.prune_journal, retention)
 
 
 def prune_webhook_ids(store: Store, retention: float) -> int:
     """Forget accepted webhook ids older than ``retention`` seconds; returns the rows removed."""
-    cutoff = _cutoff(retention)
-    pruned = store.prune_webhook_ids(cutoff)
+    return _prune("webhook id(s)", store.prune_webhook_ids, retention)
+
+
+def _prune(what: str, prune: Callable[[datetime], int], retention: float) -> int:
+    cutoff = datetime.now(UTC) - timedelta(seconds=retention)
+    pruned = prune(cutoff)
     if pruned:
-        log.info("pruned %d webhook id(s) older than %s", pruned, cutoff.isoformat())
+        log.info("pruned %d %s older than %s", pruned, what, cutoff.isoformat())
     return pruned
 
 
