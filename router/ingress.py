@@ -22,7 +22,7 @@ def chunk_message(chunk: SourceChunk) -> IngressChunk:
     Records' document contexts (their header) go once in ``documents``; each record names its own
     by index in ``doc``, so a chunk of lines under one header carries that header once.
     """
-    identities = chunk.record_ids or [None] * len(chunk.records)
+    identities: Sequence[str | None] = chunk.record_ids or [None] * len(chunk.records)
     documents: list[Any] = []
     index: dict[int, int] = {}
     records = []

@@ -112,14 +112,14 @@ class _Versioned(msgspec.Struct):
 
 
 WireMessage = IngressChunk | PartitionBatch
-Message = TypeVar("Message", IngressChunk, PartitionBatch)
+Contract = TypeVar("Contract", IngressChunk, PartitionBatch)
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {
     IngressChunk: msgspec.json.Decoder(IngressChunk),
     PartitionBatch: msgspec.json.Decoder(PartitionBatch),
 }
-_NEWEST = {IngressChunk: CHUNK_VERSION, PartitionBatch: BATCH_VERSION}
-_NAMES = {IngressChunk: "ingress chunk", PartitionBatch: "partition batch"}
+_NEWEST: dict[type, int] = {IngressChunk: CHUNK_VERSION, PartitionBatch: BATCH_VERSION}
+_NAMES: dict[type, str] = {IngressChunk: "ingress chunk", PartitionBatch: "partition batch"}
 
 
 def encode_body(body: WireMessage | Mapping[str, Any]) -> bytes:
@@ -137,11 +137,11 @@ def decode_batch(body: bytes | str | Mapping[str, Any]) -> PartitionBatch:
     return _decode(body, PartitionBatch)
 
 
-def _decode(body: bytes | str | Mapping[str, Any], kind: type[Message]) -> Message:
+def _decode(body: bytes | str | Mapping[str, Any], kind: type[Contract]) -> Contract:
     name = _NAMES[kind]
     try:
         if isinstance(body, Mapping):
-            message: Message = msgspec.convert(body, kind)
+            message: Contract = msgspec.convert(body, kind)
         else:
             message = _decoders[kind].decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as error:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from connectors.delivery import DeliveryOutcome, DeliveryResult
 from deadletter.leases import HeldLease
@@ -22,7 +22,7 @@ from router.sequencing import SequenceGuard
 
 log = logging.getLogger(__name__)
 
-PARKED = "parked"
+PARKED: Final = "parked"
 """Reason and status of an event waiting behind its key's dead letter."""
 RELEASE_ACTOR = "router"
 RELEASE_LEASE_TTL = 30.0
