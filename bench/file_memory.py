@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.chunks import SourceChunk
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
-from router.broker import encode_body
 from router.ingress import chunk_message
+from router.messages import encode_body
 
 ROW = "T{n:09d},R1,1,SKU-{sku:05d},S00{store},{qty},2026-11-24 09:{m:02d}:{s:02d}\n"
 XML_HEADER = """<?xml version="1.0" encoding="UTF-8"?>

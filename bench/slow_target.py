@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from canonical.ids import partition_for
 from deadletter.store import Store
-from router.broker import BrokerSettings, Topology, publisher
+from router.broker import BrokerSettings, Topology, open_publisher
+from router.messages import PartitionBatch
 from router.partitions import partition_holders
 from router.simulated import SimulatedTarget, TargetBehaviour
 from tests.integration.harness import RouterProcess, wait_until, write_config
@@ -102,13 +103,13 @@ def events_for(count: int, keys: int) -> list[dict[str, Any]]:
 def publish(broker: BrokerSettings, events: Sequence[dict[str, Any]], partitions: int) -> None:
     """Publish like the transform stage: each chunk of CHUNK events as one message per partition."""
     topology = Topology(broker)
-    with publisher(broker, topology) as sink:
+    with open_publisher(broker, topology) as sink:
         for start in range(0, len(events), CHUNK):
             per_partition: dict[int, list[dict[str, Any]]] = {}
             for event in events[start : start + CHUNK]:
                 per_partition.setdefault(partition_for(event["sequence_key"], partitions), []).append(event)
             for partition, batch in per_partition.items():
-                body = {"route": "pos-sales", "target": "erp", "partition": partition, "events": batch}
+                body = PartitionBatch(target="erp", partition=partition, events=batch, route="pos-sales")
                 sink.publish(topology.delivery_queue("erp", partition), body)
 
 

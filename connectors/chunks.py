@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -18,8 +18,8 @@ class SourceChunk:
     with each record's identity it is what event ids derive from, so the same input always yields
     the same events. A record's identity is its number in the message, unless the source knows a
     better one (a REST record's own id): then ``record_ids`` gives one per record, and ``origin``
-    holds only what stays stable across re-polls. ``extra`` is added to the ingress message; an
-    ``id_origin`` there replaces ``origin`` in event ids (``{}`` for EDI, whose record ids are complete).
+    holds only what stays stable across re-polls. ``id_origin``, when given, replaces ``origin`` in event
+    ids (``{}`` for EDI, whose record ids are complete).
     ``trace`` is the trace context the chunk was taken in, when another thread publishes it.
     """
 
@@ -30,7 +30,7 @@ class SourceChunk:
     records: list[RawRecord]
     chunk: int = 1
     record_ids: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    id_origin: dict[str, Any] | None = None
     trace: Any = None
 
 

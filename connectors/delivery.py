@@ -16,18 +16,37 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from connectors.circuit import CircuitBreaker
 from connectors.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-AttemptKind = Literal["success", "permanent", "retry"]
-AttemptHook = Callable[[str, float], None]
+AttemptHook = Callable[["AttemptLabel", float], None]
 """Called after each attempt with its outcome label and duration in seconds (the attempts metric)."""
 InterruptibleSleep = Callable[[float, threading.Event | None], bool]
 Attempt = Callable[[], "AttemptResult"]
+
+
+class AttemptKind(StrEnum):
+    """What one attempt came to."""
+
+    success = "success"
+    permanent = "permanent"
+    """Refused for good: retrying cannot help."""
+    retry = "retry"
+    """Failed in a way worth another try."""
+
+
+class AttemptLabel(StrEnum):
+    """The ``outcome`` label of ``router_delivery_attempts_total``: the attempt's kind, or ``error`` for a
+    failure without an HTTP answer."""
+
+    success = "success"
+    permanent = "permanent"
+    retry = "retry"
+    error = "error"
 
 
 class DeliveryOutcome(StrEnum):
@@ -118,9 +137,11 @@ def interruptible_sleep(seconds: float, stop: threading.Event | None) -> bool:
     return stop.wait(seconds)
 
 
-def attempt_label(result: AttemptResult) -> str:
+def attempt_label(result: AttemptResult) -> AttemptLabel:
     """The attempts metric's outcome label: the kind, or ``error`` for a failure without an HTTP answer."""
-    return "error" if result.status is None and result.kind != "success" else result.kind
+    if result.status is None and result.kind is not AttemptKind.success:
+        return AttemptLabel.error
+    return AttemptLabel(result.kind.value)
 
 
 def permanent_reason(result: AttemptResult) -> str:
@@ -178,12 +199,12 @@ class RetryInPlace:
                 return _interrupted(attempts, last)
             attempts += 1
             last = self._timed(attempt)
-            self.circuit.record(target_failed=last.kind == "retry")
-            if last.kind == "success":
+            self.circuit.record(target_failed=last.kind is AttemptKind.retry)
+            if last.kind is AttemptKind.success:
                 return DeliveryResult(
                     DeliveryOutcome.delivered, attempts, last.status, last.detail, "delivered"
                 )
-            if last.kind == "permanent":
+            if last.kind is AttemptKind.permanent:
                 return DeliveryResult(
                     DeliveryOutcome.permanent, attempts, last.status, last.detail, permanent_reason(last)
                 )

@@ -342,7 +342,7 @@ def _publish_file(
                     record_ids=_edi_identities(batch, progress.sha256) if edi else None,
                     # An EDI record is identified by its interchange control number, transaction and
                     # line: the same interchange sent again under another file name is the same events.
-                    extra={"id_origin": {}} if edi else {},
+                    id_origin={} if edi else None,
                 )
             )
             progress.chunks = number

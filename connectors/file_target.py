@@ -34,6 +34,7 @@ from typing import ClassVar, Generic, Protocol, TypeVar
 from connectors.circuit import CircuitBreaker, CircuitSettings
 from connectors.delivery import (
     AttemptHook,
+    AttemptKind,
     AttemptResult,
     DeliveryOutcome,
     DeliveryResult,
@@ -280,7 +281,7 @@ class FileTarget(FileWritingTarget[FileTargetSettings]):
             _remove_quietly(temporary)
             return self._failure(final, error)
         detail = f"{self._where}: wrote {len(payload)} bytes to {final}"
-        return AttemptResult("success", None, detail)
+        return AttemptResult(AttemptKind.success, None, detail)
 
     def close(self) -> None:
         """Nothing to release: every write opens and closes its own file."""
@@ -292,11 +293,13 @@ class FileTarget(FileWritingTarget[FileTargetSettings]):
         if code in errno.errorcode:
             what += f" ({errno.errorcode[code]})"
         if code == errno.ENOENT and not folder.is_dir():
-            return AttemptResult("retry", None, f"{what}; the folder {folder} does not exist (not mounted?)")
+            return AttemptResult(
+                AttemptKind.retry, None, f"{what}; the folder {folder} does not exist (not mounted?)"
+            )
         hint = _PERMANENT_ERRNOS.get(code)
         if hint is not None:
-            return AttemptResult("permanent", None, f"{what}; {hint}", reason="file_error")
-        return AttemptResult("retry", None, what)
+            return AttemptResult(AttemptKind.permanent, None, f"{what}; {hint}", reason="file_error")
+        return AttemptResult(AttemptKind.retry, None, what)
 
 
 def _fsync_folder(folder: Path) -> None:

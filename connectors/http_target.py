@@ -89,10 +89,10 @@ class HttpTargetSettings:
 def classify(status: int) -> AttemptKind:
     """Whether an HTTP status means delivered, refused for good, or worth another try."""
     if 200 <= status < 300 or status == 409:
-        return "success"
+        return AttemptKind.success
     if status in (408, 429) or 500 <= status < 600:
-        return "retry"
-    return "permanent"
+        return AttemptKind.retry
+    return AttemptKind.permanent
 
 
 class HttpTarget:
@@ -142,7 +142,9 @@ class HttpTarget:
                     label = f"{label} after {self.settings.timeout:g}s"
                 message = str(error)
                 detail = redact(f"{label} from {name}" + (f": {message}" if message else ""))
-                return AttemptResult("retry" if retryable else "permanent", None, detail, None)
+                return AttemptResult(
+                    AttemptKind.retry if retryable else AttemptKind.permanent, None, detail, None
+                )
             span.status(response.status_code)
         status = response.status_code
         kind = classify(status)

@@ -26,7 +26,7 @@ from typing import Any
 import paramiko
 
 from connectors.circuit import CircuitSettings
-from connectors.delivery import AttemptResult
+from connectors.delivery import AttemptKind, AttemptResult
 from connectors.file_target import (
     DEFAULT_FILENAME,
     FileWritingTarget,
@@ -80,8 +80,8 @@ class SftpTarget(FileWritingTarget[SftpTargetSettings]):
                 self._connection.close()
                 detail = f"{self._where}: cannot connect to {self._address}: {describe(error)}"
                 if is_refusal(error):
-                    return AttemptResult("permanent", None, detail, reason="sftp_login")
-                return AttemptResult("retry", None, detail)
+                    return AttemptResult(AttemptKind.permanent, None, detail, reason="sftp_login")
+                return AttemptResult(AttemptKind.retry, None, detail)
             final = posixpath.join(self.settings.remote_dir, name)
             temporary = posixpath.join(self.settings.remote_dir, temporary_name(name))
             try:
@@ -90,7 +90,9 @@ class SftpTarget(FileWritingTarget[SftpTargetSettings]):
             except SERVER_ERRORS as error:
                 return self._failure(sftp, temporary, final, error)
             return AttemptResult(
-                "success", None, f"{self._where}: uploaded {len(payload)} bytes to {self._address}:{final}"
+                AttemptKind.success,
+                None,
+                f"{self._where}: uploaded {len(payload)} bytes to {self._address}:{final}",
             )
 
     def close(self) -> None:
@@ -154,15 +156,17 @@ class SftpTarget(FileWritingTarget[SftpTargetSettings]):
         if not answered:
             self._connection.close()
             self._leftovers.add(temporary)
-            return AttemptResult("retry", None, f"{what} (connection dropped; reconnecting)")
+            return AttemptResult(AttemptKind.retry, None, f"{what} (connection dropped; reconnecting)")
         self._remove_temporary(sftp, temporary)
         code = getattr(error, "errno", None)
         if code == errno.EACCES:
             hint = f"check the remote folder's permissions for {self.settings.endpoint.username}"
-            return AttemptResult("permanent", None, f"{what}; {hint}", reason="sftp_error")
+            return AttemptResult(AttemptKind.permanent, None, f"{what}; {hint}", reason="sftp_error")
         if code == errno.ENOENT:
-            return AttemptResult("retry", None, f"{what}; does remote_dir {self.settings.remote_dir} exist?")
-        return AttemptResult("retry", None, what)
+            return AttemptResult(
+                AttemptKind.retry, None, f"{what}; does remote_dir {self.settings.remote_dir} exist?"
+            )
+        return AttemptResult(AttemptKind.retry, None, what)
 
 
 def _replace(sftp: paramiko.SFTPClient, temporary: str, final: str) -> None:

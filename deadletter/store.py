@@ -913,15 +913,21 @@ class Store:
                         found[row.sequence_key] = _journal_entry(row)
         return found
 
-    def prune_history(self, before: datetime) -> int:
-        """Forget deliveries and webhook ids older than ``before`` (journal retention); rows removed."""
+    def prune_journal(self, before: datetime) -> int:
+        """Forget deliveries older than ``before`` (journal retention); rows removed."""
         cutoff = _aware("before", before)
         with self._transaction() as session:
             journal = session.execute(
                 delete(DeliveredEventRow).where(DeliveredEventRow.delivered_at < cutoff)
             )
+            return int(journal.rowcount or 0)
+
+    def prune_webhook_ids(self, before: datetime) -> int:
+        """Forget webhook ids accepted before ``before`` (journal retention); rows removed."""
+        cutoff = _aware("before", before)
+        with self._transaction() as session:
             webhooks = session.execute(delete(WebhookIdRow).where(WebhookIdRow.at < cutoff))
-            return int(journal.rowcount or 0) + int(webhooks.rowcount or 0)
+            return int(webhooks.rowcount or 0)
 
     # Parking: a key with an open letter at a target is blocked there until the letter is resolved.
 

@@ -88,7 +88,7 @@ class JsonLineFormatter(logging.Formatter):
 
 
 class ConsoleFormatter(logging.Formatter):
-    """``12:04:05 WARNING router.workers: message key=value`` for a person at a terminal."""
+    """``12:04:05 WARNING router.delivery_worker: message key=value`` for a person at a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render the record as one short line, then its traceback if any."""

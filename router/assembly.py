@@ -32,8 +32,8 @@ from router.config import (
     WebhookSourceConfig,
     read_json_schema,
 )
+from router.delivery_worker import DeliverySettings
 from router.pipeline import DeliveryRule, RoutePipeline
-from router.workers import DeliverySettings
 from transforms.filters import EventPredicate
 from transforms.fixed_width import FixedLayout, compile_layout
 from transforms.mapping import compile_mapping

@@ -20,18 +20,17 @@ twice; event ids make the copy harmless downstream, while a message never confir
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 
 from ops import tracing
 from ops.secrets import redact
+from router.messages import WireMessage, encode_body
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +85,6 @@ class BrokerSettings:
 def redact_urls(urls: Iterable[str]) -> str:
     """Broker URLs fit to print, each password masked, separated by ``, ``."""
     return ", ".join(redact(url) for url in urls)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        # Decimal travels as its exact string form; a float would round quantities.
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def encode_body(body: Mapping[str, Any]) -> bytes:
-    """Serialise a message body as compact UTF-8 JSON, Decimals as exact strings."""
-    return json.dumps(body, default=_json_default, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def decode_body(payload: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
-    """Parse a message body that :func:`encode_body` produced."""
-    if isinstance(payload, Mapping):
-        return dict(payload)
-    return json.loads(payload)
 
 
 class Topology:
@@ -237,7 +217,7 @@ class Publisher:
         return self._producer
 
     def publish(
-        self, queue: Queue, body: Mapping[str, Any], *, headers: Mapping[str, Any] | None = None
+        self, queue: Queue, body: WireMessage | Mapping[str, Any], *, headers: Mapping[str, Any] | None = None
     ) -> None:
         """Publish one message to ``queue``; returns once the broker confirmed it.
 
@@ -285,8 +265,8 @@ class Publisher:
 
 
 @contextmanager
-def publisher(settings: BrokerSettings, topology: Topology | None = None) -> Iterator[Publisher]:
-    """A connection and publisher for one thread, closed on exit."""
+def open_publisher(settings: BrokerSettings, topology: Topology | None = None) -> Iterator[Publisher]:
+    """A broker connection with a :class:`Publisher` on it for one thread, released on exit."""
     connection = connect(settings)
     try:
         yield Publisher(connection, topology or Topology(settings))

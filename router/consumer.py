@@ -19,6 +19,8 @@ from kombu.message import Message
 
 log = logging.getLogger(__name__)
 
+FETCH_TIMEOUT = 0.25
+"""Seconds a worker's fetch waits for a message before it looks at its stop event again."""
 DRAIN_POLL = 0.001
 """Seconds a fetch waits for more once the socket looks empty."""
 

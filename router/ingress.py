@@ -7,33 +7,22 @@ from contextlib import ExitStack
 from typing import Any
 
 from kombu import Queue
+from msgspec import UNSET
 
 from connectors.chunks import SourceChunk
 from ops import tracing
-from router.broker import BrokerSettings, Publisher, Topology, encode_body
+from router.broker import BrokerSettings, Publisher, Topology
 from router.confirms import ConfirmWindow, Outgoing
-from transforms.parsers import RawRecord
+from router.messages import ChunkRecord, IngressChunk, encode_body
 
 
-def _record(record: RawRecord, identity: str | None, document: int | None) -> dict[str, Any]:
-    fields = {
-        "n": record.number,
-        "line": record.line,
-        "data": record.data,
-        "error": record.error,
-        "id": identity,
-        "doc": document,
-    }
-    return {key: value for key, value in fields.items() if value is not None or key == "data"}
-
-
-def chunk_message(chunk: SourceChunk) -> dict[str, Any]:
-    """The ingress message body for a chunk: its identity plus the raw records, in order.
+def chunk_message(chunk: SourceChunk) -> IngressChunk:
+    """The ingress message for a chunk: its identity plus the raw records, in order.
 
     Records' document contexts (their header) go once in ``documents``; each record names its own
     by index in ``doc``, so a chunk of lines under one header carries that header once.
     """
-    identities = chunk.record_ids or [None] * len(chunk.records)
+    identities: Sequence[str | None] = chunk.record_ids or [None] * len(chunk.records)
     documents: list[Any] = []
     index: dict[int, int] = {}
     records = []
@@ -44,19 +33,17 @@ def chunk_message(chunk: SourceChunk) -> dict[str, Any]:
             position = index.setdefault(id(record.document), len(documents))
             if position == len(documents):
                 documents.append(record.document)
-        records.append(_record(record, identity, position))
-    body = {
-        "route": chunk.route,
-        "system": chunk.system,
-        "message_id": chunk.message_id,
-        "origin": chunk.origin,
-        "chunk": chunk.chunk,
-        "records": records,
-        **chunk.extra,
-    }
-    if documents:
-        body["documents"] = documents
-    return body
+        records.append(ChunkRecord(record.number, record.line, record.data, record.error, identity, position))
+    return IngressChunk(
+        route=chunk.route,
+        system=chunk.system,
+        message_id=chunk.message_id,
+        origin=chunk.origin,
+        chunk=chunk.chunk,
+        records=records,
+        id_origin=UNSET if chunk.id_origin is None else chunk.id_origin,
+        documents=documents or UNSET,
+    )
 
 
 class IngressPublisher:

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from deadletter.leases import HeldLease
 from deadletter.store import Store
+from router.consumer import run_reconnecting
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,48 @@ class PartitionRunner(Protocol):
 
 StartPartition = Callable[[int, threading.Event], PartitionRunner]
 """Start consuming a partition; the event is set when the hold is lost or the process drains."""
+ConsumePartition = Callable[[int, threading.Event, threading.Event], None]
+"""One broker session on a partition: ``(partition, cancel, handover)``; returns when either is set
+(on a handover, once the messages in hand are done) and raises when the broker goes away."""
+
+
+class PartitionConsumer:
+    """The :class:`PartitionRunner` thread of one held partition of a target: runs ``consume`` sessions,
+    reconnecting when the broker goes away, until cancelled or handed over."""
+
+    def __init__(
+        self, target: str, partition: int, consume: ConsumePartition, cancel: threading.Event
+    ) -> None:
+        self.target = target
+        self.partition = partition
+        self._consume = consume
+        self._cancel = cancel
+        self._handover = threading.Event()
+        self._ended = threading.Event()
+        """Set once the handover is done: the messages in hand were delivered and the consumer closed."""
+        self._thread = threading.Thread(target=self._run, name=f"deliver-{target}-{partition}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        name = f"delivery of {self.target} partition {self.partition}"
+        run_reconnecting(name, self._session, self._cancel, until=self._ended.is_set)
+
+    def _session(self) -> None:
+        self._consume(self.partition, self._cancel, self._handover)
+        if self._handover.is_set():
+            self._ended.set()
+
+    def hand_over(self) -> None:
+        """Finish the messages in hand, then stop: another process is to take the partition."""
+        self._handover.set()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
 
 @dataclass

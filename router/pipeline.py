@@ -5,7 +5,7 @@ its deterministic id, source reference and sequence key), apply the route filter
 targets whose `when` matches. A record that fails any step becomes a dead letter naming its file,
 line, record number, field and reason; the other records go on. So does a record the transform code
 itself fails on (a bug, an unexpected error): reason ``transform_error`` with the exception, replayable
-once fixed. Only a message that is not a chunk of records at all is unreadable (``check_chunk``).
+once fixed. Only a message that is not a chunk of records at all is unreadable (``router.messages``).
 Broker I/O lives in the workers.
 """
 
@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from canonical.events import parse_event
 from canonical.ids import derive_event_id, partition_for, sequence_key_for
+from router.messages import ChunkRecord, IngressChunk
 from transforms.edi import EDI_FORMATS, record_segment
 from transforms.filters import EventPredicate, FilterError
 from transforms.mapping import MappingError, RecordMapping
@@ -28,36 +29,6 @@ from transforms.parsers import RawRecord, shorten
 PLACEHOLDER_KEY = "pending"
 TRANSFORM_ERROR = "transform_error"
 """Dead-letter reason of a record the transform code failed on unexpectedly; replay it once fixed."""
-
-
-class MalformedChunk(ValueError):
-    """An ingress message that is not a chunk of records as the router's sources write them."""
-
-
-def check_chunk(body: Any) -> Mapping[str, Any]:
-    """``body`` when it is an ingress chunk (route, system, message id, numbered records), else
-    MalformedChunk saying what is missing."""
-    if not isinstance(body, Mapping):
-        raise MalformedChunk(f"ingress message is a JSON {type(body).__name__}, not an object")
-    for name in ("route", "system", "message_id"):
-        if not isinstance(body.get(name), str):
-            raise MalformedChunk(f"ingress message has no {name!r} text")
-    for name in ("origin", "id_origin"):
-        if not isinstance(body.get(name, {}), Mapping):
-            raise MalformedChunk(f"ingress message {name!r} is not an object")
-    records = body.get("records")
-    if not isinstance(records, list):
-        raise MalformedChunk("ingress message has no 'records' list")
-    documents = body.get("documents", [])
-    if not isinstance(documents, list):
-        raise MalformedChunk("ingress message 'documents' is not a list")
-    for index, raw in enumerate(records, start=1):
-        if not isinstance(raw, Mapping) or not isinstance(raw.get("n"), int):
-            raise MalformedChunk(f"record {index} of the ingress message is not an object with a number 'n'")
-        doc = raw.get("doc", 0)
-        if "doc" in raw and (not isinstance(doc, int) or not 0 <= doc < len(documents)):
-            raise MalformedChunk(f"record {index} of the ingress message names no document it carries")
-    return body
 
 
 @dataclass(frozen=True)
@@ -144,39 +115,32 @@ def validation_detail(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def _source_ref(
-    route: str, message: Mapping[str, Any], raw: Mapping[str, Any], *, edi: bool = False
-) -> dict[str, Any]:
+def _source_ref(route: str, message: IngressChunk, raw: ChunkRecord, *, edi: bool = False) -> dict[str, Any]:
     source_ref = {
         "route": route,
-        "system": message["system"],
-        "message_id": message["message_id"],
-        "record": raw["n"],
-        "file": message.get("origin", {}).get("file"),
-        "line": raw.get("line"),
+        "system": message.system,
+        "message_id": message.message_id,
+        "record": raw.n,
+        "file": message.origin.get("file"),
+        "line": raw.line,
     }
     if edi:
-        source_ref["segment"] = record_segment(raw.get("data"))
+        source_ref["segment"] = record_segment(raw.data)
     return source_ref
 
 
-def _event_id(route: str, message: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
+def _event_id(route: str, message: IngressChunk, raw: ChunkRecord) -> str:
     # A replayed dead letter carries the id its record had, so the target sees the same event.
     # ``id_origin`` is what of the origin makes ids unique; EDI records carry a complete identity of
     # their own, so their chunks name none and a resent interchange keeps its ids.
-    id_origin: Mapping[str, Any] = message.get("id_origin", message.get("origin", {}))
-    return raw.get("event_id") or derive_event_id(
-        route, message["system"], *id_origin.values(), raw.get("id", raw["n"])
+    return raw.event_id or derive_event_id(
+        route, message.system, *message.identity_origin.values(), raw.n if raw.id is None else raw.id
     )
 
 
-def _raw_record(raw: Mapping[str, Any], documents: Sequence[Any] = ()) -> RawRecord:
+def _raw_record(message: IngressChunk, raw: ChunkRecord) -> RawRecord:
     return RawRecord(
-        number=raw["n"],
-        line=raw.get("line"),
-        data=raw.get("data"),
-        error=raw.get("error"),
-        document=documents[raw["doc"]] if "doc" in raw else None,
+        number=raw.n, line=raw.line, data=raw.data, error=raw.error, document=message.document_of(raw)
     )
 
 
@@ -185,16 +149,15 @@ def _unexpected(error: Exception) -> str:
 
 
 def chunk_failures(
-    route: str, message: Mapping[str, Any], error: Exception, *, edi: bool = False
+    route: str, message: IngressChunk, error: Exception, *, edi: bool = False
 ) -> list[RecordFailure]:
     """Every record of a checked chunk as a replayable ``transform_error`` failure: what the worker keeps
     when the transform fails on the chunk as a whole (``edi``: the records are EDI, name their segment)."""
     failures = []
-    documents = message.get("documents", ())
-    for raw in message["records"]:
+    for raw in message.records:
         source_ref = _source_ref(route, message, raw, edi=edi)
         event_id = _event_id(route, message, raw)
-        record = _raw_record(raw, documents)
+        record = _raw_record(message, raw)
         failures.append(RecordFailure.of(TRANSFORM_ERROR, _unexpected(error), record, source_ref, event_id))
     return failures
 
@@ -209,14 +172,12 @@ class RoutePipeline:
     rules: Sequence[DeliveryRule]
     filter: EventPredicate | None = None
 
-    def transform(self, message: Mapping[str, Any], *, now: datetime | None = None) -> TransformResult:
-        """Turn one ingress message (a chunk of raw records, see ``check_chunk``) into routed events and
-        failures."""
+    def transform(self, message: IngressChunk, *, now: datetime | None = None) -> TransformResult:
+        """Turn one ingress chunk of raw records into routed events and failures."""
         recorded_at = (now or datetime.now(UTC)).isoformat()
         result = TransformResult()
-        documents: Sequence[Any] = message.get("documents", ())
-        for raw in message["records"]:
-            record = _raw_record(raw, documents)
+        for raw in message.records:
+            record = _raw_record(message, raw)
             source_ref = _source_ref(self.route, message, raw, edi=self.mapping.format in EDI_FORMATS)
             event_id = _event_id(self.route, message, raw)
             try:

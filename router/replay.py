@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from msgspec import UNSET
 from pydantic import ValidationError
 
 from canonical.events import parse_event
@@ -31,10 +32,11 @@ from canonical.ids import partition_for
 from connectors.file_ingest import Refusal
 from deadletter.store import DeadLetter, DeadLetterStateError, JournalEntry, StatusChange, Store
 from router import assembly
-from router.broker import Publisher, Topology, publisher
+from router.broker import Publisher, Topology, open_publisher
 from router.config import RouterConfig
+from router.messages import MALFORMED_MESSAGE, REPLAY_HEADER, ChunkRecord, IngressChunk, PartitionBatch
 from router.pipeline import validation_detail
-from router.workers import MALFORMED_MESSAGE, REPLAY_HEADER, SNAPSHOT_TYPE
+from router.sequencing import SNAPSHOT_TYPE
 
 REPLAY_MESSAGE_EVENTS = 200
 BULK_LIMIT = 1_000_000
@@ -129,7 +131,7 @@ class Replayer:
             self._return_file(letter, reason, report)
             progress(1)
         if needs_broker:
-            with publisher(self.broker, self.topology) as sink:
+            with open_publisher(self.broker, self.topology) as sink:
                 for letter in needs_broker:
                     self._republish_record(sink, letter, reason, report)
                     progress(1)
@@ -335,13 +337,13 @@ class Replayer:
         """
         partitions = self.config.targets[target].partitions
         buffers: dict[int, list[dict[str, Any]]] = {}
-        with publisher(self.broker, self.topology) as sink:
+        with open_publisher(self.broker, self.topology) as sink:
 
             def flush(partition: int) -> None:
                 events = buffers.pop(partition)
                 sink.publish(
                     self.topology.delivery_queue(target, partition),
-                    {"target": target, "partition": partition, "events": events},
+                    PartitionBatch(target=target, partition=partition, events=events),
                     headers={REPLAY_HEADER: True},
                 )
                 progress(len(events))
@@ -436,27 +438,25 @@ def _checked_event(letter: DeadLetter, payload: dict[str, Any]) -> dict[str, Any
     return event
 
 
-def record_message(letter: DeadLetter) -> dict[str, Any]:
+def record_message(letter: DeadLetter) -> IngressChunk:
     """A one-record ingress message for a transform-stage letter, keeping its original event id."""
     if letter.stage != "transform":
         raise ReplayError(f"dead letter {letter.id} is a {letter.stage} letter, not a failed record")
     source = letter.source_ref or {}
-    record: dict[str, Any] = {
-        "n": source.get("record") or 1,
-        "line": source.get("line"),
-        "data": letter.payload,
-    }
-    if letter.event_id:
-        record["event_id"] = letter.event_id
-    message = {
-        "route": letter.route,
-        "system": source.get("system") or letter.route,
-        "message_id": source.get("message_id") or f"deadletter-{letter.id}",
-        "origin": {"file": source["file"]} if source.get("file") else {},
-        "records": [record],
-    }
-    if source.get("document") is not None:
-        # The header the record was read under (XML ancestors, CSV preamble, fixed-width header).
-        record["doc"] = 0
-        message["documents"] = [source["document"]]
-    return message
+    # The header the record was read under (XML ancestors, CSV preamble, fixed-width header).
+    document = source.get("document")
+    record = ChunkRecord(
+        n=source.get("record") or 1,
+        line=source.get("line"),
+        data=letter.payload,
+        event_id=letter.event_id or None,
+        doc=None if document is None else 0,
+    )
+    return IngressChunk(
+        route=letter.route,
+        system=source.get("system") or letter.route,
+        message_id=source.get("message_id") or f"deadletter-{letter.id}",
+        origin={"file": source["file"]} if source.get("file") else {},
+        records=[record],
+        documents=UNSET if document is None else [document],
+    )

@@ -33,10 +33,11 @@ from router import assembly
 from router.broker import Publisher, Topology, connect, queue_depth
 from router.config import RouteConfig, RouterConfig
 from router.console.app import ELSEWHERE, NOT_CONFIGURED, Console, closed_console_routes
+from router.delivery_worker import DeliveryWorker
 from router.http_server import HttpListener
 from router.http_workers import HttpWorkers, worker_port
 from router.ingress import IngressGroupPublisher, IngressPublisher
-from router.workers import DeliveryWorker, TransformWorker
+from router.transform_worker import TransformWorker
 from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)

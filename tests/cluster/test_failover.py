@@ -8,6 +8,7 @@ may be lost, no key reordered, and the router must carry on through the survivin
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from deadletter.store import Store
-from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body
+from router.broker import BrokerSettings, Publisher, Topology, connect
 from router.consumer import BufferedConsumer
 from router.simulated import SimulatedTarget
 from tests.integration.harness import (
@@ -79,7 +80,7 @@ def test_confirmed_publishes_go_through_the_next_node_when_theirs_stops(
         deadline = time.monotonic() + 30
         while len(seen) < 600 and time.monotonic() < deadline:
             for message in consumer.fetch(0.5):
-                seen.add(decode_body(message.body)["n"])
+                seen.add(json.loads(message.body)["n"])
                 message.ack()
         consumer.close()
     assert seen == set(range(600))

@@ -18,9 +18,9 @@ from connectors.circuit import CircuitSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
-from router.broker import BrokerSettings, Topology, publisher, queue_depth, retry_budget
+from router.broker import BrokerSettings, Topology, open_publisher, queue_depth, retry_budget
+from router.delivery_worker import DeliverySettings, DeliveryWorker
 from router.simulated import SimulatedTarget, TargetBehaviour
-from router.workers import DeliverySettings, DeliveryWorker
 from tests.integration.harness import wait_until
 from transforms.render import PayloadRenderer
 
@@ -74,7 +74,7 @@ def test_a_message_is_settled_and_acked_before_the_consumer_timeout(
         thread.start()
         try:
             published = time.monotonic()
-            with publisher(broker, topology) as sink:
+            with open_publisher(broker, topology) as sink:
                 events = [sale(f"K{n}") for n in range(5)]
                 sink.publish(queue, {"route": "pos-sales", "target": "erp", "partition": 0, "events": events})
             wait_until(

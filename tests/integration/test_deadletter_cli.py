@@ -18,11 +18,11 @@ from kombu import Connection, Queue
 from canonical.ids import partition_for
 from deadletter.store import NewDeadLetter, Store
 from router.assembly import build_pipelines
-from router.broker import BrokerSettings, Topology, decode_body
+from router.broker import BrokerSettings, Topology
 from router.config import load_config
 from router.deadletter_cli import deadletter, replay_history
+from router.messages import REPLAY_HEADER, decode_chunk
 from router.pipeline import RoutePipeline
-from router.workers import REPLAY_HEADER
 from tests.integration.harness import write_config
 
 
@@ -89,7 +89,7 @@ def _bad_record(store: Store, config: Path, qty: str = "abc") -> int:
             }
         ],
     }
-    [failure] = pipeline.transform(message).failures
+    [failure] = pipeline.transform(decode_chunk(message)).failures
     [letter_id] = store.add_dead_letters(
         [
             NewDeadLetter(
@@ -114,7 +114,7 @@ def _drain(url: str, queue: Queue, count: int) -> list[tuple[dict[str, Any], dic
         try:
             for _ in range(count):
                 message = simple.get(timeout=10)
-                got.append((message.headers, decode_body(message.body)))
+                got.append((message.headers, json.loads(message.body)))
                 message.ack()
         finally:
             simple.close()
@@ -233,7 +233,7 @@ def test_replaying_a_failed_record_sends_it_through_the_transform_with_its_event
     [(headers, body)] = _drain(rabbitmq_url, ingress, 1)
     assert headers["replay_of"] == letter_id
     loaded = load_config(rabbit_config)
-    result = build_pipelines(loaded, loaded.routes)["pos-sales"].transform(body)
+    result = build_pipelines(loaded, loaded.routes)["pos-sales"].transform(decode_chunk(body))
     [event] = result.accepted
     assert event["event_id"] == original.event_id and event["quantity"] == "3"
     assert event["source"]["file"] == "pos-0007.csv" and event["source"]["line"] == 5

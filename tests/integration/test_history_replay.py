@@ -18,11 +18,11 @@ from canonical.ids import partition_for
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from deadletter.store import JournalEntry, Store
-from router.broker import BrokerSettings, Topology, publisher
+from router.broker import BrokerSettings, Topology, open_publisher
 from router.deadletter_cli import replay_history
+from router.delivery_worker import DeliverySettings, DeliveryWorker
 from router.replay import newest_last
 from router.simulated import SimulatedTarget
-from router.workers import DeliverySettings, DeliveryWorker
 from tests.integration.harness import wait_until, write_config
 from transforms.render import PayloadRenderer
 
@@ -61,7 +61,7 @@ class Live:
         per_partition: dict[int, list[dict[str, Any]]] = {}
         for key in KEYS:
             per_partition.setdefault(partition_for(key, PARTITIONS), []).append(snapshot(key, self.minute))
-        with publisher(self.broker, topology) as sink:
+        with open_publisher(self.broker, topology) as sink:
             for partition, events in per_partition.items():
                 sink.publish(
                     topology.delivery_queue("wms", partition),

@@ -4,6 +4,7 @@ is told who changed the letter meanwhile, and nothing is published twice or over
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shlex
 import sys
@@ -17,7 +18,7 @@ import pytest
 from kombu import Connection
 
 from deadletter.store import NewDeadLetter, Store
-from router.broker import BrokerSettings, Topology, decode_body
+from router.broker import BrokerSettings, Topology
 from tests.integration.harness import write_config
 
 pytestmark = pytest.mark.slow
@@ -244,7 +245,7 @@ def _replayed_records(url: str, prefix: str) -> list[int]:
                 except simple.Empty:
                     break
                 published.append(message.headers["replay_of"])
-                assert decode_body(message.body)["records"][0]["event_id"].startswith("record-")
+                assert json.loads(message.body)["records"][0]["event_id"].startswith("record-")
                 message.ack()
         finally:
             simple.close()

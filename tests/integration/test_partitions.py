@@ -24,9 +24,9 @@ from connectors.circuit import CircuitSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
-from router.broker import BrokerSettings, Topology, publisher
+from router.broker import BrokerSettings, Topology, open_publisher
+from router.delivery_worker import DeliverySettings, DeliveryWorker
 from router.simulated import Fault, ReceivedRequest, SimulatedTarget, TargetBehaviour
-from router.workers import DeliverySettings, DeliveryWorker
 from tests.integration.harness import (
     RouterProcess,
     in_order_per_key,
@@ -62,7 +62,7 @@ def sale(key: str, n: int) -> dict[str, Any]:
 def publish(broker: BrokerSettings, events: list[dict[str, Any]], chunk: int = 160) -> None:
     """Publish like the transform stage: each chunk as one message per partition, events in order."""
     topology = Topology(broker)
-    with publisher(broker, topology) as sink:
+    with open_publisher(broker, topology) as sink:
         for start in range(0, len(events), chunk):
             per_partition: dict[int, list[dict[str, Any]]] = {}
             for event in events[start : start + chunk]:

@@ -29,9 +29,10 @@ from connectors.chunks import SourceChunk
 from connectors.signatures import sign
 from connectors.webhooks.intake import Admission, IntakeUnavailable, Unavailable, WebhookIntake
 from deadletter.store import Store
-from router.broker import BrokerSettings, BrokerUnavailable, Topology, decode_body, encode_body, queue_depth
+from router.broker import BrokerSettings, BrokerUnavailable, Topology, queue_depth
 from router.confirms import ConfirmWindow, Outgoing
 from router.ingress import IngressGroupPublisher, chunk_message
+from router.messages import encode_body
 from tests.integration.harness import RouterProcess, wait_until
 from transforms.parsers import RawRecord
 
@@ -60,7 +61,7 @@ def drain(broker: BrokerSettings, queue: Queue) -> list[dict[str, Any]]:
         expected = queue_depth(connection, queue) or 0
 
         def take(body: Any, message: Any) -> None:
-            messages.append(decode_body(message.body))
+            messages.append(json.loads(message.body))
             message.ack()
 
         with connection.Consumer(queue, callbacks=[take], prefetch_count=500):

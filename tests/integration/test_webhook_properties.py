@@ -23,7 +23,7 @@ from connectors.signatures import sign
 from connectors.webhooks.intake import WebhookIntake
 from connectors.webhooks.routes import webhook_routes
 from connectors.webhooks.settings import WebhookSettings
-from router.broker import BrokerSettings, Topology, connect, decode_body
+from router.broker import BrokerSettings, Topology, connect
 from router.http_server import HttpListener
 from router.ingress import IngressGroupPublisher
 from tests.integration.test_webhooks import SECRET, MemoryLedger
@@ -69,7 +69,7 @@ class Edge:
             queue = self.topology.ingress_queue(route)(connection.default_channel)
             queue.declare()
             while (message := queue.get(no_ack=True)) is not None:
-                messages.append(decode_body(message.body))
+                messages.append(json.loads(message.body))
         return messages
 
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from connectors.chunks import SourceChunk
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
 from deadletter.store import NewDeadLetter, Store
-from router.broker import decode_body, encode_body
 from router.ingress import chunk_message
+from router.messages import PartitionBatch, decode_batch, decode_chunk, encode_body
 from router.pipeline import DeliveryRule, RecordFailure, RoutePipeline
 from transforms.filters import EventPredicate
 from transforms.lookups import Lookup
@@ -109,11 +109,11 @@ def ingest(content: bytes, route: Route, store: Store, name: str | None = None) 
     outcome.records = progress.records
     for chunk in chunks:
         # The chunk crosses the broker as JSON; the worker transforms what it decodes.
-        body = decode_body(encode_body(chunk_message(chunk)))
-        outcome.chunked.extend(record["n"] for record in body["records"])
+        body = decode_chunk(encode_body(chunk_message(chunk)))
+        outcome.chunked.extend(record.n for record in body.records)
         result = route.pipeline.transform(body, now=NOW)
         for (target, partition), events in result.batches.items():
-            decode_body(encode_body({"target": target, "partition": partition, "events": events}))
+            decode_batch(encode_body(PartitionBatch(target=target, partition=partition, events=events)))
         outcome.events.extend(result.accepted)
         outcome.failures.extend(result.failures)
         letters = [

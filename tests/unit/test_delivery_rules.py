@@ -18,14 +18,16 @@ import pytest
 
 from canonical.ids import partition_for
 from connectors.circuit import CircuitBreaker, CircuitSettings
-from connectors.delivery import AttemptResult, RetryInPlace
+from connectors.delivery import AttemptKind, AttemptResult, RetryInPlace
 from connectors.http_target import DeliveryOutcome, HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from deadletter.store import Store
 from ops import metrics
-from router.broker import BrokerSettings, Topology, publisher
+from router.broker import BrokerSettings, Topology, open_publisher
+from router.delivery_worker import DeliverySettings, DeliveryWorker
+from router.messages import REPLAY_HEADER
+from router.parking import PARKED, delivery_letter
 from router.simulated import SimulatedTarget, TargetBehaviour
-from router.workers import REPLAY_HEADER, DeliverySettings, DeliveryWorker
 from tests.integration.harness import wait_until
 from transforms.render import PayloadRenderer
 
@@ -68,7 +70,7 @@ class Rig:
         per_partition: dict[int, list[dict[str, Any]]] = {}
         for event in events:
             per_partition.setdefault(partition_for(event["sequence_key"], PARTITIONS), []).append(event)
-        with publisher(self.broker, topology) as sink:
+        with open_publisher(self.broker, topology) as sink:
             for partition, batch in per_partition.items():
                 sink.publish(
                     topology.delivery_queue("erp", partition),
@@ -325,7 +327,7 @@ def test_no_attempt_starts_after_the_deadline_and_the_delivery_ends_as_max_age()
     def attempt() -> AttemptResult:
         started.append(now[0])
         now[0] += 1.0  # each failing attempt takes a second
-        return AttemptResult("retry", 503, "HTTP 503 from erp")
+        return AttemptResult(AttemptKind.retry, 503, "HTTP 503 from erp")
 
     policy = RetryPolicy(attempts=1000, initial=2.0, max_delay=2.0, max_age=600.0)
     circuit = CircuitBreaker("erp", CircuitSettings(failures=1000, cooldown=1.0), clock=lambda: now[0])
@@ -356,11 +358,11 @@ def test_a_release_that_loses_its_lease_stops_before_the_next_request(tmp_path: 
         broker = BrokerSettings(url="memory://", prefix=f"t{uuid.uuid4().hex[:8]}")
         worker = DeliveryWorker(broker, settings, client, PayloadRenderer(), store, threading.Event())
         letters = [sale("A", n) for n in range(1, 21)]
-        store.add_dead_letters([worker._letter(event, "parked", "waiting") for event in letters])
-        releasing = threading.Thread(target=worker.release_parked, daemon=True)
+        store.add_dead_letters([delivery_letter("erp", event, PARKED, "waiting") for event in letters])
+        releasing = threading.Thread(target=worker.release.release_all, daemon=True)
         releasing.start()
         wait_until(lambda: len(target.events) >= 2, 10, "the release under way")
-        store.free_lease("release:erp", "A", worker._holder)  # its lease ran out and ...
+        store.free_lease("release:erp", "A", worker.assignment.holder)  # its lease ran out and ...
         assert store.claim_lease("release:erp", "A", "another-router", 60)  # ... another router took it
         releasing.join(10)
         client.close()

@@ -13,6 +13,7 @@ import pytest
 from connectors.chunks import SourceChunk
 from router.config import ConfigError, load_config
 from router.ingress import chunk_message
+from router.messages import IngressChunk, decode_chunk, encode_body
 from router.pipeline import DeliveryRule, RoutePipeline
 from router.replay import record_message
 from tests.integration.harness import write_config
@@ -50,10 +51,10 @@ def _records(content: bytes, fmt: str, records: str | None = None, **options: An
     return list(iter_records(io.BytesIO(content), fmt, records, "in.dat", **options))  # type: ignore[arg-type]
 
 
-def _travelled(records: list[RawRecord]) -> dict[str, Any]:
+def _travelled(records: list[RawRecord]) -> IngressChunk:
     """The ingress message of a chunk, through JSON as the broker carries it."""
     chunk = SourceChunk("asn", "file", "in.dat@x#1", {"file": "in.dat"}, records)
-    return json.loads(json.dumps(chunk_message(chunk)))
+    return decode_chunk(encode_body(chunk_message(chunk)))
 
 
 def test_xml_lines_read_the_header_by_climbing_ancestors_and_absolute_paths() -> None:
@@ -130,8 +131,8 @@ def test_csv_preamble_and_trailer_problems_refuse_the_file_naming_the_line(
 def test_the_header_travels_once_per_chunk_and_lines_map_after_the_broker_round_trip() -> None:
     records = _records(DESADV, "xml", "//Line")
     message = _travelled(records)
-    assert len(message["documents"]) == 2, "one context per distinct header, not one per line"
-    assert [record["doc"] for record in message["records"]] == [0, 0, 1]
+    assert len(message.documents or []) == 2, "one context per distinct header, not one per line"
+    assert [record.doc for record in message.records] == [0, 0, 1]
     pipeline = RoutePipeline(
         "asn", compile_mapping(XML_MAP, "xml", {}), ["gtin", "location"], [DeliveryRule("wms", 1)]
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -15,8 +16,9 @@ from connectors.chunks import SourceChunk
 from connectors.drop_source import IngestOutcome
 from connectors.file_ingest import FileParsing, Readiness, ReadySignal, Refusal, refusal_of
 from connectors.file_source import FileDropSettings, FileDropSource
-from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, encode_body
+from router.broker import BrokerSettings, Publisher, Topology, connect
 from router.ingress import IngressPublisher, chunk_message
+from router.messages import encode_body
 from transforms.parsers import CsvDialect, FileFormatError
 
 
@@ -164,7 +166,7 @@ def test_a_jsonl_file_with_a_lone_surrogate_and_deep_nesting_is_archived_not_ret
     [result] = FileDropSource(settings, sink).poll_once()
 
     assert (result.outcome, result.records) == (IngestOutcome.archived, 3)
-    records = [record for body in published for record in decode_body(body)["records"]]
+    records = [record for body in published for record in json.loads(body)["records"]]
     assert [record.get("error", "")[:20] for record in records] == [
         "line holds the lone ",
         "line nests arrays an",

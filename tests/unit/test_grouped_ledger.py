@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from deadletter.store import Store
-from router.workers import GroupedLedger
+from router.grouped_ledger import GroupedLedger
 
 THREADS = 16
 PER_THREAD = 20

@@ -134,11 +134,11 @@ def _json_lines(output: io.StringIO) -> list[dict[str, object]]:
 def test_json_lines_carry_level_logger_message_and_extra_fields(log_output: io.StringIO) -> None:
     configure_logging("INFO", json=True, stream=log_output)
 
-    logging.getLogger("router.workers").info("delivered %d events", 200, extra={"target": "erp"})
-    logging.getLogger("router.workers").debug("not shown at INFO")
+    logging.getLogger("router.delivery_worker").info("delivered %d events", 200, extra={"target": "erp"})
+    logging.getLogger("router.delivery_worker").debug("not shown at INFO")
 
     [entry] = _json_lines(log_output)
-    assert entry["level"] == "INFO" and entry["logger"] == "router.workers"
+    assert entry["level"] == "INFO" and entry["logger"] == "router.delivery_worker"
     assert entry["msg"] == "delivered 200 events"
     assert entry["target"] == "erp"
     assert str(entry["ts"]).endswith("+00:00")

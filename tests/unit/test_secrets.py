@@ -100,7 +100,7 @@ def test_known_secrets_never_reach_a_log_handler(tmp_path: Path) -> None:
     library.propagate = False
     try:
         configure_logging("INFO", json=True, stream=output)
-        logging.getLogger("router.workers").error("target said: bad key %s", HEADER_KEY)
+        logging.getLogger("router.delivery_worker").error("target said: bad key %s", HEADER_KEY)
         library.error("password was %s", AWKWARD_PASSWORD)
     finally:
         library.handlers.clear()

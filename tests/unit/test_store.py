@@ -378,9 +378,12 @@ def test_history_and_webhook_ids_are_pruned_after_the_retention(store: Store) ->
 
     keys = [("partner-stock", "msg_1"), ("other-route", "msg_1")]
     assert store.webhook_bodies(keys) == {("partner-stock", "msg_1"): "a" * 64}
-    assert store.prune_history(datetime.now(UTC) - timedelta(hours=1)) == 0
-    assert store.prune_history(datetime.now(UTC) + timedelta(seconds=1)) == 2
+    assert store.prune_journal(datetime.now(UTC) - timedelta(hours=1)) == 0
+    assert store.prune_webhook_ids(datetime.now(UTC) - timedelta(hours=1)) == 0
+    assert store.prune_journal(datetime.now(UTC) + timedelta(seconds=1)) == 1
     assert store.delivery_state("erp", [_event("e1", "A", 1)]).delivered == set()
+    assert store.webhook_bodies(keys) == {("partner-stock", "msg_1"): "a" * 64}, "a job of its own"
+    assert store.prune_webhook_ids(datetime.now(UTC) + timedelta(seconds=1)) == 1
     assert store.webhook_bodies(keys) == {}
 
 
