@@ -9,6 +9,7 @@ Prints, from one run on this machine:
 - the router process's peak RSS (VmHWM), so a large file can be checked to stream in flat memory.
 
 Usage: .venv/bin/python bench/throughput.py [--rows 100000] [--batch 500] [--amqp URL]
+       [--profile FILE (py-spy while the file goes through, collapsed stacks per thread)]
 Absolute figures on shared machines are noise; compare the ratios.
 """
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +52,16 @@ def _delete_router_queues(amqp_url: str, prefix: str, partitions: int) -> None:
         connection.default_channel.exchange_delete(prefix)
 
 
-def router_run(amqp_url: str, rows: int, batch: int) -> tuple[float, int, float]:
+def _profile(pid: int, output: str | None) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the router's threads (on CPU only) until stopped, as collapsed stacks."""
+    if output is None:
+        return None
+    command = ["py-spy", "record", "--threads", "--format", "raw", "--rate", "100", "--nonblocking"]
+    command += ["-o", output, "--pid", str(pid)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL)
+
+
+def router_run(amqp_url: str, rows: int, batch: int, profile: str | None = None) -> tuple[float, int, float]:
     """(events/s end to end, peak RSS KiB, file size MiB) for one file through `router run`."""
     with tempfile.TemporaryDirectory(prefix="bench-") as folder, SimulatedTarget("erp") as erp:
         root = Path(folder)
@@ -66,6 +78,7 @@ def router_run(amqp_url: str, rows: int, batch: int) -> tuple[float, int, float]
         size_mib = staged.stat().st_size / 2**20
         with RouterProcess(config) as router:
             time.sleep(1.0)  # let the process start and declare its topology before the clock starts
+            profiler = _profile(router.process.pid, profile)
             started = time.perf_counter()
             staged.rename(root / "inbox" / staged.name)
             hwm = 0
@@ -78,6 +91,9 @@ def router_run(amqp_url: str, rows: int, batch: int) -> tuple[float, int, float]
 
             wait_until(done, deadline, f"{rows} events at the target")
             elapsed = time.perf_counter() - started
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(60)
             router.terminate()
         _delete_router_queues(amqp_url, prefix, partitions=4)
         return rows / elapsed, hwm, size_mib
@@ -90,12 +106,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    parser.add_argument("--profile", metavar="FILE", help="py-spy the router meanwhile (collapsed stacks)")
     args = parser.parse_args()
 
     event = json.dumps({"pad": "x" * 300}).encode()
     floor_small = pika_pipelined_floor(args.amqp, 20_000, event, consume=True)
     floor_chunk = pika_pipelined_floor(args.amqp, 400, event * args.batch, consume=True)
-    events_per_s, hwm_kib, size_mib = router_run(args.amqp, args.rows, args.batch)
+    events_per_s, hwm_kib, size_mib = router_run(args.amqp, args.rows, args.batch, args.profile)
     print(f"raw floor, pika, {FLOOR_WINDOW} confirms in flight, published and consumed:")
     print(f"  1 event/message                 : {floor_small:10.0f} messages/s")
     print(
