@@ -16,12 +16,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 THREAD_FRAME = re.compile(r"^thread \(\d+\):? ?(?P<name>.*)$")
-PARTITION_NUMBER = re.compile(r"-\d+$")
+PARTITION_NUMBER = re.compile(r"(-\d+|:\d+:[0-9a-f]+)$")  # a partition, or a member's pid:token
 LINE_NUMBER = re.compile(r":\d+\)$")
 
 
 def stage_of(thread_frame: str) -> str:
-    """The stage a thread belongs to: its name without a trailing partition or worker number."""
+    """The stage a thread belongs to: its name without a trailing partition number or process id."""
     match = THREAD_FRAME.match(thread_frame)
     name = match.group("name") if match else thread_frame
     return PARTITION_NUMBER.sub("", name) or "unnamed"
