@@ -18,10 +18,13 @@ _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _INTEGER = re.compile(r"[+-]?\d+")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:[,' ]\d{3})+(?:\.\d*)?")
 _DATE_ONLY = re.compile(r"\d{4}-?\d{2}-?\d{2}")
+DATE_ONLY_MAX_LENGTH = len("2026-11-24")
 _TRUE = frozenset({"true", "yes", "y", "1"})
 _FALSE = frozenset({"false", "no", "n", "0"})
 
 Caster = Callable[[Any], Any]
+_FIXED_OFFSETS: dict[timedelta, timezone] = {}
+"""One fixed-offset zone per offset seen (a few per route), not one per datetime cast."""
 
 
 class CastError(ValueError):
@@ -143,7 +146,7 @@ def _parse_datetime(text: str, fmt: str | None) -> datetime:
             return datetime.strptime(text, fmt)
         except ValueError:
             raise CastError(f"{text!r} does not match the datetime format {fmt!r}") from None
-    if _DATE_ONLY.fullmatch(text):
+    if len(text) <= DATE_ONLY_MAX_LENGTH and _DATE_ONLY.fullmatch(text):
         raise CastError(f"{text!r} is a date without a time; expected an ISO 8601 date and time")
     try:
         return datetime.fromisoformat(text)
@@ -154,12 +157,17 @@ def _parse_datetime(text: str, fmt: str | None) -> datetime:
 def _attach_zone(naive: datetime, zone: ZoneInfo, tz: str, shown: str) -> datetime:
     """Give a wall-clock time the offset ``zone`` had then; an ambiguous time takes the first one."""
     local = naive.replace(tzinfo=zone, fold=0)
-    round_trip = local.astimezone(UTC).astimezone(zone)
-    if round_trip.replace(tzinfo=None) != naive:
+    offset = local.utcoffset() or timedelta(0)
+    # The same instant read back in the zone has another offset exactly when the wall-clock time
+    # does not exist there (it comes back shifted by the daylight saving jump).
+    if local.astimezone(UTC).astimezone(zone).utcoffset() != offset:
         raise CastError(
             f"{shown!r} does not exist in {tz} (the clocks skipped it at a daylight saving change)"
         )
-    return local.replace(tzinfo=timezone(local.utcoffset() or timedelta(0)))
+    fixed = _FIXED_OFFSETS.get(offset)
+    if fixed is None:
+        fixed = _FIXED_OFFSETS.setdefault(offset, timezone(offset))
+    return local.replace(tzinfo=fixed)
 
 
 def _to_date(value: Any, fmt: str | None) -> date:

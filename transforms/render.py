@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 import jmespath
+import orjson
 from jmespath.exceptions import JMESPathError
 from lxml import etree
 
@@ -81,9 +82,7 @@ class PayloadRenderer:
 
     def _render(self, shaped: Sequence[Mapping[str, Any]], as_batch: bool) -> bytes:
         if self.format == "json":
-            document: Any = shaped if as_batch else shaped[0]
-            text = json.dumps(document, default=_json_default, ensure_ascii=False, separators=(",", ":"))
-            return text.encode("utf-8")
+            return _json_bytes(shaped if as_batch else shaped[0])
         if self.format == "xml":
             return self._xml(shaped)
         return _csv(shaped, [field for field, _ in self._body] if self._body else None)
@@ -121,6 +120,20 @@ def _compile_body(body: Mapping[str, str]) -> tuple[tuple[str, Any], ...]:
         except JMESPathError as error:
             raise ValueError(f"body field {field!r}: {expression!r} is not valid JMESPath: {error}") from None
     return tuple(compiled)
+
+
+def _json_bytes(document: Any) -> bytes:
+    """Compact UTF-8 JSON, Decimals as exact strings, datetimes as ``isoformat()``.
+
+    orjson writes the same bytes as ``json.dumps`` (ensure_ascii off, no spaces) at a fraction of the
+    cost of every delivered batch; what it refuses and json takes (an integer beyond 64 bits, nesting
+    deeper than 254) goes through ``json.dumps``, so no payload a target got before is refused now.
+    """
+    try:
+        return orjson.dumps(document, default=_json_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
+    except orjson.JSONEncodeError:
+        text = json.dumps(document, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+        return text.encode("utf-8")
 
 
 def _json_default(value: Any) -> Any:

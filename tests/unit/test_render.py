@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -44,6 +45,18 @@ def test_json_single_event_is_one_object_shaped_by_body() -> None:
 def test_json_batch_is_an_array_of_whole_events_without_body() -> None:
     payload, _ = render_events(EVENTS, body=None, fmt="json", as_batch=True)
     assert json.loads(payload) == EVENTS
+
+
+def test_json_bytes_are_compact_utf8_with_exact_decimals_and_offsets() -> None:
+    event = {
+        "sku": 'Café \u2028"x"\n',
+        "quantity": Decimal("2.50"),
+        "at": datetime(2026, 11, 24, 10, 15, tzinfo=timezone(timedelta(hours=-5))),
+        "line": 2**70,
+    }
+    payload, _ = render_events([event], body=None, fmt="json", as_batch=False)
+    as_text = {**event, "quantity": "2.50", "at": "2026-11-24T10:15:00-05:00"}
+    assert payload == json.dumps(as_text, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def test_a_single_event_payload_refuses_several_events() -> None:
