@@ -29,12 +29,13 @@ from pydantic import ValidationError
 from canonical.events import parse_event
 from canonical.ids import partition_for
 from connectors.file_ingest import Refusal
-from deadletter.store import DeadLetter, DeadLetterStateError, JournalEntry, StatusChange, Store
+from deadletter import DeadLetter, DeadLetterStateError, StatusChange
 from router import assembly
 from router.broker import Publisher, Topology, publisher
 from router.config import RouterConfig
 from router.pipeline import validation_detail
 from router.workers import MALFORMED_MESSAGE, REPLAY_HEADER, SNAPSHOT_TYPE
+from state import JournalEntry, Store
 
 REPLAY_MESSAGE_EVENTS = 200
 BULK_LIMIT = 1_000_000

@@ -26,7 +26,7 @@ from connectors.rest_source import RestPollSource
 from connectors.sftp_source import SftpSettings, SftpSource
 from connectors.webhook import webhook_routes
 from connectors.webhook_intake import WebhookIntake
-from deadletter.store import NewDeadLetter, Store
+from deadletter import NewDeadLetter
 from ops import metrics
 from ops.health import ops_routes
 from router import assembly
@@ -37,6 +37,7 @@ from router.http_server import HttpListener
 from router.http_workers import HttpWorkers, worker_port
 from router.ingress import IngressGroupPublisher, IngressPublisher
 from router.workers import DeliveryWorker, TransformWorker
+from state import Store
 from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)

@@ -31,13 +31,13 @@ from typing import Any
 from kombu.message import Message
 
 from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget, batch_idempotency_key
-from deadletter.leases import HeldLease
-from deadletter.store import DeadLetter, DeliveryState, NewDeadLetter, Store, lease_holder, occurred_at_of
+from deadletter import DeadLetter, NewDeadLetter
 from ops import metrics, tracing
 from router.broker import BrokerSettings, Publisher, Topology, connect, decode_body, retry_budget
 from router.consumer import BufferedConsumer, run_reconnecting
 from router.partitions import ASSIGNMENT_TTL, PartitionAssignment
 from router.pipeline import RoutePipeline, TransformResult, check_chunk, chunk_failures
+from state import DeliveryState, HeldLease, Store, lease_holder, occurred_at_of
 from transforms.edi import EDI_FORMATS
 from transforms.lookups import Lookup, LookupTableError
 from transforms.render import PayloadRenderer, RenderError

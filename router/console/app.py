@@ -1,7 +1,7 @@
 """The console's pages and actions under ``/console/``, served by the router's HTTP listener.
 
 Pages read the store (and the broker, for the overview); actions go through the same code as the CLI
-(router.replay.Replayer and deadletter.store), audited with the signed-in operator's name. Every page
+(router.replay.Replayer and state), audited with the signed-in operator's name. Every page
 is rendered with autoescaping (dead letters hold hostile partner data) and sent with security headers;
 every POST is refused with 403 unless it carries the session's CSRF token and the console's origin.
 """
@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deadletter.store import STAGES, STATUSES, DeadLetter, DeadLetterStateError, Store, StoreUnavailable
+from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError
 from ops import metrics
 from ops.secrets import redact
 from router.broker import BrokerUnavailable
@@ -34,6 +34,7 @@ from router.config import RouterConfig
 from router.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, Operator, csrf_ok, same_origin
 from router.replay import Replayer, ReplayError, ReplayReport
 from router.status import collect_status
+from state import Store, StoreUnavailable
 
 PREFIX = "/console"
 PAGE_SIZE = 50

@@ -21,8 +21,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from connectors.chunks import SourceChunk
 from connectors.rest_source import RestPollSettings, RestPollSource, content_id
 from connectors.retry import RetryPolicy
-from deadletter.store import Store
 from ops import tracing
+from state import Store
 from tests.integration.harness import wait_until
 
 ROUTE = "marketplace-stock"

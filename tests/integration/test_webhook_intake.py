@@ -28,10 +28,10 @@ from kombu import Connection, Queue
 from connectors.chunks import SourceChunk
 from connectors.signatures import sign
 from connectors.webhook_intake import Admission, IntakeUnavailable, Unavailable, WebhookIntake
-from deadletter.store import Store
 from router.broker import BrokerSettings, BrokerUnavailable, Topology, decode_body, encode_body, queue_depth
 from router.confirms import ConfirmWindow, Outgoing
 from router.ingress import IngressGroupPublisher, chunk_message
+from state import Store
 from tests.integration.harness import RouterProcess, wait_until
 from transforms.parsers import RawRecord
 

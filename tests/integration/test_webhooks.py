@@ -23,12 +23,12 @@ from connectors.chunks import SourceChunk
 from connectors.signatures import sign
 from connectors.webhook import LISTENER_ROUTE, WebhookSettings, webhook_routes
 from connectors.webhook_intake import WebhookIntake
-from deadletter.store import AcceptedWebhook
 from ops.metrics import REGISTRY
 from router.broker import encode_body
 from router.config import HttpConfig
 from router.http_server import HttpListener
 from router.ingress import chunk_message
+from state import AcceptedWebhook
 
 SECRET = "whsec_c3RvY2stZXZlbnRzLXNlY3JldC0xMjM0NQ=="
 STOCK_SCHEMA: dict[str, Any] = {

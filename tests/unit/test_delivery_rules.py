@@ -21,11 +21,11 @@ from connectors.circuit import CircuitBreaker, CircuitSettings
 from connectors.delivery import AttemptResult, RetryInPlace
 from connectors.http_target import DeliveryOutcome, HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
-from deadletter.store import Store
 from ops import metrics
 from router.broker import BrokerSettings, Topology, publisher
 from router.simulated import SimulatedTarget, TargetBehaviour
 from router.workers import REPLAY_HEADER, DeliverySettings, DeliveryWorker
+from state import Store
 from tests.integration.harness import wait_until
 from transforms.render import PayloadRenderer
 
