@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from ops.secrets import redact
+from state.migrate import revision_of
 from state.tables import DeadLetterRow
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -187,6 +188,13 @@ class StoreEngine:
         try:
             with self._lock, self._engine.connect() as connection:
                 connection.execute(select(DeadLetterRow.id).limit(1))
+        except DBAPIError as error:
+            raise StoreUnavailable(f"store {redacted_url(self.url)} unreachable: {error.orig}") from error
+
+    def revision(self) -> str | None:
+        """The schema revision the database is at, read without upgrading it (None: not migrated yet)."""
+        try:
+            return revision_of(self._engine)
         except DBAPIError as error:
             raise StoreUnavailable(f"store {redacted_url(self.url)} unreachable: {error.orig}") from error
 

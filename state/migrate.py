@@ -3,6 +3,7 @@ and upgrading it to the newest, safely when several processes open one store at 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import AbstractContextManager
@@ -17,6 +18,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+log = logging.getLogger(__name__)
+# Alembic tells at INFO which dialect it talks to on every open; the store logs the upgrades it makes.
+logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 UPGRADE_ATTEMPTS = 5
@@ -90,6 +95,7 @@ def _upgrade(connection: Connection, schema: str | None) -> Upgrade:
     if before != head:
         with _ALEMBIC:
             command.upgrade(_config(connection), "head")
+        log.info("store schema upgraded: %s", Upgrade(before, head, legacy))
     return Upgrade(before, head, legacy)
 
 
@@ -100,3 +106,9 @@ def lost_creation_race(error: OperationalError | ProgrammingError | IntegrityErr
         sign in message
         for sign in ("already exists", "duplicate key", "database is locked", "unique constraint failed")
     )
+
+
+def revision_of(engine: Engine) -> str | None:
+    """The revision a store is at, read without changing anything (None: empty or from before migrations)."""
+    with engine.connect() as connection:
+        return current_revision(connection)
