@@ -197,10 +197,12 @@ class RouterRuntime:
             ]
         )
         metrics.DEADLETTERS.labels(route=route, stage="ingress", reason=reason).inc()
-        metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
 
     def _start_http(self) -> None:
         routes = ops_routes({"broker": self._check_broker, "store": self._store.ping})
+        store = self._store
+        metrics.STATE_GAUGES.attach(store, [route.name for route in self.routes], list(self.config.targets))
+        self._closers.append(lambda: metrics.STATE_GAUGES.detach(store))
         receivers = {
             route.name: assembly.webhook_settings(self.config, route)
             for route in self.routes

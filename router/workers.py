@@ -164,7 +164,6 @@ class TransformWorker:
             )
             for failure in result.failures:
                 metrics.DEADLETTERS.labels(route=route, stage="transform", reason=failure.reason).inc()
-            metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
             reasons = Counter(failure.reason for failure in result.failures)
             log.warning(
                 "%d record(s) of %s dead-lettered (%s); first: %s",
@@ -522,7 +521,6 @@ class DeliveryWorker:
         self._store.add_dead_letters(
             [self._letter(event, "parked", _parked_detail(event, target)) for event in run.parked]
         )
-        self._update_open_gauges(run.parked)
         log.warning(
             "%d event(s) parked at %s behind an open dead letter of their key",
             len(run.parked),
@@ -645,20 +643,12 @@ class DeliveryWorker:
             if key is not None:
                 run.state.blocked.add(key)
         self._store.add_dead_letters(letters)
-        self._update_open_gauges(events)
         log.error(
             "%d event(s) dead-lettered at %s: %s",
             len(events),
             target,
             result.detail,
             extra={"target": target, "reason": result.reason},
-        )
-
-    def _update_open_gauges(self, events: Sequence[Mapping[str, Any]]) -> None:
-        for route in {event["source"]["route"] for event in events}:
-            metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
-        metrics.PARKED_KEYS.labels(target=self.settings.target).set(
-            self._store.count_parked_keys(self.settings.target)
         )
 
     def release_parked(self) -> None:
@@ -668,7 +658,6 @@ class DeliveryWorker:
             if self._stop.is_set():
                 return
             self._release_key(key)
-        metrics.PARKED_KEYS.labels(target=target).set(self._store.count_parked_keys(target))
 
     def _release_key(self, key: str) -> None:
         """Release one key under a lease, so two processes never send the same parked event.
@@ -700,7 +689,6 @@ class DeliveryWorker:
             finally:
                 if released:
                     log.info("released %d parked event(s) of one key at %s", len(released), target)
-                    self._update_open_gauges(released)
 
     def _release_group(
         self, letters: Sequence[DeadLetter], released: list[dict[str, Any]], stop: threading.Event
