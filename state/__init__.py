@@ -1,7 +1,7 @@
 """The router's persistent state: one engine (state.engine), the tables (state.tables), their
 migrations (state.migrate, state/migrations), and one module per concern: dead letters (letters),
 delivered-events ledger and journal (ledger), leases, source cursors, webhook ids and the audit trail,
-composed into ``Store``."""
+and parking (letters held behind an open one), composed into ``Store``."""
 
 from state.audit import AuditEntry
 from state.engine import StoreUnavailable, default_actor, normalize_store_url

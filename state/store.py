@@ -16,12 +16,12 @@ from state.cursors import CursorStore
 from state.engine import StoreUnavailable, aware, default_actor, redacted_url
 from state.leases import LeaseStore
 from state.ledger import LedgerStore
-from state.letters import LetterStore
 from state.migrate import Upgrade, upgrade_to_head
+from state.parking import ParkingStore
 from state.webhook_ids import WebhookIdStore
 
 
-class Store(LetterStore, LedgerStore, LeaseStore, CursorStore, WebhookIdStore, AuditTrail):
+class Store(ParkingStore, LedgerStore, LeaseStore, CursorStore, WebhookIdStore, AuditTrail):
     """Dead letters, ledger and journal, leases, source cursors, webhook ids and the audit trail in one
     SQL database, safe for many threads."""
 
