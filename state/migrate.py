@@ -53,10 +53,19 @@ def _config(connection: Connection | None = None) -> Config:
     return config
 
 
+class StoreNewerThanRouter(RuntimeError):
+    """The store was upgraded by a newer router: this one does not know its schema."""
+
+
+@cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config())
+
+
 @cache
 def head_revision() -> str:
     """The newest revision of the migrations shipped with this router."""
-    head = ScriptDirectory.from_config(_config()).get_current_head()
+    head = _scripts().get_current_head()
     if head is None:
         raise RuntimeError(f"no migrations found in {MIGRATIONS}")
     return head
@@ -92,11 +101,21 @@ def _upgrade(connection: Connection, schema: str | None) -> Upgrade:
     before = current_revision(connection)
     head = head_revision()
     legacy = before is None and inspect(connection).has_table(LEGACY_MARKER_TABLE)
+    if before is not None and before != head and before not in _known_revisions():
+        raise StoreNewerThanRouter(
+            f"the store is at schema revision {before}, which this router does not know (its newest is "
+            f"{head}): a newer router upgraded it; run that version"
+        )
     if before != head:
         with _ALEMBIC:
             command.upgrade(_config(connection), "head")
         log.info("store schema upgraded: %s", Upgrade(before, head, legacy))
     return Upgrade(before, head, legacy)
+
+
+@cache
+def _known_revisions() -> frozenset[str]:
+    return frozenset(script.revision for script in _scripts().walk_revisions())
 
 
 def lost_creation_race(error: OperationalError | ProgrammingError | IntegrityError) -> bool:

@@ -22,7 +22,7 @@ from sqlalchemy import Connection, text
 
 from router.cli import main
 from state.engine import StoreEngine
-from state.migrate import Upgrade, head_revision
+from state.migrate import StoreNewerThanRouter, Upgrade, head_revision
 from state.tables import StoreBase
 from tests.conftest import StoreLocation
 
@@ -89,6 +89,17 @@ def test_a_store_created_before_migrations_is_stamped_with_its_data_kept(locatio
         assert store.revision() == head_revision()
 
     assert _schema_differences(location) == []
+
+
+def test_a_store_upgraded_by_a_newer_router_is_refused_not_touched(location: StoreLocation) -> None:
+    location.open().close()
+    with _raw(location) as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+
+    with pytest.raises(StoreNewerThanRouter, match="revision 9999, which this router does not know"):
+        location.open()
+    with _raw(location) as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "9999"
 
 
 _OPENER = textwrap.dedent(
