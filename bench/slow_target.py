@@ -48,11 +48,11 @@ from kombu import Connection
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from canonical.ids import partition_for
-from deadletter.store import Store
 from router.broker import BrokerSettings, Topology, open_publisher
 from router.messages import PartitionBatch
 from router.partitions import partition_holders
 from router.simulated import SimulatedTarget, TargetBehaviour
+from state import Store
 from tests.integration.harness import RouterProcess, wait_until, write_config
 
 CHUNK = 500

@@ -43,10 +43,9 @@ from jmespath.parser import ParsedResult
 from connectors.chunks import ChunkSink, SourceChunk, batched
 from connectors.http_target import USER_AGENT, interruptible_sleep
 from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
-from deadletter.leases import HeldLease
-from deadletter.store import Store, lease_holder
 from ops import metrics, tracing
 from ops.secrets import redact, register_http_credentials
+from state import HeldLease, Store, lease_holder
 from transforms.interop_json import JsonRefused, loads_interoperable
 from transforms.parsers import RawRecord
 

@@ -1,31 +1,30 @@
-"""The dead-letter store: failed records and events, parking, replay, audit."""
+"""Dead letters as a domain: what a failed record or event is, its stages and statuses, and the errors
+of moving it; the store keeping them is ``state``."""
 
-from deadletter.store import (
-    AuditEntry,
+from deadletter.models import (
+    OPEN_STATUSES,
+    STAGES,
+    STATUSES,
     DeadLetter,
     DeadLetterNotFound,
     DeadLetterStage,
     DeadLetterStateError,
     DeadLetterStatus,
-    DeliveryState,
-    JournalEntry,
+    LetterFilters,
     NewDeadLetter,
     StatusChange,
-    Store,
-    StoreUnavailable,
 )
 
 __all__ = [
-    "AuditEntry",
+    "OPEN_STATUSES",
+    "STAGES",
+    "STATUSES",
     "DeadLetter",
     "DeadLetterNotFound",
     "DeadLetterStage",
     "DeadLetterStateError",
     "DeadLetterStatus",
-    "DeliveryState",
-    "JournalEntry",
+    "LetterFilters",
     "NewDeadLetter",
     "StatusChange",
-    "Store",
-    "StoreUnavailable",
 ]

@@ -8,6 +8,11 @@ http_4xx, retries_exhausted, ...), never an error message.
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -17,6 +22,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 # The *_created series would double the scrape size, and rate() already copes with counter resets.
 disable_created_metrics()
@@ -77,18 +86,6 @@ DEADLETTERS = Counter(
     ["route", "stage", "reason"],
     registry=REGISTRY,
 )
-DEADLETTERS_OPEN = Gauge(
-    "router_deadletters_open",
-    "Dead letters waiting for an operator (status dead or parked).",
-    ["route"],
-    registry=REGISTRY,
-)
-PARKED_KEYS = Gauge(
-    "router_parked_keys",
-    "Sequence keys held at a target behind a dead letter.",
-    ["target"],
-    registry=REGISTRY,
-)
 EVENTS_STALE = Counter(
     "router_events_stale",
     "Stock snapshots skipped because a newer one was already applied at the target.",
@@ -132,6 +129,97 @@ WEBHOOK_REJECTIONS = Counter(
     ["route", "status"],
     registry=REGISTRY,
 )
+
+
+class StateCounts(Protocol):
+    """What the state gauges are counted from (the store): one grouped count per gauge."""
+
+    def open_letters_by_route(self) -> Mapping[str, int]: ...
+
+    def parked_keys_by_target(self) -> Mapping[str, int]: ...
+
+
+class StateGauges(Collector):
+    """``router_deadletters_open{route}`` and ``router_parked_keys{target}``, counted in the store when
+    /metrics is scraped, so a letter discarded by the CLI or another process shows at the next scrape.
+
+    Routes and targets the router runs show 0 when nothing is open. When the store fails during a
+    scrape these two gauges have no samples in it (the rest of the scrape is served) and the failure is
+    logged once, until a scrape succeeds again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: StateCounts | None = None
+        self._routes: tuple[str, ...] = ()
+        self._targets: tuple[str, ...] = ()
+        self._failing = False
+
+    def attach(self, counts: StateCounts, routes: Iterable[str], targets: Iterable[str]) -> None:
+        """Count from ``counts`` from now on, reporting at least ``routes`` and ``targets``."""
+        with self._lock:
+            self._counts, self._routes, self._targets = counts, tuple(routes), tuple(targets)
+
+    def detach(self, counts: StateCounts) -> None:
+        """Stop counting from ``counts`` (if it is still the one attached)."""
+        with self._lock:
+            if self._counts is counts:
+                self._counts, self._routes, self._targets = None, (), ()
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        """The two families, without reading the store (at registration)."""
+        return self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Both gauges as the store has them now; without samples while the store fails or none is
+        attached (as a labelled gauge nobody has set)."""
+        families = self._families()
+        with self._lock:
+            counts, routes, targets = self._counts, self._routes, self._targets
+        if counts is not None:
+            self._count(counts, families, dict.fromkeys(routes, 0), dict.fromkeys(targets, 0))
+        yield from families
+
+    def _count(
+        self,
+        counts: StateCounts,
+        families: tuple[GaugeMetricFamily, GaugeMetricFamily],
+        open_letters: dict[str, int],
+        parked_keys: dict[str, int],
+    ) -> None:
+        try:
+            open_letters.update(counts.open_letters_by_route())
+            parked_keys.update(counts.parked_keys_by_target())
+        except Exception as error:  # a scrape must not fail because the store is away
+            if not self._failing:
+                log.warning("router_deadletters_open and router_parked_keys left out of /metrics: %s", error)
+            self._failing = True
+            return
+        self._failing = False
+        deadletters_open, parked = families
+        for route, count in sorted(open_letters.items()):
+            deadletters_open.add_metric([route], count)
+        for target, count in sorted(parked_keys.items()):
+            parked.add_metric([target], count)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "router_deadletters_open",
+                "Dead letters waiting for an operator (status dead or parked).",
+                labels=["route"],
+            ),
+            GaugeMetricFamily(
+                "router_parked_keys",
+                "Sequence keys held at a target behind a dead letter.",
+                labels=["target"],
+            ),
+        )
+
+
+STATE_GAUGES = StateGauges()
+REGISTRY.register(STATE_GAUGES)
 
 
 def render_latest() -> tuple[bytes, str]:

@@ -10,10 +10,10 @@ import sys
 
 import click
 
-from deadletter.audit import ChainReport
-from deadletter.store import Store, StoreUnavailable
 from ops.secrets import redact
 from router.cli_common import EXIT_RUNTIME, config_option, load_or_exit
+from state import Store, StoreUnavailable
+from state.audit_chain import ChainReport
 
 
 @click.group()

@@ -1,4 +1,4 @@
-"""The `router` command line: validate, run, demo, status, schema, deadletter, replay, console.
+"""The `router` command line: validate, run, demo, status, schema, deadletter, replay, audit, store, console.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad configuration.
 """
@@ -20,6 +20,7 @@ from router.audit_cli import audit
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import find_config_path
 from router.deadletter_cli import deadletter, replay_history
+from router.store_cli import store_group
 from router.terminal import printable
 
 log = logging.getLogger("router")
@@ -201,6 +202,7 @@ def hash_password_command(password_stdin: bool) -> None:
 main.add_command(deadletter)
 main.add_command(replay_history)
 main.add_command(audit)
+main.add_command(store_group)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`router deadletter list|show|replay|edit|discard` and `router replay`: the operator's side of the store.
 
-Commands stay thin: filters and output here, the work in router.replay and deadletter.store. Every
+Commands stay thin: filters and output here, the work in router.replay and state. Every
 action is audited with who (``--actor``, default ``$USER``), when and why. Exit codes: 0 ok, 1 runtime
 failure (store or broker unreachable, a letter that could not be replayed, a letter another operator
 changed meanwhile), 2 bad usage or configuration (e.g. a replay that would publish to ``memory://``).
@@ -23,21 +23,14 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from deadletter.store import (
-    STAGES,
-    STATUSES,
-    DeadLetter,
-    DeadLetterStateError,
-    Store,
-    StoreUnavailable,
-    default_actor,
-)
+from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError
 from ops.secrets import redact
 from router.broker import BrokerUnavailable
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import RouterConfig
 from router.replay import LetterNotDead, Replayer, ReplayError, ReplayReport
 from router.terminal import data_text, printable
+from state import Store, StoreUnavailable, default_actor
 
 PROGRESS_FROM = 20
 WIDE_TERMINAL = 120

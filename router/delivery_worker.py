@@ -23,7 +23,7 @@ from typing import Any
 from kombu.message import Message
 
 from connectors.delivery import DeliveryOutcome, DeliveryResult, DeliveryTarget, batch_idempotency_key
-from deadletter.store import NewDeadLetter, Store, lease_holder, occurred_at_of
+from deadletter import NewDeadLetter
 from ops import metrics, tracing
 from router import parking
 from router.broker import BrokerSettings, Topology, connect, retry_budget
@@ -34,6 +34,7 @@ from router.parking import RELEASE_LEASE_TTL, ParkedKeyRelease
 from router.partitions import ASSIGNMENT_TTL, PartitionAssignment, PartitionConsumer
 from router.pruning import PRUNE_INTERVAL, PeriodicJob, prune_journal, prune_webhook_ids
 from router.sequencing import InboundBatch, SequenceGuard, Verdict, flush_due
+from state import Store, lease_holder, occurred_at_of
 from transforms.render import PayloadRenderer, RenderError
 
 log = logging.getLogger(__name__)

@@ -21,12 +21,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from deadletter.store import Store
 from ops.metrics import REGISTRY
 from router.config import ConfigError, RouterConfig, load_config, redact_urls
 from router.runtime import RouterRuntime
 from router.simulated import SimulatedTarget, TargetBehaviour
 from router.terminal import data_text
+from state import Store
 
 DEMO_FILE = "pos-sales.csv"
 TARGET_URLS = {"erp": "ERP_URL", "wms": "WMS_URL", "oms": "OMS_URL"}

@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from connectors.delivery import DeliveryOutcome, DeliveryResult
-from deadletter.leases import HeldLease
-from deadletter.store import DeadLetter, NewDeadLetter, Store
+from deadletter import DeadLetter, NewDeadLetter
 from ops import metrics
 from router.sequencing import SequenceGuard
+from state import HeldLease, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +61,11 @@ def _parked_letter(target: str, event: Mapping[str, Any]) -> NewDeadLetter:
     return delivery_letter(target, event, PARKED, detail)
 
 
-def update_open_gauges(store: Store, target: str, events: Sequence[Mapping[str, Any]]) -> None:
-    """Set the open dead letters of ``events``' routes and the target's parked keys from the store."""
-    for route in {event["source"]["route"] for event in events}:
-        metrics.DEADLETTERS_OPEN.labels(route=route).set(store.count_open(route))
-    metrics.PARKED_KEYS.labels(target=target).set(store.count_parked_keys(target))
-
-
 def park(store: Store, target: str, events: Sequence[Mapping[str, Any]]) -> None:
     """Keep ``events`` as parked letters behind their keys' open dead letters."""
     if not events:
         return
     store.add_dead_letters([_parked_letter(target, event) for event in events])
-    update_open_gauges(store, target, events)
     log.warning(
         "%d event(s) parked at %s behind an open dead letter of their key",
         len(events),
@@ -101,7 +93,6 @@ def dead_letter(
         metrics.DEADLETTERS.labels(route=route, stage="delivery", reason=result.reason).inc()
         guard.block(event)
     store.add_dead_letters(letters)
-    update_open_gauges(store, target, events)
     log.error(
         "%d event(s) dead-lettered at %s: %s",
         len(events),
@@ -142,7 +133,6 @@ class ParkedKeyRelease:
             if self._stop.is_set():
                 return
             self._release_key(key)
-        metrics.PARKED_KEYS.labels(target=self._target).set(self._store.count_parked_keys(self._target))
 
     def _release_key(self, key: str) -> None:
         """Release one key under a lease, so two processes never send the same parked event.
@@ -174,7 +164,6 @@ class ParkedKeyRelease:
             finally:
                 if released:
                     log.info("released %d parked event(s) of one key at %s", len(released), target)
-                    update_open_gauges(self._store, target, released)
 
     def _release_group(
         self, letters: Sequence[DeadLetter], released: list[dict[str, Any]], stop: threading.Event

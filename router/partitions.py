@@ -3,7 +3,7 @@
 Every process delivering to a target announces itself with a heartbeat lease (scope
 ``members:<target>``, name: the process) and holds a lease per partition it consumes (scope
 ``partition:<target>``, name: the partition number), both renewed in the background
-(:class:`deadletter.leases.HeldLease`). Every second each process looks at the live members and takes
+(:class:`state.leases.HeldLease`). Every second each process looks at the live members and takes
 up to its share, ceil(partitions / members), of the partitions no live process holds, lowest first.
 A process holding more than its share (a new one appeared) hands the extras over, highest first: their
 consumer is cancelled, the messages in hand are delivered and acknowledged, and only then is the lease
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
-from deadletter.leases import HeldLease
-from deadletter.store import Store
 from router.consumer import run_reconnecting
+from state import HeldLease, Store
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from deadletter.store import Store
+from state import Store
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,14 @@ from pydantic import ValidationError
 from canonical.events import parse_event
 from canonical.ids import partition_for
 from connectors.file_ingest import Refusal
-from deadletter.store import DeadLetter, DeadLetterStateError, JournalEntry, StatusChange, Store
+from deadletter import DeadLetter, DeadLetterStateError, StatusChange
 from router import assembly
 from router.broker import Publisher, Topology, open_publisher
 from router.config import RouterConfig
 from router.messages import MALFORMED_MESSAGE, REPLAY_HEADER, ChunkRecord, IngressChunk, PartitionBatch
 from router.pipeline import validation_detail
 from router.sequencing import SNAPSHOT_TYPE
+from state import JournalEntry, Store
 
 REPLAY_MESSAGE_EVENTS = 200
 BULK_LIMIT = 1_000_000

@@ -26,7 +26,7 @@ from connectors.rest_source import RestPollSource
 from connectors.sftp_source import SftpSettings, SftpSource
 from connectors.webhooks.intake import WebhookIntake
 from connectors.webhooks.routes import webhook_routes
-from deadletter.store import NewDeadLetter, Store
+from deadletter import NewDeadLetter
 from ops import metrics
 from ops.health import ops_routes
 from router import assembly
@@ -38,6 +38,7 @@ from router.http_server import HttpListener
 from router.http_workers import HttpWorkers, worker_port
 from router.ingress import IngressGroupPublisher, IngressPublisher
 from router.transform_worker import TransformWorker
+from state import Store
 from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)
@@ -197,10 +198,12 @@ class RouterRuntime:
             ]
         )
         metrics.DEADLETTERS.labels(route=route, stage="ingress", reason=reason).inc()
-        metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
 
     def _start_http(self) -> None:
         routes = ops_routes({"broker": self._check_broker, "store": self._store.ping})
+        store = self._store
+        metrics.STATE_GAUGES.attach(store, [route.name for route in self.routes], list(self.config.targets))
+        self._closers.append(lambda: metrics.STATE_GAUGES.detach(store))
         receivers = {
             route.name: assembly.webhook_settings(self.config, route)
             for route in self.routes

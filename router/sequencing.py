@@ -18,8 +18,8 @@ from typing import Any
 
 from kombu.message import Message
 
-from deadletter.store import DeliveryState, occurred_at_of
 from router.messages import REPLAY_HEADER, decode_batch
+from state import DeliveryState, occurred_at_of
 
 SNAPSHOT_TYPE = "stock.snapshot"
 

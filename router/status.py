@@ -8,13 +8,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from deadletter.store import Store
 from ops.secrets import redact_data
 from router.assembly import broker_settings
 from router.broker import Topology, connect, queue_depth
 from router.config import RouterConfig, redact_url
 from router.partitions import partition_holders
 from router.terminal import data_text
+from state import Store
 
 
 def collect_status(config: RouterConfig) -> dict[str, Any]:

@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 
 from kombu.message import Message
 
-from deadletter.store import NewDeadLetter, Store
+from deadletter import NewDeadLetter
 from ops import metrics, tracing
 from router.broker import BrokerSettings, Publisher, Topology, connect
 from router.consumer import FETCH_TIMEOUT, BufferedConsumer, run_reconnecting
 from router.messages import MALFORMED_MESSAGE, MalformedMessage, PartitionBatch, decode_chunk, readable_body
 from router.pipeline import RoutePipeline, TransformResult, chunk_failures
+from state import Store
 from transforms.edi import EDI_FORMATS
 from transforms.lookups import Lookup, LookupTableError
 
@@ -130,7 +131,6 @@ class TransformWorker:
             )
             for failure in result.failures:
                 metrics.DEADLETTERS.labels(route=route, stage="transform", reason=failure.reason).inc()
-            metrics.DEADLETTERS_OPEN.labels(route=route).set(self._store.count_open(route))
             reasons = Counter(failure.reason for failure in result.failures)
             log.warning(
                 "%d record(s) of %s dead-lettered (%s); first: %s",

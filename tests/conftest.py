@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from deadletter.store import Store, normalize_store_url
+from state import Store, normalize_store_url
 from tests.rabbit_cluster import ClusterUnavailable, RabbitCluster
 
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from connectors.chunks import SourceChunk
-from deadletter.store import AcceptedWebhook
+from state import AcceptedWebhook
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The console's pages and actions under ``/console/``, served by the router's HTTP listener.
 
 Pages read the store (and the broker, for the overview); actions go through the same code as the CLI
-(router.replay.Replayer and deadletter.store), audited with the signed-in operator's name. Every page
+(router.replay.Replayer and state), audited with the signed-in operator's name. Every page
 is rendered with autoescaping (dead letters hold hostile partner data) and sent with security headers;
 every POST is refused with 403 unless it carries the session's CSRF token and the console's origin.
 """
@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
-from deadletter.store import STAGES, STATUSES, DeadLetter, DeadLetterStateError, Store, StoreUnavailable
+from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError
 from ops.secrets import redact
 from router.broker import BrokerUnavailable
 from router.config import RouterConfig
@@ -29,6 +29,7 @@ from router.console.guards import PREFIX, SecurityHeaders, bounded, refused
 from router.console.views import HERE, circuit, lag_p95, payload_diff, pretty, templates
 from router.replay import Replayer, ReplayError, ReplayReport
 from router.status import collect_status
+from state import Store, StoreUnavailable
 
 PAGE_SIZE = 50
 PREVIEW_ROWS = 20

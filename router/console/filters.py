@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from deadletter.store import STAGES, STATUSES
+from deadletter import STAGES, STATUSES
 
 FILTERS = ("route", "target", "stage", "reason", "status", "key", "since", "until")
 """The dead-letter filters a page or a bulk replay takes (``key`` is the sequence key)."""

@@ -25,9 +25,9 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from deadletter.store import Store
 from router.console.passwords import hash_password
 from router.simulated import SimulatedTarget, TargetBehaviour
+from state import Store
 from tests.integration.console_harness import PASSWORD, Running, add_letter, console_config
 from tests.integration.harness import (
     RouterProcess,

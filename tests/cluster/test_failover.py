@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from deadletter.store import Store
 from router.broker import BrokerSettings, Publisher, Topology, connect
 from router.consumer import BufferedConsumer
 from router.simulated import SimulatedTarget
+from state import Store
 from tests.integration.harness import (
     RouterProcess,
     in_order_per_key,

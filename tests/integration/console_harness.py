@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 
-from deadletter.store import Store
 from router.config import load_config
 from router.runtime import RouterRuntime
+from state import Store
 from tests.integration.harness import write_config
 
 PASSWORD = "open sesame 7"

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from sqlalchemy import JSON, Column, Engine, Integer, MetaData, String, Table, create_engine, text
 
-from deadletter.audit import ANCHOR_ACTION, GENESIS
-from deadletter.models import UtcDateTime
-from deadletter.store import NewDeadLetter, Store, normalize_store_url
+from deadletter import NewDeadLetter
+from state import Store, normalize_store_url
+from state.audit_chain import ANCHOR_ACTION, GENESIS
+from state.tables import UtcDateTime
 from tests.integration.harness import write_config
 
 PROCESS_TIMEOUT = 120
@@ -225,7 +226,7 @@ def test_a_real_cli_session_leaves_an_intact_chain(store_url: str, config: Path)
 _APPENDER = textwrap.dedent(
     """
     import sys, threading, time
-    from deadletter.store import Store
+    from state import Store
 
     url, name, start, count = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     with Store(url) as store:
@@ -331,7 +332,7 @@ def _legacy_store(raw: Engine) -> None:
 _OPENER = textwrap.dedent(
     """
     import sys, time
-    from deadletter.store import Store
+    from state import Store
 
     time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
     Store(sys.argv[1]).close()

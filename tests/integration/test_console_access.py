@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deadletter.store import Store
 from ops.secrets import redact
 from router.console.passwords import hash_password
+from state import Store
 from tests.integration.console_harness import (
     HOSTILE,
     PASSWORD,

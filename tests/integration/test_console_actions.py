@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from deadletter.store import NewDeadLetter, Store
+from deadletter import NewDeadLetter
 from router.broker import Topology, connect, queue_depth
 from router.console.passwords import hash_password
 from router.replay import Replayer
+from state import Store
 from tests.integration.console_harness import (
     PASSWORD,
     Running,

@@ -17,10 +17,10 @@ from kombu import Connection
 from connectors.circuit import CircuitSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
-from deadletter.store import Store
 from router.broker import BrokerSettings, Topology, open_publisher, queue_depth, retry_budget
 from router.delivery_worker import DeliverySettings, DeliveryWorker
 from router.simulated import SimulatedTarget, TargetBehaviour
+from state import Store
 from tests.integration.harness import wait_until
 from transforms.render import PayloadRenderer
 

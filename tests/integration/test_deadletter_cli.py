@@ -16,13 +16,14 @@ from click.testing import CliRunner, Result
 from kombu import Connection, Queue
 
 from canonical.ids import partition_for
-from deadletter.store import NewDeadLetter, Store
+from deadletter import NewDeadLetter
 from router.assembly import build_pipelines
 from router.broker import BrokerSettings, Topology
 from router.config import load_config
 from router.deadletter_cli import deadletter, replay_history
 from router.messages import REPLAY_HEADER, decode_chunk
 from router.pipeline import RoutePipeline
+from state import Store
 from tests.integration.harness import write_config
 
 

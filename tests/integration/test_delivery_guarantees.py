@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from deadletter.store import Store
 from router.deadletter_cli import deadletter
 from router.simulated import SimulatedTarget, TargetBehaviour
+from state import Store
 from tests.integration.harness import (
     RouterProcess,
     in_order_per_key,

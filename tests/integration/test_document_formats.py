@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from deadletter.store import Store
 from router.simulated import SimulatedTarget
+from state import Store
 from tests.integration.harness import STORES, RouterProcess, wait_until
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deadletter.store import Store
 from router.simulated import SimulatedTarget
+from state import Store
 from tests.integration.harness import RouterProcess, wait_until, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deadletter.store import Store
 from router.simulated import SimulatedTarget, TargetBehaviour
+from state import Store
 from tests.integration.harness import RouterProcess, wait_until, write_config, write_pos_file
 
 pytestmark = pytest.mark.slow

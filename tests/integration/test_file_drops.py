@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from deadletter.store import Store
 from router.simulated import SimulatedTarget
+from state import Store
 from tests.integration.harness import STORES, RouterProcess, wait_until, write_config, write_pos_file
 
 pytestmark = pytest.mark.slow

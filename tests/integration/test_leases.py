@@ -8,8 +8,7 @@ import sys
 import textwrap
 import time
 
-from deadletter.leases import HeldLease
-from deadletter.store import Store
+from state import HeldLease, Store
 from tests.conftest import StoreLocation
 from tests.integration.harness import wait_until
 
@@ -54,8 +53,8 @@ def test_a_holder_that_lost_its_lease_is_told_to_stop(location: StoreLocation) -
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from deadletter.leases import HeldLease
-    from deadletter.store import Store
+    from state import HeldLease
+    from state import Store
     store = Store(sys.argv[1], schema=sys.argv[2] or None)
     lease = HeldLease.take(store, "release:erp", "A", "crashing-host", float(sys.argv[3]))
     print("held" if lease is not None else "refused", flush=True)

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from deadletter.store import NewDeadLetter, Store
+from deadletter import NewDeadLetter
 from router.broker import BrokerSettings, Topology
+from state import Store
 from tests.integration.harness import write_config
 
 pytestmark = pytest.mark.slow

@@ -23,10 +23,10 @@ from canonical.ids import partition_for
 from connectors.circuit import CircuitSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
-from deadletter.store import Store
 from router.broker import BrokerSettings, Topology, open_publisher
 from router.delivery_worker import DeliverySettings, DeliveryWorker
 from router.simulated import Fault, ReceivedRequest, SimulatedTarget, TargetBehaviour
+from state import Store
 from tests.integration.harness import (
     RouterProcess,
     in_order_per_key,

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from connectors.signatures import sign
-from deadletter.store import Store
 from router.simulated import SimulatedTarget
+from state import Store
 from tests.integration.harness import RouterProcess, wait_until
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from kombu import Connection
 
-from deadletter.store import Store
 from router.broker import BrokerSettings, Topology
 from router.deadletter_cli import deadletter
 from router.simulated import SimulatedTarget
+from state import Store
 from tests.integration.harness import RouterProcess, wait_until, write_config, write_pos_file
 
 pytestmark = pytest.mark.slow

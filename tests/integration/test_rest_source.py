@@ -21,8 +21,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from connectors.chunks import SourceChunk
 from connectors.rest_source import RestPollSettings, RestPollSource, content_id
 from connectors.retry import RetryPolicy
-from deadletter.store import Store
 from ops import tracing
+from state import Store
 from tests.integration.harness import wait_until
 
 ROUTE = "marketplace-stock"
@@ -524,7 +524,7 @@ def test_run_outlives_a_failing_store(
 ) -> None:
     three_pages(api)
     with sqlite3.connect(tmp_path / "state.db") as database:
-        database.execute("DROP TABLE source_cursors")
+        database.execute("ALTER TABLE source_cursors RENAME TO source_cursors_away")
     sink = RecordingSink()
     source = make_source(sink, store, poll=0.1)
     stop = threading.Event()
@@ -534,7 +534,8 @@ def test_run_outlives_a_failing_store(
         try:
             wait_until(lambda: "failed a poll" in caplog.text, 5.0, "the store failure logged")
             assert thread.is_alive()
-            Store(store_url).close()  # opening the store creates its tables again
+            with sqlite3.connect(tmp_path / "state.db") as database:
+                database.execute("ALTER TABLE source_cursors_away RENAME TO source_cursors")
             wait_until(lambda: len(sink.record_ids()) == 5, 5.0, "records published once the store is back")
         finally:
             stop.set()

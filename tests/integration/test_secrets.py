@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import pytest
 
-from deadletter.store import Store
+from state import Store
 from tests.integration.harness import RouterProcess, wait_until, write_config, write_pos_file
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from deadletter.store import NewDeadLetter, Store
+from deadletter import NewDeadLetter
+from state import Store
 from tests.integration.harness import RouterProcess, wait_until, write_config, write_pos_file
 
 pytestmark = pytest.mark.slow

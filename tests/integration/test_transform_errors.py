@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from deadletter.store import DeadLetter, Store, StoreUnavailable
+from deadletter import DeadLetter
 from router.config import load_config
 from router.deadletter_cli import deadletter
 from router.runtime import RouterRuntime
 from router.simulated import SimulatedTarget
+from state import Store, StoreUnavailable
 from tests.integration.harness import wait_until, write_config, write_pos_file
 from transforms.mapping import RecordMapping
 from transforms.parsers import RawRecord

@@ -28,11 +28,11 @@ from kombu import Connection, Queue
 from connectors.chunks import SourceChunk
 from connectors.signatures import sign
 from connectors.webhooks.intake import Admission, IntakeUnavailable, Unavailable, WebhookIntake
-from deadletter.store import Store
 from router.broker import BrokerSettings, BrokerUnavailable, Topology, queue_depth
 from router.confirms import ConfirmWindow, Outgoing
 from router.ingress import IngressGroupPublisher, chunk_message
 from router.messages import encode_body
+from state import Store
 from tests.integration.harness import RouterProcess, wait_until
 from transforms.parsers import RawRecord
 

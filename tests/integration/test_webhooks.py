@@ -24,12 +24,12 @@ from connectors.signatures import sign
 from connectors.webhooks.intake import WebhookIntake
 from connectors.webhooks.routes import LISTENER_ROUTE, webhook_routes
 from connectors.webhooks.settings import WebhookSettings
-from deadletter.store import AcceptedWebhook
 from ops.metrics import REGISTRY
 from router.config import HttpConfig
 from router.http_server import HttpListener
 from router.ingress import chunk_message
 from router.messages import encode_body
+from state import AcceptedWebhook
 
 SECRET = "whsec_c3RvY2stZXZlbnRzLXNlY3JldC0xMjM0NQ=="
 STOCK_SCHEMA: dict[str, Any] = {

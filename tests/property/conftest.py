@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deadletter.store import Store
+from state import Store
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 
 from connectors.chunks import SourceChunk
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
-from deadletter.store import NewDeadLetter, Store
+from deadletter import NewDeadLetter
 from router.ingress import chunk_message
 from router.messages import PartitionBatch, decode_batch, decode_chunk, encode_body
 from router.pipeline import DeliveryRule, RecordFailure, RoutePipeline
+from state import Store
 from transforms.filters import EventPredicate
 from transforms.lookups import Lookup
 from transforms.mapping import compile_mapping

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from deadletter.store import Store
+from state import Store
 from tests.property.harness import PROPERTY_SETTINGS, assert_accounted, ingest, make_route, rarely
 from transforms.lookups import Lookup
 from transforms.parsers import CsvDialect

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from deadletter.store import Store
+from state import Store
 from tests.property.harness import PROPERTY_SETTINGS, assert_accounted, ingest, make_route, rarely
 
 STOCK_MAP = {

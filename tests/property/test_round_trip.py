@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from deadletter.store import Store
+from state import Store
 from tests.property.harness import PROPERTY_SETTINGS, ingest, make_route
 from transforms.mapping import SELECTOR_FOR_FORMAT
 from transforms.parsers import CsvDialect

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from deadletter.store import Store
+from state import Store
 from tests.property.harness import (
     PROPERTY_SETTINGS,
     Outcome,

@@ -21,13 +21,13 @@ from connectors.circuit import CircuitBreaker, CircuitSettings
 from connectors.delivery import AttemptKind, AttemptResult, RetryInPlace
 from connectors.http_target import DeliveryOutcome, HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
-from deadletter.store import Store
 from ops import metrics
 from router.broker import BrokerSettings, Topology, open_publisher
 from router.delivery_worker import DeliverySettings, DeliveryWorker
 from router.messages import REPLAY_HEADER
 from router.parking import PARKED, delivery_letter
 from router.simulated import SimulatedTarget, TargetBehaviour
+from state import Store
 from tests.integration.harness import wait_until
 from transforms.render import PayloadRenderer
 
@@ -166,7 +166,7 @@ def test_a_refused_event_parks_its_key_and_replay_after_the_fix_delivers_it_in_o
     assert (dead.event_id, dead.reason, dead.sequence_key) == ("A-2", "http_4xx", "A")
     assert "HTTP 422 from erp" in dead.detail and dead.payload["event_id"] == "A-2"
     assert _letters(rig.store, "parked") == ["A-3", "A-4", "A-5"]
-    assert metrics.PARKED_KEYS.labels(target="erp")._value.get() == 1
+    assert rig.store.parked_keys_by_target() == {"erp": 1}
 
     refused.clear()
     assert rig.store.reopen_parked([dead.id], actor="alice", reason="ERP item master fixed") == [dead.id]
@@ -183,7 +183,7 @@ def test_a_refused_event_parks_its_key_and_replay_after_the_fix_delivers_it_in_o
     assert rig.store.count_open() == 0
     rig.publish([sale("A", 6)])
     wait_until(lambda: "A-6" in rig.received(), 10, "A-6 flowing again")
-    wait_until(lambda: metrics.PARKED_KEYS.labels(target="erp")._value.get() == 0, 5, "no parked key")
+    wait_until(lambda: rig.store.parked_keys_by_target().get("erp", 0) == 0, 5, "no parked key")
 
 
 def test_discarding_the_dead_letter_releases_the_events_behind_it(rig: Rig) -> None:

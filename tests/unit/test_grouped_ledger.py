@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from deadletter.store import Store
 from router.grouped_ledger import GroupedLedger
+from state import Store
 
 THREADS = 16
 PER_THREAD = 20

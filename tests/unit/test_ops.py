@@ -39,6 +39,16 @@ def _scrape() -> dict[str, list[tuple[dict[str, str], float]]]:
     return samples
 
 
+class _CountedStore:
+    """The store's grouped counts, as the state gauges read them at a scrape."""
+
+    def open_letters_by_route(self) -> dict[str, int]:
+        return {"t-scrape": 1}
+
+    def parked_keys_by_target(self) -> dict[str, int]:
+        return {"t-erp": 4}
+
+
 def test_scrape_shows_every_design_metric_with_its_labels() -> None:
     metrics.MESSAGES_RECEIVED.labels(route="t-scrape").inc()
     metrics.EVENTS_TRANSFORMED.labels(route="t-scrape").inc(3)
@@ -47,13 +57,16 @@ def test_scrape_shows_every_design_metric_with_its_labels() -> None:
     metrics.DELIVERY_SECONDS.labels(target="t-erp").observe(0.2)
     metrics.EVENT_LAG.labels(target="t-erp").observe(42)
     metrics.DEADLETTERS.labels(route="t-scrape", stage="transform", reason="validation").inc()
-    metrics.DEADLETTERS_OPEN.labels(route="t-scrape").set(1)
-    metrics.PARKED_KEYS.labels(target="t-erp").set(4)
+    store = _CountedStore()
+    metrics.STATE_GAUGES.attach(store, ["t-idle"], ["t-idle"])
     metrics.EVENTS_STALE.labels(target="t-erp").inc()
     metrics.QUEUE_DEPTH.labels(queue="router.deliver.t-erp.0").set(17)
     metrics.CIRCUIT_OPEN.labels(target="t-erp").set(1)
 
-    samples = _scrape()
+    try:
+        samples = _scrape()
+    finally:
+        metrics.STATE_GAUGES.detach(store)
 
     for name, labels in DESIGN_METRICS.items():
         sample_name = f"{name}_count" if name.endswith("_seconds") else name
@@ -65,6 +78,9 @@ def test_scrape_shows_every_design_metric_with_its_labels() -> None:
     assert ({"queue": "router.deliver.t-erp.0"}, 17.0) in samples["router_queue_depth"]
     assert ({"route": "t-scrape", "target": "t-erp"}, 2.0) in samples["router_events_delivered_total"]
     assert not any(name.endswith("_created") for name in samples)
+    assert ({"route": "t-scrape"}, 1.0) in samples["router_deadletters_open"]
+    assert ({"route": "t-idle"}, 0.0) in samples["router_deadletters_open"]
+    assert ({"target": "t-erp"}, 4.0) in samples["router_parked_keys"]
 
 
 def test_no_metric_has_an_item_or_location_label() -> None:

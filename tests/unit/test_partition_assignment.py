@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deadletter.store import Store
 from router.partitions import PartitionAssignment, partition_holders
+from state import Store
 from tests.integration.harness import wait_until
 
 PARTITIONS = 8

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deadletter.store import AcceptedWebhook, Store
 from router.pruning import PeriodicJob, prune_journal, prune_webhook_ids
+from state import AcceptedWebhook, Store
 
 KEYS = [("partner-stock", "msg_1")]
 EVENT = {"event_id": "e1", "sequence_key": "A", "type": "sale", "occurred_at": "2026-11-24T09:00:00+00:00"}

@@ -12,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from deadletter.store import (
-    AcceptedWebhook,
-    DeadLetterNotFound,
-    DeadLetterStateError,
-    NewDeadLetter,
-    Store,
-    StoreUnavailable,
-    normalize_store_url,
-)
+from deadletter import DeadLetterNotFound, DeadLetterStateError, NewDeadLetter
+from state import AcceptedWebhook, Store, StoreUnavailable, normalize_store_url
 from tests.conftest import StoreLocation
 
 

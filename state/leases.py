@@ -1,4 +1,5 @@
-"""Leases that hold while their work runs: taken in the store, kept alive by a heartbeat thread.
+"""Leases in the store (table ``leases``): work only one process may do at a time, claimed, renewed and
+freed by name, and ``HeldLease``, which keeps one alive with a heartbeat thread while its work runs.
 
 A lease names work only one process may do at a time (releasing a parked key, polling a REST route).
 It is taken for ``ttl`` seconds and renewed every ``ttl / 3`` while the work runs, so long work keeps it
@@ -12,11 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
+from uuid import uuid4
 
-from deadletter.store import Store
+from sqlalchemy import delete, select, update
+
+from state.engine import StoreEngine
+from state.tables import LeaseRow
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +32,70 @@ RENEWALS_PER_TTL = 3
 # How often the heartbeat looks at the owner's stop event between renewals: the bound on how late
 # ``cancel`` follows a drain.
 STOP_CHECK_SECONDS = 0.25
+
+
+def lease_holder() -> str:
+    """Who this process is when it holds a lease: host, process id and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:8]}"
+
+
+class LeaseStore(StoreEngine):
+    """Named leases (``scope``/``name``): who holds each, until when."""
+
+    def claim_lease(self, scope: str, name: str, holder: str, ttl: float) -> bool:
+        """Take (or renew) lease ``scope``/``name`` for ``ttl`` seconds; False while another holder has it."""
+        now = datetime.now(UTC)
+        statement = self._insert(LeaseRow).values(
+            scope=scope, name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[LeaseRow.scope, LeaseRow.name],
+            set_={"holder": statement.excluded.holder, "expires_at": statement.excluded.expires_at},
+            where=(LeaseRow.holder == holder) | (LeaseRow.expires_at < now),
+        )
+        with self._transaction() as session:
+            session.execute(statement)
+            current = session.scalar(
+                select(LeaseRow.holder).where(LeaseRow.scope == scope, LeaseRow.name == name)
+            )
+            return current == holder
+
+    def renew_lease(self, scope: str, name: str, holder: str, ttl: float) -> bool:
+        """Extend lease ``scope``/``name`` by ``ttl`` seconds from now, only while ``holder`` has it and it
+        has not expired; False when it was lost (another holder may have taken it since)."""
+        now = datetime.now(UTC)
+        statement = (
+            update(LeaseRow)
+            .where(
+                LeaseRow.scope == scope,
+                LeaseRow.name == name,
+                LeaseRow.holder == holder,
+                LeaseRow.expires_at >= now,
+            )
+            .values(expires_at=now + timedelta(seconds=ttl))
+        )
+        with self._transaction() as session:
+            return int(session.execute(statement).rowcount or 0) == 1
+
+    def live_leases(self, scope: str) -> dict[str, str]:
+        """The unexpired leases of ``scope``: name -> holder."""
+        now = datetime.now(UTC)
+        with self._transaction() as session:
+            rows = session.execute(
+                select(LeaseRow.name, LeaseRow.holder).where(
+                    LeaseRow.scope == scope, LeaseRow.expires_at >= now
+                )
+            )
+            return {name: holder for name, holder in rows}
+
+    def free_lease(self, scope: str, name: str, holder: str) -> None:
+        """Give up a lease (only if still ours)."""
+        with self._transaction() as session:
+            session.execute(
+                delete(LeaseRow).where(
+                    LeaseRow.scope == scope, LeaseRow.name == name, LeaseRow.holder == holder
+                )
+            )
 
 
 class HeldLease:
@@ -34,7 +106,7 @@ class HeldLease:
     """
 
     def __init__(
-        self, store: Store, scope: str, name: str, holder: str, ttl: float, stop: threading.Event | None
+        self, store: LeaseStore, scope: str, name: str, holder: str, ttl: float, stop: threading.Event | None
     ) -> None:
         if not ttl > 0:
             raise ValueError(f"lease {scope}/{name}: ttl must be a positive number of seconds, got {ttl!r}")
@@ -50,7 +122,7 @@ class HeldLease:
     @classmethod
     def take(
         cls,
-        store: Store,
+        store: LeaseStore,
         scope: str,
         name: str,
         holder: str,

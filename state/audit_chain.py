@@ -31,7 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, UOWTransaction, sessionmaker
 
-from deadletter.models import AuditChainRow, AuditRow
+from state.tables import AuditChainRow, AuditRow
 
 GENESIS = hashlib.sha256(b"router audit trail genesis").hexdigest()
 HEAD_ID = 1
