@@ -116,9 +116,13 @@ def _candidates(scheme: SignatureScheme, header: str, value: str) -> list[bytes]
             if version != "v1":
                 continue
             try:
-                offered.append(base64.b64decode(encoded, validate=True))
+                decoded = base64.b64decode(encoded, validate=True)
             except binascii.Error:
                 continue
+            # Only the canonical encoding counts: with its spare low bits set, one signature could be
+            # written several ways, and a flipped character would still verify.
+            if base64.b64encode(decoded).decode("ascii") == encoded:
+                offered.append(decoded)
         else:
             prefix = "sha256=" if scheme is SignatureScheme.sha256_prefixed else "v1,"
             if scheme is SignatureScheme.sha256_prefixed and not entry.startswith(prefix):
