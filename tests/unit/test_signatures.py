@@ -70,6 +70,14 @@ def test_tampered_body_is_refused_without_revealing_the_expected_signature() -> 
     assert SPEC_SIGNATURE.removeprefix("v1,") not in message
 
 
+def test_a_signature_written_with_its_spare_base64_bits_set_is_refused() -> None:
+    # "...1OF=" decodes to the same bytes as the spec's "...1OE=": only the canonical form counts.
+    variant = SPEC_SIGNATURE[:-2] + "F="
+    assert base64.b64decode(variant[3:]) == base64.b64decode(SPEC_SIGNATURE[3:])
+    with pytest.raises(SignatureError, match="no well-formed signature"):
+        check(variant)
+
+
 def test_signature_of_another_message_id_does_not_verify() -> None:
     with pytest.raises(SignatureError, match="matches"):
         check(SPEC_SIGNATURE, webhook_id="msg_other")
