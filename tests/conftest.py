@@ -6,6 +6,8 @@ developer machine it is skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -42,10 +44,55 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+class BrokerLock:
+    """Keeps a test that stops the shared RabbitMQ apart from the other tests using it when pytest-xdist
+    runs tests side by side: each holds a shared lock on one file of the run while it uses the broker,
+    and the stopping test an exclusive one. Without xdist the tests run one at a time and it does nothing.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self._handle = path.open("a") if path is not None else None
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        self._lock(fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            self._lock(fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Within ``shared``: wait until no other test uses the broker, and keep them off until the end."""
+        self._lock(fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            self._lock(fcntl.LOCK_SH)
+
+    def _lock(self, operation: int) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, operation)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_lock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerLock]:
+    """This worker's handle on the run's broker lock (xdist workers share their base temp's parent)."""
+    in_worker = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    lock = BrokerLock(tmp_path_factory.getbasetemp().parent / "rabbitmq.lock" if in_worker else None)
+    yield lock
+    lock.close()
+
+
 @pytest.fixture
-def rabbitmq_url() -> str:
+def rabbitmq_url(rabbitmq_lock: BrokerLock) -> Iterator[str]:
     require_service("RabbitMQ", "127.0.0.1", 5672)
-    return RABBITMQ_URL
+    with rabbitmq_lock.shared():
+        yield RABBITMQ_URL
 
 
 @pytest.fixture
