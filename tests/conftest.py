@@ -133,9 +133,10 @@ def rabbitmq_namespace(rabbitmq_url: str, broker_prefix: str) -> Iterator[str]:
         channel.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def rabbit_cluster() -> Iterator[RabbitCluster]:
-    """Three RabbitMQ nodes clustered on this machine for the whole session, removed afterwards."""
+    """Three RabbitMQ nodes clustered on this machine for the failover module, removed after its last
+    test rather than at the end of the session, so they idle through none of the other tests."""
     cluster = RabbitCluster()
     try:
         cluster.start()
