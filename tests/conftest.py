@@ -11,6 +11,7 @@ import fcntl
 import os
 import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,45 +46,45 @@ def require_service(name: str, host: str, port: int) -> None:
 
 
 class BrokerLock:
-    """Keeps a test that stops the shared RabbitMQ apart from the other tests using it when pytest-xdist
-    runs tests side by side: each holds a shared lock on one file of the run while it uses the broker,
-    and the stopping test an exclusive one. Without xdist the tests run one at a time and it does nothing.
-    """
+    """Keeps a test that stops the shared RabbitMQ apart from everything else using it while tests run side
+    by side (pytest-xdist workers, background queue sweeps): each user holds a shared lock on one file of
+    the run, and the stopping test an exclusive one."""
 
-    def __init__(self, path: Path | None) -> None:
-        self._handle = path.open("a") if path is not None else None
+    def __init__(self, path: Path) -> None:
+        self._handle = path.open("a")
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
-        self._lock(fcntl.LOCK_SH)
+        fcntl.flock(self._handle, fcntl.LOCK_SH)
         try:
             yield
         finally:
-            self._lock(fcntl.LOCK_UN)
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Within ``shared``: wait until no other test uses the broker, and keep them off until the end."""
-        self._lock(fcntl.LOCK_EX)
+        """Within ``shared``: wait until nothing else uses the broker, and keep all else off until the end."""
+        fcntl.flock(self._handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            self._lock(fcntl.LOCK_SH)
-
-    def _lock(self, operation: int) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, operation)
+            fcntl.flock(self._handle, fcntl.LOCK_SH)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
+        self._handle.close()
 
 
 @pytest.fixture(scope="session")
-def rabbitmq_lock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerLock]:
-    """This worker's handle on the run's broker lock (xdist workers share their base temp's parent)."""
-    in_worker = os.environ.get("PYTEST_XDIST_WORKER") is not None
-    lock = BrokerLock(tmp_path_factory.getbasetemp().parent / "rabbitmq.lock" if in_worker else None)
+def rabbitmq_lock_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's broker lock file: xdist workers share their base temp's parent, a plain run has its own."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "rabbitmq.lock"
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_lock(rabbitmq_lock_path: Path) -> Iterator[BrokerLock]:
+    """This process's handle on the run's broker lock."""
+    lock = BrokerLock(rabbitmq_lock_path)
     yield lock
     lock.close()
 
@@ -93,6 +94,65 @@ def rabbitmq_url(rabbitmq_lock: BrokerLock) -> Iterator[str]:
     require_service("RabbitMQ", "127.0.0.1", 5672)
     with rabbitmq_lock.shared():
         yield RABBITMQ_URL
+
+
+def delete_queues(url: str, prefix: str) -> None:
+    """Delete the queues named ``<prefix>.…`` and the exchange ``prefix`` on the broker at ``url``."""
+    from kombu import Connection
+
+    listing = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    names = [line.strip() for line in listing.stdout.splitlines() if line.strip().startswith(f"{prefix}.")]
+    with Connection(url) as connection:
+        for name in names:
+            channel = connection.channel()
+            channel.queue_delete(name)
+            channel.close()
+        channel = connection.channel()
+        channel.exchange_delete(prefix)
+        channel.close()
+
+
+class QueueSweeper:
+    """Deletes each finished test's queues in a background thread (rabbitmqctl takes a second or more to
+    list them), so the next test need not wait; the session waits for every sweep and fails if one did."""
+
+    def __init__(self, lock_path: Path) -> None:
+        self._lock_path = lock_path
+        self._threads: list[threading.Thread] = []
+        self.failures: list[str] = []
+
+    def sweep(self, url: str, prefix: str) -> None:
+        thread = threading.Thread(target=self._delete, args=(url, prefix), name=f"sweep {prefix}")
+        thread.start()
+        self._threads.append(thread)
+
+    def _delete(self, url: str, prefix: str) -> None:
+        lock = BrokerLock(self._lock_path)
+        try:
+            with lock.shared():
+                delete_queues(url, prefix)
+        except Exception as error:
+            self.failures.append(f"deleting the queues of {prefix}: {error!r}")
+        finally:
+            lock.close()
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+
+
+@pytest.fixture(scope="session")
+def queue_sweeper(rabbitmq_lock_path: Path) -> Iterator[QueueSweeper]:
+    sweeper = QueueSweeper(rabbitmq_lock_path)
+    yield sweeper
+    sweeper.join()
+    assert not sweeper.failures, "\n".join(sweeper.failures)
 
 
 @pytest.fixture
@@ -108,29 +168,10 @@ def broker_prefix() -> str:
 
 
 @pytest.fixture
-def rabbitmq_namespace(rabbitmq_url: str, broker_prefix: str) -> Iterator[str]:
+def rabbitmq_namespace(rabbitmq_url: str, broker_prefix: str, queue_sweeper: QueueSweeper) -> Iterator[str]:
     """A unique queue prefix on the real RabbitMQ; its queues and exchange are deleted afterwards."""
     yield broker_prefix
-    from kombu import Connection
-
-    listing = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    names = [
-        line.strip() for line in listing.stdout.splitlines() if line.strip().startswith(f"{broker_prefix}.")
-    ]
-    with Connection(rabbitmq_url) as connection:
-        for name in names:
-            channel = connection.channel()
-            channel.queue_delete(name)
-            channel.close()
-        channel = connection.channel()
-        channel.exchange_delete(broker_prefix)
-        channel.close()
+    queue_sweeper.sweep(rabbitmq_url, broker_prefix)
 
 
 @pytest.fixture(scope="module")
