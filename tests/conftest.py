@@ -96,6 +96,24 @@ def rabbitmq_url(rabbitmq_lock: BrokerLock) -> Iterator[str]:
         yield RABBITMQ_URL
 
 
+@pytest.fixture
+def restartable_rabbitmq(rabbitmq_url: str, rabbitmq_lock: BrokerLock) -> Iterator[None]:
+    """The test may stop the broker's app; no other test uses the broker meanwhile, and it is started
+    again whatever happens."""
+    with rabbitmq_lock.exclusive():
+        try:
+            yield
+        finally:
+            subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120, check=False)
+            subprocess.run(["rabbitmqctl", "await_startup"], capture_output=True, timeout=120, check=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop the shared RabbitMQ run first: under xdist the other worker starts with the
+    cluster tests (first as the largest group), which do not use that broker, so neither waits."""
+    items.sort(key=lambda item: "restartable_rabbitmq" not in getattr(item, "fixturenames", ()))
+
+
 def delete_queues(url: str, prefix: str) -> None:
     """Delete the queues named ``<prefix>.…`` and the exchange ``prefix`` on the broker at ``url``."""
     from kombu import Connection
