@@ -30,7 +30,8 @@ from tests.integration.harness import (
 )
 from tests.rabbit_cluster import RabbitCluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+# One xdist worker runs every test here: the cluster listens on fixed ports and is started once.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("rabbit-cluster")]
 
 
 @pytest.fixture

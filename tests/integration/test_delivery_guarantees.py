@@ -6,7 +6,6 @@ and a broker restart mid-stream. Order per key holds and nothing is lost in ever
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,16 +158,6 @@ def test_two_processes_on_one_config_ingest_each_file_once_in_order(
         "pos-022.csv",
     ]
     assert in_order_per_key(erp.events)
-
-
-@pytest.fixture
-def restartable_rabbitmq(rabbitmq_url: str) -> Iterator[None]:
-    """The test may stop the broker's app; it is started again whatever happens."""
-    try:
-        yield
-    finally:
-        subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120, check=False)
-        subprocess.run(["rabbitmqctl", "await_startup"], capture_output=True, timeout=120, check=False)
 
 
 def test_a_broker_restart_mid_stream_loses_nothing(

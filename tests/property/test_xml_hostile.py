@@ -5,6 +5,7 @@ dead letter, or the file is rejected with its line."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,9 @@ ASN_MAP = {
     "occurred_at": {"xpath": "DespatchedAt", "as": "datetime"},
 }
 SECRET_MARKER = "PROPERTY-XXE-SECRET-7f3a"
-SECRET = Path(tempfile.gettempdir()) / "property-xxe-secret.txt"
-"""A local file no entity may ever pull into an event, a dead letter or a rejection reason."""
+SECRET = Path(tempfile.gettempdir()) / f"property-xxe-secret-{os.getpid()}.txt"
+"""A local file no entity may ever pull into an event, a dead letter or a rejection reason (one per
+process: test processes running side by side each create and remove their own)."""
 
 LAUGHS = "".join(
     f'<!ENTITY lol{level} "{f"&lol{level - 1};" * 10 if level else "lol"}">' for level in range(10)
