@@ -7,15 +7,16 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Dialect, and_, delete, select
+from sqlalchemy import CompoundSelect, Dialect, and_, bindparam, delete, literal, null, select, union_all
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from deadletter.models import OPEN_STATUSES
-from state.engine import StoreEngine, aware, chunks, dump_document_text
+from state.engine import QUERY_CHUNK, StoreEngine, aware, chunks, dump_document_text
 from state.tables import DeadLetterRow, DeliveredEventRow, SnapshotMarkRow
 
 SNAPSHOT_TYPE = "stock.snapshot"
@@ -136,50 +137,73 @@ def _unchanged(value: Any) -> Any:
     return value
 
 
+class _Known(StrEnum):
+    """What a row of the delivery-state query says about an event id or a sequence key."""
+
+    mark = "m"
+    delivered = "d"
+    lettered = "l"
+    blocked = "b"
+
+
+def _delivery_state_query() -> CompoundSelect:
+    """Everything ``delivery_state`` reads, as one UNION ALL of (kind, id or key, snapshot time).
+
+    Plain Core on the tables with expanding IN lists, so SQLAlchemy compiles it once and caches it;
+    the snapshot marks come first, because a UNION's column types are those of its first SELECT.
+    """
+    delivered, letters = DeliveredEventRow.__table__, DeadLetterRow.__table__
+    marks = SnapshotMarkRow.__table__
+    target = bindparam("target")
+    ids, keys = bindparam("ids", expanding=True), bindparam("keys", expanding=True)
+    no_time = null().label("occurred_at")
+    open_letters = letters.c.status.in_(OPEN_STATUSES)
+    return union_all(
+        select(literal(_Known.mark.value).label("kind"), marks.c.sequence_key, marks.c.occurred_at).where(
+            marks.c.target == target, marks.c.sequence_key.in_(keys)
+        ),
+        select(literal(_Known.delivered.value), delivered.c.event_id, no_time).where(
+            delivered.c.target == target, delivered.c.event_id.in_(ids)
+        ),
+        select(literal(_Known.lettered.value), letters.c.event_id, no_time).where(
+            letters.c.target == target, letters.c.event_id.in_(ids), open_letters
+        ),
+        select(literal(_Known.blocked.value), letters.c.sequence_key, no_time).where(
+            letters.c.target == target, letters.c.sequence_key.in_(keys), open_letters
+        ),
+    )
+
+
+_DELIVERY_STATE = _delivery_state_query()
+
+
 class LedgerStore(StoreEngine):
     """Tables ``delivered_events`` (ledger and journal in one row) and ``snapshot_marks``."""
 
     def delivery_state(self, target: str, events: Sequence[Mapping[str, Any]]) -> DeliveryState:
-        """What the store knows about a batch of events bound for ``target``, in one transaction."""
+        """What the store knows about a batch of events bound for ``target``, in one query per
+        ``QUERY_CHUNK`` events."""
         ids = list(dict.fromkeys(e["event_id"] for e in events))
         keys = list(dict.fromkeys(e["sequence_key"] for e in events if e.get("sequence_key") is not None))
         state = DeliveryState()
+        found = {
+            _Known.delivered: state.delivered,
+            _Known.lettered: state.lettered,
+            _Known.blocked: state.blocked,
+        }
         with self._transaction() as session:
-            for chunk in chunks(ids):
-                state.delivered.update(
-                    session.scalars(
-                        select(DeliveredEventRow.event_id).where(
-                            DeliveredEventRow.target == target, DeliveredEventRow.event_id.in_(chunk)
-                        )
-                    )
-                )
-                state.lettered.update(
-                    session.scalars(
-                        select(DeadLetterRow.event_id).where(
-                            DeadLetterRow.target == target,
-                            DeadLetterRow.event_id.in_(chunk),
-                            DeadLetterRow.status.in_(OPEN_STATUSES),
-                        )
-                    )
-                )
-            for chunk in chunks(keys):
-                state.blocked.update(
-                    session.scalars(
-                        select(DeadLetterRow.sequence_key)
-                        .where(
-                            DeadLetterRow.target == target,
-                            DeadLetterRow.sequence_key.in_(chunk),
-                            DeadLetterRow.status.in_(OPEN_STATUSES),
-                        )
-                        .distinct()
-                    )
-                )
-                marks = session.execute(
-                    select(SnapshotMarkRow.sequence_key, SnapshotMarkRow.occurred_at).where(
-                        SnapshotMarkRow.target == target, SnapshotMarkRow.sequence_key.in_(chunk)
-                    )
-                )
-                state.snapshot_marks.update((key, occurred) for key, occurred in marks)
+            connection = session.connection()
+            for start in range(0, max(len(ids), len(keys), 1), QUERY_CHUNK):
+                parameters = {
+                    "target": target,
+                    "ids": ids[start : start + QUERY_CHUNK],
+                    "keys": keys[start : start + QUERY_CHUNK],
+                }
+                for kind, value, occurred in connection.execute(_DELIVERY_STATE, parameters):
+                    if kind == _Known.mark:
+                        state.snapshot_marks[value] = occurred
+                    else:
+                        found[kind].add(value)
         return state
 
     def record_deliveries(self, target: str, events: Sequence[Mapping[str, Any]]) -> None:
