@@ -91,11 +91,17 @@ class ConfirmWindow:
         Raises :class:`BrokerUnavailable` when any was not confirmed (then none may be reported as
         accepted; some may still have reached the queue, which the callers' idempotency covers).
         """
-        if not messages:
-            return
+        if messages:
+            self.wait_for(self.send(messages))
+
+    def send(self, messages: Sequence[Outgoing]) -> int:
+        """Publish ``messages`` without waiting for their confirms; returns the sequence number of the
+        last, for :meth:`wait_for` (numbers count up from 1 per connection, one per message)."""
         if self._settings.is_memory:
             self._publish_memory(messages)
-            return
+            self._published += len(messages)
+            self._confirms.acked = self._published  # the embedded transport has no confirms
+            return self._published
         try:
             channel = self._ensure_channel()
             write_frame = self._write_frame
@@ -118,15 +124,31 @@ class ConfirmWindow:
                 )
                 self._published += 1
             channel.connection.transport.write(self._frames.take())
-            self._await_confirms(self._published)
-        except BrokerUnavailable:
-            self._reset()
-            raise
+            return self._published
         except Exception as error:  # kombu and py-amqp surface transport errors as many unrelated types
             self._reset()
             raise BrokerUnavailable(
                 f"a group of {len(messages)} messages was not confirmed: {error}"
             ) from error
+
+    @property
+    def confirmed(self) -> int:
+        """The sequence number up to which every message was confirmed."""
+        return self._confirms.acked
+
+    def wait_for(self, last: int) -> None:
+        """Return once every message up to sequence number ``last`` was confirmed; raise
+        :class:`BrokerUnavailable` on a nack, a timeout or a lost connection."""
+        if self._confirms.acked >= last and not self._confirms.nacked:
+            return
+        try:
+            self._await_confirms(last)
+        except BrokerUnavailable:
+            self._reset()
+            raise
+        except Exception as error:  # kombu and py-amqp surface transport errors as many unrelated types
+            self._reset()
+            raise BrokerUnavailable(f"messages up to {last} were not confirmed: {error}") from error
 
     def _publish_memory(self, messages: Sequence[Outgoing]) -> None:
         if self._memory is None:

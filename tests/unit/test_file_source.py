@@ -16,7 +16,7 @@ from connectors.chunks import SourceChunk
 from connectors.drop_source import IngestOutcome
 from connectors.file_ingest import FileParsing, Readiness, ReadySignal, Refusal, refusal_of
 from connectors.file_source import FileDropSettings, FileDropSource
-from router.broker import BrokerSettings, Publisher, Topology, connect
+from router.broker import BrokerSettings, Topology
 from router.ingress import IngressPublisher, chunk_message
 from router.messages import encode_body
 from transforms.parsers import CsvDialect, FileFormatError
@@ -398,12 +398,11 @@ def test_a_file_name_that_is_not_utf8_goes_to_errors_once(
 def through_the_broker(tmp_path: Path) -> Iterator[Callable[[SourceChunk], None]]:
     """A sink publishing through the real broker layer (the embedded transport), as `router run` does."""
     settings = BrokerSettings(url="memory://", prefix="t" + tmp_path.name[-12:].replace("_", ""))
-    topology = Topology(settings)
-    connection = connect(settings)
+    sink = IngressPublisher(settings, Topology(settings))
     try:
-        yield IngressPublisher(Publisher(connection, topology), topology)
+        yield sink
     finally:
-        connection.release()
+        sink.close()
 
 
 @pytest.mark.parametrize(
