@@ -115,6 +115,40 @@ def test_a_file_whose_publish_fails_returns_to_the_inbox_and_is_taken_again(tmp_
     assert next(c.message_id for c in retried).startswith("pos-3.csv@")
 
 
+class _ConfirmsOnlyTheFirst:
+    """A pipelined sink whose broker confirms the first chunk, then goes away before the others."""
+
+    def __init__(self) -> None:
+        self.sent: list[SourceChunk] = []
+        self._waiting: list[tuple[SourceChunk, Callable[[SourceChunk], None]]] = []
+
+    def __call__(self, chunk: SourceChunk) -> None:
+        raise AssertionError("a file is published through send and flush")
+
+    def send(self, chunk: SourceChunk, confirmed: Callable[[SourceChunk], None]) -> None:
+        self.sent.append(chunk)
+        self._waiting.append((chunk, confirmed))
+        if len(self.sent) == 2:
+            first, report = self._waiting.pop(0)
+            report(first)
+
+    def flush(self) -> None:
+        raise ConnectionError("broker unreachable")
+
+
+def test_a_file_released_with_chunks_in_flight_counts_only_the_confirmed_ones(tmp_path: Path) -> None:
+    _drop(tmp_path, "pos-4.csv", SALES)
+    pipelined = _ConfirmsOnlyTheFirst()
+    [first] = FileDropSource(_settings(tmp_path, chunk_size=1), pipelined).poll_once()
+    assert first.outcome is IngestOutcome.released and first.chunks == 1 and len(pipelined.sent) == 3
+    assert (tmp_path / "inbox" / "pos-4.csv").exists()
+
+    retried: list[SourceChunk] = []
+    [second] = FileDropSource(_settings(tmp_path, chunk_size=1), retried.append).poll_once()
+    assert second.outcome is IngestOutcome.archived
+    assert [c.records[0].data["SKU"] for c in retried] == ["A", "B", "C"]
+
+
 def test_an_orphaned_claim_from_a_dead_process_is_ingested(tmp_path: Path) -> None:
     processing = tmp_path / "inbox" / ".processing"
     processing.mkdir(parents=True)
