@@ -19,7 +19,14 @@ from amqp.method_framing import frame_writer
 from amqp.serialization import dumps
 from kombu import Connection, Producer, Queue
 
-from router.broker import CONTENT_TYPE, BrokerSettings, BrokerUnavailable, Topology, connect
+from router.broker import (
+    CONTENT_TYPE,
+    BrokerSettings,
+    BrokerUnavailable,
+    FailoverConnection,
+    Topology,
+    connect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +91,7 @@ class ConfirmWindow:
         self._memory: Producer | None = None
         self._frames = _Frames()
         self._write_frame: Callable[..., None] | None = None
+        self._failures = 0
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Publish every message of ``messages``; returns once RabbitMQ confirmed all of them.
@@ -168,7 +176,13 @@ class ConfirmWindow:
     def _ensure_channel(self) -> Any:
         if self._channel is None:
             # No kombu confirm_publish here: that mode waits for each message's confirm on its own.
-            self._connection = Connection(self._settings.url, connect_timeout=5)
+            # Every node is tried, starting after the one the last failed group went through: a node
+            # that is up but does not confirm (a minority partition) is not taken again first.
+            urls = self._settings.urls
+            start = self._failures % len(urls)
+            self._connection = FailoverConnection(
+                urls[start:] + urls[:start], failover_strategy="round-robin", connect_timeout=5
+            )
             self._connection.ensure_connection(max_retries=1)
             channel = self._connection.channel()
             self._confirms = _Confirms()
@@ -206,6 +220,7 @@ class ConfirmWindow:
             raise BrokerUnavailable("RabbitMQ refused (nacked) a message of the group")
 
     def _reset(self) -> None:
+        self._failures += 1
         self._channel = None
         self._memory = None
         if self._connection is not None:
