@@ -41,14 +41,28 @@ class Outgoing:
 
 
 class _Confirms:
-    """Counts the broker's acks and nacks of one channel's delivery tags."""
+    """Follows the broker's acks and nacks of one channel's delivery tags.
+
+    ``acked`` is the tag up to which every message was acked. RabbitMQ may ack a message on its own
+    before an earlier one (they went to different queues), so a single ack counts only once every
+    tag below it was acked too.
+    """
 
     def __init__(self) -> None:
         self.acked = 0
         self.nacked = 0
+        self._acked_ahead: set[int] = set()
 
     def ack(self, delivery_tag: int, multiple: bool) -> None:
-        self.acked = delivery_tag if multiple else max(self.acked, delivery_tag)
+        if multiple:
+            self.acked = max(self.acked, delivery_tag)
+        elif delivery_tag > self.acked:
+            self._acked_ahead.add(delivery_tag)
+        while self.acked + 1 in self._acked_ahead:
+            self.acked += 1
+            self._acked_ahead.remove(self.acked)
+        if multiple and self._acked_ahead:
+            self._acked_ahead = {tag for tag in self._acked_ahead if tag > self.acked}
 
     def nack(self, delivery_tag: int, multiple: bool) -> None:
         self.nacked = max(self.nacked, delivery_tag)
