@@ -239,7 +239,7 @@ class DropSource(ABC, Generic[Settings, Candidate, ClaimT, Place]):
         moved = self._to_errors(place, error)
         self._log.error(
             "route %s: file %s from %s rejected to %s: %s",
-            self.settings.route, printable(name), self._origin(), moved, error,
+            self.settings.route, printable(name), self._origin(), printable(str(moved)), error,
             extra={"route": self.settings.route, "file": printable(name)},
         )
         if self._on_rejected is not None:

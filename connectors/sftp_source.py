@@ -57,6 +57,7 @@ from connectors.file_ingest import (
     is_utf8,
     link_refused,
     name_refused,
+    printable,
     publish_file,
 )
 from connectors.file_source import PROCESSING_DIR
@@ -402,8 +403,8 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
             log.warning(
                 "route %s: claim on %s expired (not renewed for %.0fs, claim_ttl %.0fs), its router stopped "
                 "mid-file; returning it to %s",
-                settings.route, entry.filename, idle, settings.claim_ttl, settings.remote_dir,
-                extra={"route": settings.route, "file": entry.filename},
+                settings.route, printable(entry.filename), idle, settings.claim_ttl, settings.remote_dir,
+                extra={"route": settings.route, "file": printable(entry.filename)},
             )
             try:
                 _move(sftp, claim, settings.remote_dir, entry.filename)
@@ -428,8 +429,9 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
             # Gone: another router claimed it. Otherwise a file of that name is still in flight (or the
             # server forbids the rename): the file stays and is offered again next poll.
             if not isinstance(error, FileNotFoundError):
-                log.info("route %s: %s not claimed this poll: %s", self.settings.route, name, error,
-                         extra={"route": self.settings.route, "file": name})
+                shown = printable(name)
+                log.info("route %s: %s not claimed this poll: %s", self.settings.route, shown, error,
+                         extra={"route": self.settings.route, "file": shown})
             return None
         self._sightings.pop(name, None)
         lease = _ClaimLease(sftp, path, stamp, self.settings, self._clock)
@@ -457,8 +459,8 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
                 raise changed_refused(name, progress.published, f"it was truncated ({size} -> {grown} bytes)")
             log.warning(
                 "route %s: %s grew after it was taken (%d -> %d bytes); publishing what was appended",
-                self.settings.route, name, size, grown,
-                extra={"route": self.settings.route, "file": name},
+                self.settings.route, printable(name), size, grown,
+                extra={"route": self.settings.route, "file": printable(name)},
             )
             size = self._download(sftp, claim.path, local, lease)
             if file_sha256(local, progress.size) != progress.sha256:
@@ -541,8 +543,8 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
         for path, claim in list(self._unsettled.items()):
             if not _exists(sftp, path):
                 log.warning("route %s: claim %s was taken over by another router while disconnected",
-                            self.settings.route, path,
-                            extra={"route": self.settings.route, "file": claim.name})
+                            self.settings.route, printable(path),
+                            extra={"route": self.settings.route, "file": printable(claim.name)})
                 del self._unsettled[path]
             elif claim.confirmed and (sftp.lstat(path).st_size or 0) != claim.size:
                 # Appended to while the connection was down: what is not published must not be archived.

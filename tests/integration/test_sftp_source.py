@@ -525,7 +525,7 @@ def test_rows_appended_to_a_claim_while_it_is_published_are_published_before_it_
 
 
 def test_a_remote_name_that_is_not_utf8_goes_to_errors_and_the_other_files_flow(
-    sftp_server: SftpServer, supplier_dir: Path
+    sftp_server: SftpServer, supplier_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with open(os.fsencode(supplier_dir) + b"/asn-\xff.csv", "wb") as handle:
         handle.write(ASN.encode())
@@ -551,3 +551,5 @@ def test_a_remote_name_that_is_not_utf8_goes_to_errors_and_the_other_files_flow(
     assert os.path.exists(errors + b"/asn-\xff.csv")
     reason = (Path(os.fsdecode(errors + b"/asn-\xff.csv.reason.txt"))).read_text(encoding="utf-8")
     assert "not valid UTF-8" in reason
+    # The logs show the name escaped: a raw one could not be written to a UTF-8 log at all.
+    assert caplog.records and not any("\udcff" in record.getMessage() for record in caplog.records)
