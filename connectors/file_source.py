@@ -47,7 +47,14 @@ from pathlib import Path
 from typing import IO
 
 from connectors.chunks import ChunkSink
-from connectors.drop_source import DropSource, IngestOutcome, IngestResult, RefusedUnread
+from connectors.drop_source import (
+    DropSource,
+    IngestOutcome,
+    IngestResult,
+    Listed,
+    RefusedUnread,
+    sort_listing,
+)
 from connectors.file_ingest import (
     READ_FLAGS,
     FileParsing,
@@ -57,9 +64,7 @@ from connectors.file_ingest import (
     ReadySignal,
     changed_refused,
     file_sha256,
-    is_utf8,
     link_refused,
-    name_refused,
     printable,
     publish_file,
 )
@@ -203,39 +208,19 @@ class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
         """Files of the inbox complete by the route's ``ready`` signal, oldest first; and the links and
         names that are not UTF-8, to refuse unread."""
         settings = self.settings
-        ready = settings.ready
         entries = self._matching(settings.inbox)
-        names = set(os.listdir(settings.inbox)) if ready.signal is ReadySignal.marker else set()
-        markers = {ready.marker_for(name) for name in names} if names else set()
+        names = set(os.listdir(settings.inbox)) if settings.ready.signal is ReadySignal.marker else set()
         now = self._clock()
-        refused: list[tuple[Path, FileRefused]] = []
-        found: list[tuple[int, str, Path]] = []
+        listing: list[Listed[Path]] = []
         for entry in entries:
-            path = Path(entry.path)
             try:
                 status = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # claimed by another process between listing and stat
-            if stat.S_ISLNK(status.st_mode):
-                refused.append((path, link_refused(entry.name)))
-            elif not is_utf8(entry.name):
-                refused.append((path, name_refused(entry.name)))
-            elif (
-                stat.S_ISREG(status.st_mode)
-                and entry.name not in markers
-                and self._complete(entry, status, names, now)
-            ):
-                found.append((status.st_mtime_ns, entry.name, path))
-        return [path for _, _, path in sorted(found)], refused
-
-    def _complete(self, entry: os.DirEntry[str], status: os.stat_result, names: set[str], now: float) -> bool:
-        """Whether a plain file of the inbox is complete by the route's ``ready`` signal."""
-        ready = self.settings.ready
-        if ready.signal is ReadySignal.marker:
-            return ready.marker_for(entry.name) in names
-        if ready.signal is ReadySignal.stable:
-            return now - status.st_mtime >= self.settings.stable_for
-        return True
+            listing.append(Listed(Path(entry.path), entry.name, status.st_mode, status.st_mtime_ns))
+        return sort_listing(
+            listing, names, settings.ready, lambda entry: now - entry.mtime / 1e9 >= settings.stable_for
+        )
 
     def _poll(self, stop: threading.Event | None) -> list[IngestResult[Path]]:
         """Claims being watched, then orphaned claims (left by a stopped process), then the inbox."""

@@ -38,14 +38,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import paramiko
-from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR, SFTPError
 
 from connectors.chunks import ChunkSink, SourceChunk
-from connectors.drop_source import DropSource, IngestOutcome, IngestResult
+from connectors.drop_source import DropSource, IngestOutcome, IngestResult, Listed, sort_listing
 from connectors.file_ingest import (
     FileParsing,
     FileProgress,
@@ -54,12 +52,11 @@ from connectors.file_ingest import (
     ReadySignal,
     changed_refused,
     file_sha256,
-    is_utf8,
     link_refused,
-    name_refused,
     publish_file,
 )
 from connectors.file_source import PROCESSING_DIR
+from connectors.sftp_folder import ensure_dir, exists, list_folder, move_into, wire
 from connectors.sftp_session import SERVER_ERRORS, SftpEndpoint, SftpSession, describe, is_refusal
 from transforms.parsers import FileFormatError
 
@@ -164,77 +161,6 @@ class _RemoteClaim:
     """Bytes of the claim whose records the broker confirmed."""
 
 
-def _stamped(name: str) -> str:
-    """``name`` with a UTC timestamp before its extension, so it still matches the route's pattern."""
-    path = PurePosixPath(name)
-    return f"{path.stem}.{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}{path.suffix}"
-
-
-def _wire(path: str) -> bytes:
-    """A path as the server spells it: a name listed with bytes that are not UTF-8 keeps them."""
-    return path.encode("utf-8", "surrogateescape")
-
-
-def _listdir(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAttributes]:
-    """The entries of ``folder`` with lstat attributes, like ``listdir_attr``, but a name that is not
-    UTF-8 comes back with its bytes as surrogate escapes instead of failing the whole listing (which
-    would stop every file of the route behind one badly named file)."""
-    # paramiko's listdir_attr decodes names strictly and has no bytes variant, so this is its loop
-    # (the same requests and attribute parsing) with a lenient decode.
-    kind, message = sftp._request(CMD_OPENDIR, _wire(folder))
-    if kind != CMD_HANDLE:
-        raise SFTPError(f"listing {folder}: expected a handle from the server")
-    handle = message.get_binary()
-    entries: list[paramiko.SFTPAttributes] = []
-    try:
-        while True:
-            try:
-                kind, message = sftp._request(CMD_READDIR, handle)
-            except EOFError:
-                return entries
-            if kind != CMD_NAME:
-                raise SFTPError(f"listing {folder}: expected names from the server")
-            for _ in range(message.get_int()):
-                name = message.get_string().decode("utf-8", "surrogateescape")
-                long_name = message.get_string().decode("utf-8", "replace")
-                attributes = paramiko.SFTPAttributes._from_msg(message, name, long_name)
-                if name not in (".", ".."):
-                    entries.append(attributes)
-    finally:
-        sftp._request(CMD_CLOSE, handle)
-
-
-def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
-    try:
-        sftp.lstat(_wire(path))
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _ensure_dir(sftp: paramiko.SFTPClient, folder: str) -> None:
-    """Create ``folder`` and its missing parents on the server (``mkdir -p``)."""
-    if _exists(sftp, folder):
-        return
-    parent = posixpath.dirname(folder.rstrip("/"))
-    if parent and parent != folder:
-        _ensure_dir(sftp, parent)
-    try:
-        sftp.mkdir(folder)
-    except OSError:
-        sftp.stat(folder)  # another router created it meanwhile; raises when it really could not be made
-
-
-def _move(sftp: paramiko.SFTPClient, source: str, folder: str, name: str) -> str:
-    """Rename ``source`` into ``folder`` as ``name`` without overwriting anything; returns the new path."""
-    _ensure_dir(sftp, folder)
-    target = posixpath.join(folder, name)
-    if _exists(sftp, target):
-        target = posixpath.join(folder, _stamped(name))
-    sftp.rename(_wire(source), _wire(target))
-    return target
-
-
 class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
     """Polls one route's remote folder and publishes every stable file exactly once as chunks of records."""
 
@@ -288,7 +214,7 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
             for name, refusal in refused:
                 results.append(self._refuse(posixpath.join(self.settings.remote_dir, name), refusal, name))
             if ready:
-                _ensure_dir(sftp, self.settings.processing_dir)
+                ensure_dir(sftp, self.settings.processing_dir)
             self._take_each(ready, stop, results)
         except SERVER_ERRORS as error:
             self._failures += 1
@@ -350,47 +276,34 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
     def _ready_names(self, sftp: paramiko.SFTPClient) -> tuple[list[str], list[tuple[str, FileRefused]]]:
         """Names of complete files by the route's ``ready`` signal, oldest first; and the entries to
         refuse unread (links, names that are not UTF-8)."""
-        ready = self.settings.ready
         now = self._clock()
-        entries = _listdir(sftp, self.settings.remote_dir)
-        names = {entry.filename for entry in entries}
-        markers = {ready.marker_for(name) for name in names} if ready.signal is ReadySignal.marker else set()
+        entries = list_folder(sftp, self.settings.remote_dir)
+        listing = [
+            Listed(entry.filename, entry.filename, entry.st_mode or 0, entry.st_mtime or 0)
+            for entry in entries
+            if self._named(entry.filename)
+        ]
+        attributes = {entry.filename: entry for entry in entries}
         sightings: dict[str, _Sighting] = {}
-        complete: list[tuple[int, str]] = []
-        refused: list[tuple[str, FileRefused]] = []
-        for entry in entries:
-            name = entry.filename
-            if self._named(name) and stat.S_ISLNK(entry.st_mode or 0):
-                refused.append((name, link_refused(name)))
-            elif self._named(name) and not is_utf8(name):
-                refused.append((name, name_refused(name)))
-            elif name in markers or not self._matches(entry):
-                continue
-            elif self._complete(entry, names, now, sightings):
-                complete.append((entry.st_mtime or 0, name))
-        self._sightings = sightings
-        return [name for _, name in sorted(complete)], refused
 
-    def _complete(
-        self, entry: paramiko.SFTPAttributes, names: set[str], now: float, sightings: dict[str, _Sighting]
-    ) -> bool:
-        """Whether a plain file is complete by the route's ``ready`` signal; notes how long it stood still."""
-        ready = self.settings.ready
-        if ready.signal is ReadySignal.marker:
-            return ready.marker_for(entry.filename) in names
-        if ready.signal is ReadySignal.rename:
-            return True
-        signature = (entry.st_size, entry.st_mtime)
-        previous = self._sightings.get(entry.filename)
-        since = previous.since if previous is not None and previous.signature == signature else now
-        sightings[entry.filename] = _Sighting(signature, since)
-        return now - since >= self.settings.stable_for
+        def stood_still(entry: Listed[str]) -> bool:
+            """Whether the file's size and mtime stayed the same for ``stable_for``; notes since when."""
+            listed = attributes[entry.name]
+            signature = (listed.st_size, listed.st_mtime)
+            previous = self._sightings.get(entry.name)
+            since = previous.since if previous is not None and previous.signature == signature else now
+            sightings[entry.name] = _Sighting(signature, since)
+            return now - since >= self.settings.stable_for
+
+        ready = sort_listing(listing, {entry.filename for entry in entries}, self.settings.ready, stood_still)
+        self._sightings = sightings
+        return ready
 
     def _return_expired_claims(self, sftp: paramiko.SFTPClient) -> None:
         """Rename claims whose lease ran out (their router died mid-file) back into remote_dir."""
         settings = self.settings
         try:
-            entries = _listdir(sftp, settings.processing_dir)
+            entries = list_folder(sftp, settings.processing_dir)
         except FileNotFoundError:
             return
         now = self._clock()
@@ -406,7 +319,7 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
                 extra={"route": settings.route, "file": entry.filename},
             )
             try:
-                _move(sftp, claim, settings.remote_dir, entry.filename)
+                move_into(sftp, claim, settings.remote_dir, entry.filename)
             except FileNotFoundError:
                 continue  # another router returned it first
 
@@ -494,7 +407,7 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
         sftp = self._server()
         archive = self.settings.archive
         if archive:
-            moved: str | None = _move(sftp, claim.path, archive, claim.name)
+            moved: str | None = move_into(sftp, claim.path, archive, claim.name)
         else:
             sftp.remove(claim.path)
             moved = None
@@ -504,7 +417,7 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
 
     def _return(self, claim: _RemoteClaim) -> str:
         """Rename the claim back into remote_dir."""
-        moved = _move(self._server(), claim.path, self.settings.remote_dir, claim.name)
+        moved = move_into(self._server(), claim.path, self.settings.remote_dir, claim.name)
         del self._unsettled[claim.path]
         return moved
 
@@ -514,10 +427,10 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
     def _to_errors(self, place: str, error: FileFormatError) -> str:
         sftp = self._server()
         errors, name = self.settings.errors_dir, posixpath.basename(place)
-        moved = _move(sftp, place, errors, name)
+        moved = move_into(sftp, place, errors, name)
         self._unsettled.pop(place, None)
         self._move_marker(sftp, name, errors)
-        with sftp.open(_wire(f"{moved}.reason.txt"), "w") as reason:
+        with sftp.open(wire(f"{moved}.reason.txt"), "w") as reason:
             reason.write(f"{error}\n")
         return moved
 
@@ -529,9 +442,9 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
         marker = posixpath.join(self.settings.remote_dir, ready.marker_for(name))
         try:
             if folder:
-                _move(sftp, marker, folder, ready.marker_for(name))
+                move_into(sftp, marker, folder, ready.marker_for(name))
             else:
-                sftp.remove(_wire(marker))
+                sftp.remove(wire(marker))
         except FileNotFoundError:
             return
 
@@ -539,7 +452,7 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
         """Finish or release the claims a lost connection cut off, now that the server is back."""
         results: list[IngestResult[str]] = []
         for path, claim in list(self._unsettled.items()):
-            if not _exists(sftp, path):
+            if not exists(sftp, path):
                 log.warning("route %s: claim %s was taken over by another router while disconnected",
                             self.settings.route, path,
                             extra={"route": self.settings.route, "file": claim.name})
