@@ -1,6 +1,6 @@
 """`router deadletter list|show|replay|edit|discard` and `router replay`: the operator's side of the store.
 
-Commands stay thin: filters and output here, the work in router.replay and state. Every
+Commands stay thin: filters and output here, the work in router.replay, router.history_replay and state. Every
 action is audited with who (``--actor``, default ``$USER``), when and why. Exit codes: 0 ok, 1 runtime
 failure (store or broker unreachable, a letter that could not be replayed, a letter another operator
 changed meanwhile), 2 bad usage or configuration (e.g. a replay that would publish to ``memory://``).
@@ -28,6 +28,7 @@ from ops.secrets import redact
 from router.broker import BrokerUnavailable
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import RouterConfig
+from router.history_replay import HistoryReplayer
 from router.replay import LetterNotDead, Replayer, ReplayError, ReplayReport
 from router.terminal import data_text, printable
 from state import Store, StoreUnavailable, default_actor
@@ -370,7 +371,7 @@ def replay_history(
 ) -> None:
     """Re-send delivered history to a target restored from a backup: in order, same event ids."""
     with _opened(config_path) as (config, store):
-        replayer = Replayer(config, store, actor)
+        replayer = HistoryReplayer(config, store, actor)
         try:
             if dry_run:
                 count = len(replayer.history(target, since=since, until=until, sequence_key=sequence_key))

@@ -27,6 +27,7 @@ from router.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, Operator, csr
 from router.console.filters import BadFilter, LetterFilter, parse_time
 from router.console.guards import PREFIX, SecurityHeaders, bounded, refused
 from router.console.views import HERE, circuit, lag_p95, payload_diff, pretty, templates
+from router.history_replay import HistoryReplayer
 from router.replay import Replayer, ReplayError, ReplayReport
 from router.status import collect_status
 from state import Store, StoreUnavailable
@@ -397,7 +398,7 @@ class Console:
         """History replay to a restored target: preview (count and first events), then a confirmed re-send."""
         form = await request.form()
         values = {name: str(form.get(name) or "").strip() for name in ("target", "since", "until", "key")}
-        replayer = Replayer(self.config, self.store, operator.name)
+        replayer = HistoryReplayer(self.config, self.store, operator.name)
         page = {"operator": operator, "values": values, "targets": list(self.config.targets)}
         try:
             if not values["since"]:
