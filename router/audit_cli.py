@@ -12,7 +12,7 @@ import click
 
 from router.cli_common import EXIT_RUNTIME, config_option, load_or_exit, store_or_exit
 from state import Store
-from state.audit_chain import ChainReport
+from state.audit_verify import ChainReport
 
 
 @click.group()
