@@ -18,13 +18,8 @@ Links are never followed: the listing is lstat (OpenSSH reads directories with l
 link matching the pattern is renamed into ``errors`` as it is, unread, and a claim is checked with
 lstat before it is opened. A name that is not UTF-8 goes to ``errors`` too: no message can carry it.
 
-Claim lease: the claimed file's mtime on the server is its lease. The claimer stamps it with its own
-clock just before the rename and re-stamps it every quarter of ``claim_ttl`` while it downloads and
-publishes. A router that finds a claim not renewed for ``claim_ttl`` takes its owner for dead (crashed
-or cut off) and renames the file back into ``remote_dir``, where it is claimed like a new file. This
-keeps all claim state on the server, so no router needs to know the others; routers sharing a folder
-need clocks that agree to well within ``claim_ttl``, and an owner stalled longer than that may see its
-file ingested again, which only republishes chunks with the same event ids.
+A claim is leased on the server (its mtime, renewed while it is worked on); the lease, and how a claim
+is downloaded, are :mod:`connectors.sftp_claim`.
 """
 
 from __future__ import annotations
@@ -42,28 +37,24 @@ from pathlib import Path
 
 import paramiko
 
-from connectors.chunks import ChunkSink, SourceChunk
+from connectors.chunks import ChunkSink
 from connectors.drop_source import DropSource, IngestOutcome, IngestResult, Listed, sort_listing
 from connectors.file_ingest import (
     FileParsing,
-    FileProgress,
     FileRefused,
     Readiness,
     ReadySignal,
     changed_refused,
     file_sha256,
-    link_refused,
     publish_file,
 )
 from connectors.file_source import PROCESSING_DIR
+from connectors.sftp_claim import ClaimLease, RemoteClaim, download
 from connectors.sftp_folder import ensure_dir, exists, list_folder, move_into, wire
 from connectors.sftp_session import SERVER_ERRORS, SftpEndpoint, SftpSession, describe, is_refusal
 from transforms.parsers import FileFormatError
 
 log = logging.getLogger(__name__)
-# Bytes requested ahead while downloading: bounds the memory a download holds, yet hides the latency.
-DOWNLOAD_WINDOW = 4 << 20
-READ_REQUEST = 32 << 10
 
 
 @dataclass(frozen=True)
@@ -104,64 +95,13 @@ class SftpSettings:
         return self.errors or posixpath.join(self.remote_dir, "errors")
 
 
-class TransferIncomplete(OSError):
-    """A download did not yield exactly the bytes the server reported for the file."""
-
-
-class _ClaimLease:
-    """Keeps a claim alive by re-stamping the claimed file's mtime on the server as work goes on."""
-
-    def __init__(
-        self,
-        sftp: paramiko.SFTPClient,
-        claim: str,
-        stamped: float,
-        settings: SftpSettings,
-        clock: Callable[[], float],
-    ) -> None:
-        self._sftp = sftp
-        self._claim = claim
-        self._renewed = stamped
-        self._every = settings.claim_ttl / 4
-        self._clock = clock
-
-    def renew_if_due(self) -> None:
-        """Re-stamp the lease when a quarter of claim_ttl passed since the last stamp."""
-        now = self._clock()
-        if now - self._renewed >= self._every:
-            self._sftp.utime(self._claim, (int(now), int(now)))
-            self._renewed = now
-
-    def renewing(self, sink: ChunkSink) -> ChunkSink:
-        """``sink``, renewing the lease after each confirmed chunk (publishing a big file takes a while)."""
-
-        def publish(chunk: SourceChunk) -> None:
-            sink(chunk)
-            self.renew_if_due()
-
-        return publish
-
-
 @dataclass(frozen=True)
 class _Sighting:
     signature: tuple[int | None, int | None]
     since: float
 
 
-@dataclass
-class _RemoteClaim:
-    """A file this router renamed into the processing folder and has not yet moved on."""
-
-    path: str
-    name: str
-    lease: _ClaimLease
-    progress: FileProgress = field(default_factory=FileProgress)
-    confirmed: bool = False
-    size: int = 0
-    """Bytes of the claim whose records the broker confirmed."""
-
-
-class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
+class SftpSource(DropSource[SftpSettings, str, RemoteClaim, str]):
     """Polls one route's remote folder and publishes every stable file exactly once as chunks of records."""
 
     def __init__(
@@ -183,7 +123,7 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
         self._sightings: dict[str, _Sighting] = {}
         # Claims this router holds but has not yet moved on: one a lost connection cut off is settled
         # first after reconnecting (finished when every chunk was confirmed, released otherwise).
-        self._unsettled: dict[str, _RemoteClaim] = {}
+        self._unsettled: dict[str, RemoteClaim] = {}
 
     @property
     def next_poll_in(self) -> float:
@@ -323,7 +263,7 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
             except FileNotFoundError:
                 continue  # another router returned it first
 
-    def _claim(self, name: str) -> _RemoteClaim | None:
+    def _claim(self, name: str) -> RemoteClaim | None:
         """Rename ``name`` into the processing folder; None when another router got it first."""
         sftp = self._server()
         source = posixpath.join(self.settings.remote_dir, name)
@@ -345,24 +285,24 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
                          extra={"route": self.settings.route, "file": name})
             return None
         self._sightings.pop(name, None)
-        lease = _ClaimLease(sftp, path, stamp, self.settings, self._clock)
-        claim = self._unsettled[path] = _RemoteClaim(path, name, lease)
+        lease = ClaimLease(sftp, path, stamp, self.settings.claim_ttl, self._clock)
+        claim = self._unsettled[path] = RemoteClaim(path, name, lease)
         return claim
 
-    def _publish(self, claim: _RemoteClaim) -> bool:
+    def _publish(self, claim: RemoteClaim) -> bool:
         """Download the claim to a staging file and publish it, then what was appended meanwhile."""
         sftp = self._server()
         with tempfile.TemporaryDirectory(prefix="sftp-", dir=self._staging_dir) as staging:
             # The staging copy keeps the remote name, so parse errors name the file the supplier sent.
             local = Path(staging) / claim.name
-            claim.size = size = self._download(sftp, claim.path, local, claim.lease)
+            claim.size = size = download(sftp, claim.path, local, claim.lease, self.settings.address)
             sink = claim.lease.renewing(self._sink)
             publish_file(local, self._parsing, sink, claim.progress, name=claim.name, size=size)
             claim.confirmed = True
             self._publish_appended(sftp, claim, local)
         return True
 
-    def _publish_appended(self, sftp: paramiko.SFTPClient, claim: _RemoteClaim, local: Path) -> None:
+    def _publish_appended(self, sftp: paramiko.SFTPClient, claim: RemoteClaim, local: Path) -> None:
         """Publish what a writer appended to the claim while it was published, until it stops growing."""
         name, progress, size, lease = local.name, claim.progress, claim.size, claim.lease
         while (grown := sftp.lstat(claim.path).st_size or 0) != size:
@@ -373,37 +313,13 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
                 self.settings.route, name, size, grown,
                 extra={"route": self.settings.route, "file": name},
             )
-            size = self._download(sftp, claim.path, local, lease)
+            size = download(sftp, claim.path, local, lease, self.settings.address)
             if file_sha256(local, progress.size) != progress.sha256:
                 raise changed_refused(name, progress.published, "its beginning was rewritten")
             publish_file(local, self._parsing, lease.renewing(self._sink), progress, name=name, size=size)
             claim.size = size
 
-    def _download(self, sftp: paramiko.SFTPClient, claim: str, local: Path, lease: _ClaimLease) -> int:
-        """Stream ``claim`` into ``local`` window by window; returns its size, raises unless all arrived."""
-        attributes = sftp.lstat(claim)
-        if stat.S_ISLNK(attributes.st_mode or 0):
-            raise link_refused(posixpath.basename(claim))
-        expected = attributes.st_size or 0
-        received = 0
-        with sftp.open(claim, "rb") as remote, local.open("wb") as staged:
-            for window in range(0, expected, DOWNLOAD_WINDOW):
-                end = min(window + DOWNLOAD_WINDOW, expected)
-                blocks = [(at, min(READ_REQUEST, end - at)) for at in range(window, end, READ_REQUEST)]
-                for block in remote.readv(blocks):
-                    staged.write(block)
-                    received += len(block)
-                lease.renew_if_due()
-        # A size that moved means someone still writes to the file: it must not be ingested half-done.
-        final = sftp.lstat(claim).st_size or 0
-        if received != expected or final != expected:
-            raise TransferIncomplete(
-                f"download of {claim} from {self.settings.address} incomplete: received {received} bytes, "
-                f"the server reported {expected} before and {final} after the transfer"
-            )
-        return expected
-
-    def _finish(self, claim: _RemoteClaim) -> tuple[IngestOutcome, str | None]:
+    def _finish(self, claim: RemoteClaim) -> tuple[IngestOutcome, str | None]:
         sftp = self._server()
         archive = self.settings.archive
         if archive:
@@ -415,13 +331,13 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
         self._move_marker(sftp, claim.name, archive)
         return (IngestOutcome.archived if archive else IngestOutcome.deleted), moved
 
-    def _return(self, claim: _RemoteClaim) -> str:
+    def _return(self, claim: RemoteClaim) -> str:
         """Rename the claim back into remote_dir."""
         moved = move_into(self._server(), claim.path, self.settings.remote_dir, claim.name)
         del self._unsettled[claim.path]
         return moved
 
-    def _let_go(self, claim: _RemoteClaim) -> str:
+    def _let_go(self, claim: RemoteClaim) -> str:
         return claim.path  # still unsettled until it is in errors: a lost connection settles it later
 
     def _to_errors(self, place: str, error: FileFormatError) -> str:
