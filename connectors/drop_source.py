@@ -4,9 +4,9 @@ A drop source lists the files complete by its route's ``ready`` signal and claim
 rename (two routers never take the same file), publishes its records, then settles it: archived (or
 deleted) once the broker confirmed every chunk, rejected to the errors folder with its reason beside
 it when it cannot be published, released for a later poll when publishing failed. This module is that
-sequence, its outcomes, logs, metrics and poll loop; each source supplies only its filesystem
-operations (:mod:`connectors.file_source` a local folder, :mod:`connectors.sftp_source` a folder on an
-SFTP server).
+sequence, which listed files are ready (:func:`sort_listing`), its outcomes, logs, metrics and poll
+loop; each source supplies only its filesystem operations (:mod:`connectors.file_source` a local
+folder, :mod:`connectors.sftp_source` a folder on an SFTP server).
 """
 
 from __future__ import annotations
