@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from connectors import sftp_source
+from connectors import sftp_claim
 from connectors.chunks import SourceChunk
 from connectors.drop_source import IngestOutcome
 from connectors.file_ingest import FileParsing, Readiness, Refusal, refusal_of
@@ -390,7 +390,7 @@ def test_a_claim_left_by_a_crashed_router_is_taken_again_once_its_lease_expires(
 def test_a_file_larger_than_the_download_window_arrives_byte_exact(
     sftp_server: SftpServer, supplier_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sftp_source, "DOWNLOAD_WINDOW", 64 << 10)
+    monkeypatch.setattr(sftp_claim, "DOWNLOAD_WINDOW", 64 << 10)
     rows = "".join(f"SKU-{n:06d},DC{n % 7},{n % 50}\n" for n in range(12_000))
     drop(sftp_server, supplier_dir, "asn-large.csv", "SKU,STORE,QTY\n" + rows)
     sink = RecordingSink()
