@@ -181,7 +181,7 @@ def _listdir(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAttrib
     would stop every file of the route behind one badly named file)."""
     # paramiko's listdir_attr decodes names strictly and has no bytes variant, so this is its loop
     # (the same requests and attribute parsing) with a lenient decode.
-    kind, message = sftp._request(CMD_OPENDIR, _wire(folder))
+    kind, message = sftp._request(CMD_OPENDIR, _wire(folder))  # type: ignore[attr-defined]
     if kind != CMD_HANDLE:
         raise SFTPError(f"listing {folder}: expected a handle from the server")
     handle = message.get_binary()
@@ -189,7 +189,7 @@ def _listdir(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAttrib
     try:
         while True:
             try:
-                kind, message = sftp._request(CMD_READDIR, handle)
+                kind, message = sftp._request(CMD_READDIR, handle)  # type: ignore[attr-defined]
             except EOFError:
                 return entries
             if kind != CMD_NAME:
@@ -197,11 +197,11 @@ def _listdir(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAttrib
             for _ in range(message.get_int()):
                 name = message.get_string().decode("utf-8", "surrogateescape")
                 long_name = message.get_string().decode("utf-8", "replace")
-                attributes = paramiko.SFTPAttributes._from_msg(message, name, long_name)
+                attributes = paramiko.SFTPAttributes._from_msg(message, name, long_name)  # type: ignore[attr-defined]
                 if name not in (".", ".."):
                     entries.append(attributes)
     finally:
-        sftp._request(CMD_CLOSE, handle)
+        sftp._request(CMD_CLOSE, handle)  # type: ignore[attr-defined]
 
 
 def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
@@ -265,7 +265,7 @@ class SftpSource(DropSource[SftpSettings, str, _RemoteClaim, str]):
         if self._failures == 0:
             return self.settings.poll
         ceiling = max(self.settings.reconnect_max, self.settings.poll)
-        return min(ceiling, self.settings.poll * 2 ** (self._failures - 1))
+        return min(ceiling, self.settings.poll * 2.0 ** (self._failures - 1))
 
     @property
     def healthy(self) -> bool:

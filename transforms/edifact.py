@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, BinaryIO
 
-from pydifact.control import Characters
+from pydifact.control.characters import Characters
 from pydifact.exceptions import EDISyntaxError
 from pydifact.parser import Parser, TokenIterator
 from pydifact.tokenizer import Tokenizer
@@ -59,7 +59,7 @@ def read_service_string(head: str) -> tuple[Characters, bool]:
     una = Segment("UNA", (), 1)
     if len(head) < 9:
         raise EdiError(una, "UNA must give six service characters (e.g. UNA:+.? ')")
-    component, element, _decimal, release, _reserved, terminator = head[3:9]
+    component, element, _decimal, release, _reserved, terminator = tuple(head[3:9])
     declared = {"component separator": component, "element separator": element, "terminator": terminator}
     if release != " ":
         declared["release character"] = release
