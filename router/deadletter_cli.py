@@ -38,7 +38,7 @@ WIDE_TERMINAL = 120
 DETAIL_CHARS = 80
 
 
-class IsoTime(click.ParamType):
+class IsoTime(click.ParamType[datetime]):
     """An ISO 8601 time with its offset (``2026-11-24T09:00:00Z``); a time without one is refused."""
 
     name = "TIME"

@@ -141,8 +141,8 @@ class Console:
             if not same_origin(request) or not self.auth.login_csrf_ok(request, str(form.get("csrf") or "")):
                 return refused("this sign-in form was not sent from the console's own page; reload it", 403)
             if await run_in_threadpool(self.auth.check_password, name, password):
-                response = RedirectResponse(next_page, status_code=303)
-                response.set_cookie(
+                redirect = RedirectResponse(next_page, status_code=303)
+                redirect.set_cookie(
                     COOKIE,
                     self.auth.session_cookie(name),
                     max_age=int(self.config.console.session_ttl),
@@ -151,8 +151,8 @@ class Console:
                     samesite="strict",
                     secure=self.config.console.secure_cookie,
                 )
-                response.delete_cookie(LOGIN_COOKIE, path=PREFIX)
-                return response
+                redirect.delete_cookie(LOGIN_COOKIE, path=PREFIX)
+                return redirect
             problem, status = "unknown user or wrong password", 401
         response = self.render(
             request,
@@ -364,7 +364,7 @@ class Console:
                 "choose at least one filter (route, target, key...) before replaying in bulk",
             )
         letters = await run_in_threadpool(lambda: replayer.replayable(**filters))
-        context = {
+        context: dict[str, Any] = {
             "operator": operator,
             "filters": chosen,
             "count": len(letters),
@@ -398,7 +398,7 @@ class Console:
         form = await request.form()
         values = {name: str(form.get(name) or "").strip() for name in ("target", "since", "until", "key")}
         replayer = Replayer(self.config, self.store, operator.name)
-        page = {"operator": operator, "values": values, "targets": list(self.config.targets)}
+        page: dict[str, Any] = {"operator": operator, "values": values, "targets": list(self.config.targets)}
         try:
             if not values["since"]:
                 raise BadFilter("since is required: the time the target's backup was taken")
