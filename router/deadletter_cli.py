@@ -23,7 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError
+from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError, DeadLetterStatus
 from ops.secrets import redact
 from router.broker import BrokerUnavailable
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
@@ -158,11 +158,11 @@ def deadletter() -> None:
 @click.option("--limit", default=1000, show_default=True, help="At most this many, oldest first.")
 @json_option
 def list_letters(
-    config_path: str | None, status: str | None, limit: int, as_json: bool, **filters: Any
+    config_path: str | None, status: DeadLetterStatus | None, limit: int, as_json: bool, **filters: Any
 ) -> None:
     """Dead letters, oldest first, filtered by route, target, stage, status, key and time."""
     with _opened(config_path) as (_, store):
-        letters = store.list_dead_letters(status=status, limit=limit, **filters)  # type: ignore[arg-type]
+        letters = store.list_dead_letters(status=status, limit=limit, **filters)
     if as_json:
         click.echo(json.dumps([letter.to_dict() for letter in letters], indent=2, default=str))
     elif letters:

@@ -109,6 +109,7 @@ class _Reader(edi.TransactionReader):
             self.position = 1
             head = head[9:].lstrip(edi_segments.LEADING_SPACE)
         text = _guarded(chain(head, chain.from_iterable(blocks)), characters.segment_terminator, self)
+        # pydifact types the message as str but only iterates it, so the text streams in.
         tokens = TokenIterator(Tokenizer().get_tokens(text, characters))  # type: ignore[arg-type]
         raw_segments = Parser().convert_tokens_to_raw_segments(tokens)
         try:
