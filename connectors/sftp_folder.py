@@ -31,7 +31,7 @@ def list_folder(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAtt
     would stop every file of the route behind one badly named file)."""
     # paramiko's listdir_attr decodes names strictly and has no bytes variant, so this is its loop
     # (the same requests and attribute parsing) with a lenient decode.
-    kind, message = sftp._request(CMD_OPENDIR, wire(folder))
+    kind, message = sftp._request(CMD_OPENDIR, wire(folder))  # type: ignore[attr-defined]
     if kind != CMD_HANDLE:
         raise SFTPError(f"listing {folder}: expected a handle from the server")
     handle = message.get_binary()
@@ -39,7 +39,7 @@ def list_folder(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAtt
     try:
         while True:
             try:
-                kind, message = sftp._request(CMD_READDIR, handle)
+                kind, message = sftp._request(CMD_READDIR, handle)  # type: ignore[attr-defined]
             except EOFError:
                 return entries
             if kind != CMD_NAME:
@@ -47,11 +47,11 @@ def list_folder(sftp: paramiko.SFTPClient, folder: str) -> list[paramiko.SFTPAtt
             for _ in range(message.get_int()):
                 name = message.get_string().decode("utf-8", "surrogateescape")
                 long_name = message.get_string().decode("utf-8", "replace")
-                attributes = paramiko.SFTPAttributes._from_msg(message, name, long_name)
+                attributes = paramiko.SFTPAttributes._from_msg(message, name, long_name)  # type: ignore[attr-defined]
                 if name not in (".", ".."):
                     entries.append(attributes)
     finally:
-        sftp._request(CMD_CLOSE, handle)
+        sftp._request(CMD_CLOSE, handle)  # type: ignore[attr-defined]
 
 
 def exists(sftp: paramiko.SFTPClient, path: str) -> bool:

@@ -132,7 +132,7 @@ class SftpSource(DropSource[SftpSettings, str, RemoteClaim, str]):
         if self._failures == 0:
             return self.settings.poll
         ceiling = max(self.settings.reconnect_max, self.settings.poll)
-        return min(ceiling, self.settings.poll * 2 ** (self._failures - 1))
+        return min(ceiling, self.settings.poll * 2.0 ** (self._failures - 1))
 
     @property
     def healthy(self) -> bool:

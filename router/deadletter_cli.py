@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError
+from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError, DeadLetterStatus
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option
 from router.operator_cli import ISO_TIME, actor_option, fail, json_option, opened, progress_bar
 from router.replay import LetterNotDead, Replayer, ReplayError, ReplayReport
@@ -107,11 +107,11 @@ def deadletter() -> None:
 @click.option("--limit", default=1000, show_default=True, help="At most this many, oldest first.")
 @json_option
 def list_letters(
-    config_path: str | None, status: str | None, limit: int, as_json: bool, **filters: Any
+    config_path: str | None, status: DeadLetterStatus | None, limit: int, as_json: bool, **filters: Any
 ) -> None:
     """Dead letters, oldest first, filtered by route, target, stage, status, key and time."""
     with opened(config_path) as (_, store):
-        letters = store.list_dead_letters(status=status, limit=limit, **filters)  # type: ignore[arg-type]
+        letters = store.list_dead_letters(status=status, limit=limit, **filters)
     if as_json:
         click.echo(json.dumps([letter.to_dict() for letter in letters], indent=2, default=str))
     elif letters:

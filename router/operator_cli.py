@@ -29,7 +29,7 @@ from state import Store, StoreUnavailable, default_actor
 PROGRESS_FROM = 20
 
 
-class IsoTime(click.ParamType):
+class IsoTime(click.ParamType[datetime]):
     """An ISO 8601 time with its offset (``2026-11-24T09:00:00Z``); a time without one is refused."""
 
     name = "TIME"

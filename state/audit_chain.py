@@ -114,7 +114,8 @@ class AuditChain:
         if not rows:
             return
         # Flush inserts them in the order they were added, so they get ids in that order too.
-        rows.sort(key=lambda row: inspect(row).insert_order)
+        # Every pending row has an insert order; the type allows None for persistent ones.
+        rows.sort(key=lambda row: inspect(row).insert_order or 0)
         head = self._lock_head(session)
         for row in rows:
             row.detail = json.loads(self._dumps(row.detail)) if row.detail is not None else None

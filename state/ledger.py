@@ -15,7 +15,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from deadletter.models import OPEN_STATUSES
-from state.engine import StoreEngine, aware, chunks
+from state.engine import StoreEngine, aware, chunks, rows_changed
 from state.tables import DeadLetterRow, DeliveredEventRow, SnapshotMarkRow
 
 SNAPSHOT_TYPE = "stock.snapshot"
@@ -199,7 +199,7 @@ class LedgerStore(StoreEngine):
         cutoff = aware("before", before)
         with self._transaction() as session:
             result = session.execute(delete(DeliveredEventRow).where(DeliveredEventRow.delivered_at < cutoff))
-            return int(result.rowcount or 0)
+            return rows_changed(result)
 
 
 def _journal_entry(row: DeliveredEventRow) -> JournalEntry:

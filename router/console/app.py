@@ -9,6 +9,7 @@ operator's name. Rendering, sign-in and the guards every page and action passes 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -237,7 +238,7 @@ class Console(ConsoleShell):
                 "choose at least one filter (route, target, key...) before replaying in bulk",
             )
         letters = await run_in_threadpool(lambda: replayer.replayable(**filters))
-        context = {
+        context: dict[str, Any] = {
             "operator": operator,
             "filters": chosen,
             "count": len(letters),
@@ -271,7 +272,7 @@ class Console(ConsoleShell):
         form = await request.form()
         values = {name: str(form.get(name) or "").strip() for name in ("target", "since", "until", "key")}
         replayer = HistoryReplayer(self.config, self.store, operator.name)
-        page = {"operator": operator, "values": values, "targets": list(self.config.targets)}
+        page: dict[str, Any] = {"operator": operator, "values": values, "targets": list(self.config.targets)}
         try:
             if not values["since"]:
                 raise BadFilter("since is required: the time the target's backup was taken")

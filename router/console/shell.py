@@ -110,8 +110,8 @@ class ConsoleShell:
             if not same_origin(request) or not self.auth.login_csrf_ok(request, str(form.get("csrf") or "")):
                 return refused("this sign-in form was not sent from the console's own page; reload it", 403)
             if await run_in_threadpool(self.auth.check_password, name, password):
-                response = RedirectResponse(next_page, status_code=303)
-                response.set_cookie(
+                redirect = RedirectResponse(next_page, status_code=303)
+                redirect.set_cookie(
                     COOKIE,
                     self.auth.session_cookie(name),
                     max_age=int(self.config.console.session_ttl),
@@ -120,8 +120,8 @@ class ConsoleShell:
                     samesite="strict",
                     secure=self.config.console.secure_cookie,
                 )
-                response.delete_cookie(LOGIN_COOKIE, path=PREFIX)
-                return response
+                redirect.delete_cookie(LOGIN_COOKIE, path=PREFIX)
+                return redirect
             problem, status = "unknown user or wrong password", 401
         response = self.render(
             request,
