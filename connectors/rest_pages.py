@@ -24,7 +24,7 @@ from ops.secrets import redact, register_http_credentials
 from transforms.interop_json import JsonRefused, loads_interoperable
 
 if TYPE_CHECKING:
-    from connectors.rest_source import RestPollSettings
+    from connectors.rest_settings import RestPollSettings
 
 log = logging.getLogger(__name__)
 
