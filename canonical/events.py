@@ -130,7 +130,8 @@ class StockSnapshot(InventoryEvent):
     """The stock level of an item at a location at a moment: quantity is on hand."""
 
     type: Literal["stock.snapshot"]
-    quantity_semantics: Literal["absolute"] = "absolute"
+    # Narrowing the base's Literal is how pydantic refuses "delta" here; mypy sees an unsafe override.
+    quantity_semantics: Literal["absolute"] = "absolute"  # type: ignore[assignment]
     """Always absolute: a snapshot states a level."""
     available: Quantity | None = None
     """On hand that can be sold or allocated."""
@@ -288,7 +289,8 @@ class CycleCount(InventoryEvent):
     """A physical count: counted vs the expected (book) level; quantity is what was counted."""
 
     type: Literal["cycle.count"]
-    quantity_semantics: Literal["absolute"] = "absolute"
+    # Narrowing the base's Literal is how pydantic refuses "delta" here; mypy sees an unsafe override.
+    quantity_semantics: Literal["absolute"] = "absolute"  # type: ignore[assignment]
     """Always absolute: a count states a level."""
     counted: NonNegativeQuantity
     """Units found; equals quantity, and either may be given alone."""

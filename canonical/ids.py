@@ -12,7 +12,7 @@ import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from typing import Any
 
 # Changing this namespace changes every event id, so re-ingested records would no longer deduplicate.

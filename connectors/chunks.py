@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from transforms.parsers import RawRecord
+
+Batched = TypeVar("Batched")
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,9 @@ class PipelinedSink(Protocol):
         ...
 
 
-def batched(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
-    """Split a record stream into lists of at most ``size`` records without materialising it."""
+def batched(records: Iterable[Batched], size: int) -> Iterator[list[Batched]]:
+    """Split a record stream (records, or records with their ids) into lists of at most ``size``
+    without materialising it."""
     iterator = iter(records)
     while batch := list(islice(iterator, size)):
         yield batch

@@ -209,29 +209,20 @@ class RetryInPlace:
                     DeliveryOutcome.permanent, attempts, last.status, last.detail, permanent_reason(last)
                 )
             if attempts >= policy.attempts:
-                detail = f"retries exhausted after {attempts} attempts; last: {last.detail}"
-                return DeliveryResult(
-                    DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "retries_exhausted"
-                )
+                why = f"retries exhausted after {attempts} attempts"
+                return _gave_up(attempts, last, why, "retries_exhausted")
             elapsed = self._clock() - started
             remaining = policy.max_age - elapsed
             if remaining <= 0:
-                detail = (
-                    f"gave up after {elapsed:.1f}s (max_age {policy.max_age:g}s) and {attempts} attempts; "
-                    f"last: {last.detail}"
-                )
-                return DeliveryResult(
-                    DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "max_age"
-                )
+                why = f"gave up after {elapsed:.1f}s (max_age {policy.max_age:g}s) and {attempts} attempts"
+                return _gave_up(attempts, last, why, "max_age")
             until_deadline = self._until(deadline)
             if until_deadline <= 0:
-                detail = (
+                why = (
                     f"gave up after {elapsed:.1f}s and {attempts} attempts: the message was held as long as "
-                    f"the broker's consumer timeout allows; last: {last.detail}"
+                    "the broker's consumer timeout allows"
                 )
-                return DeliveryResult(
-                    DeliveryOutcome.retries_exhausted, attempts, last.status, detail, "max_age"
-                )
+                return _gave_up(attempts, last, why, "max_age")
             wait = policy.delay(attempts, last.retry_after)
             wait = min(max(wait, self.circuit.wait_time()), remaining, until_deadline)
             log.warning(
@@ -255,6 +246,12 @@ class RetryInPlace:
         if self._on_attempt is not None:
             self._on_attempt(attempt_label(result), time.monotonic() - started)
         return result
+
+
+def _gave_up(attempts: int, last: AttemptResult, why: str, reason: str) -> DeliveryResult:
+    """Retries exhausted: ``why`` names the bound that ran out, ``reason`` is its metrics label."""
+    detail = f"{why}; last: {last.detail}"
+    return DeliveryResult(DeliveryOutcome.retries_exhausted, attempts, last.status, detail, reason)
 
 
 def _interrupted(attempts: int, last: AttemptResult | None) -> DeliveryResult:

@@ -4,14 +4,15 @@ A drop source lists the files complete by its route's ``ready`` signal and claim
 rename (two routers never take the same file), publishes its records, then settles it: archived (or
 deleted) once the broker confirmed every chunk, rejected to the errors folder with its reason beside
 it when it cannot be published, released for a later poll when publishing failed. This module is that
-sequence, its outcomes, logs, metrics and poll loop; each source supplies only its filesystem
-operations (:mod:`connectors.file_source` a local folder, :mod:`connectors.sftp_source` a folder on an
-SFTP server).
+sequence, which listed files are ready (:func:`sort_listing`), its outcomes, logs, metrics and poll
+loop; each source supplies only its filesystem operations (:mod:`connectors.file_source` a local
+folder, :mod:`connectors.sftp_source` a folder on an SFTP server).
 """
 
 from __future__ import annotations
 
 import logging
+import stat
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -22,7 +23,16 @@ from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from connectors.chunks import ChunkSink
-from connectors.file_ingest import FileProgress, FileRefused, printable
+from connectors.file_ingest import (
+    FileProgress,
+    FileRefused,
+    Readiness,
+    ReadySignal,
+    is_utf8,
+    link_refused,
+    name_refused,
+    printable,
+)
 from ops import metrics
 from transforms.parsers import FileFormatError
 
@@ -50,6 +60,49 @@ class IngestResult(Generic[Place]):
     chunks: int = 0
     detail: str = ""
     moved_to: Place | None = None
+
+
+@dataclass(frozen=True)
+class Listed(Generic[Place]):
+    """One entry of a drop folder as listed with lstat (a link is never followed)."""
+
+    place: Place
+    name: str
+    mode: int
+    mtime: int | float
+    """Orders the ready files, oldest first."""
+
+
+def sort_listing(
+    listing: Iterable[Listed[Place]],
+    names: set[str],
+    ready: Readiness,
+    stood_still: Callable[[Listed[Place]], bool],
+) -> tuple[list[Place], list[tuple[Place, FileRefused]]]:
+    """The plain files of a listing complete by the route's ``ready`` signal, oldest first; and the
+    links and names that are not UTF-8, to refuse unread.
+
+    ``listing`` holds the entries matching the route's pattern, ``names`` every name in the folder (where
+    markers are looked for); ``stood_still`` says whether a file is complete by ``stable``.
+    """
+    marker = ready.signal is ReadySignal.marker
+    markers = {ready.marker_for(name) for name in names} if marker else set()
+
+    def complete(entry: Listed[Place]) -> bool:
+        if marker:
+            return ready.marker_for(entry.name) in names
+        return ready.signal is ReadySignal.rename or stood_still(entry)
+
+    refused: list[tuple[Place, FileRefused]] = []
+    found: list[Listed[Place]] = []
+    for entry in listing:
+        if stat.S_ISLNK(entry.mode):
+            refused.append((entry.place, link_refused(entry.name)))
+        elif not is_utf8(entry.name):
+            refused.append((entry.place, name_refused(entry.name)))
+        elif stat.S_ISREG(entry.mode) and entry.name not in markers and complete(entry):
+            found.append(entry)
+    return [entry.place for entry in sorted(found, key=lambda entry: (entry.mtime, entry.name))], refused
 
 
 class Claim(Protocol):
@@ -239,7 +292,7 @@ class DropSource(ABC, Generic[Settings, Candidate, ClaimT, Place]):
         moved = self._to_errors(place, error)
         self._log.error(
             "route %s: file %s from %s rejected to %s: %s",
-            self.settings.route, printable(name), self._origin(), moved, error,
+            self.settings.route, printable(name), self._origin(), printable(str(moved)), error,
             extra={"route": self.settings.route, "file": printable(name)},
         )
         if self._on_rejected is not None:

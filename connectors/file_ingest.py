@@ -26,7 +26,7 @@ from connectors.chunks import ChunkSink, PipelinedSink, SourceChunk, batched
 from ops import tracing
 from transforms.edi import EDI_FORMATS, record_identity
 from transforms.fixed_width import FixedLayout
-from transforms.parsers import CsvDialect, FileFormatError, RawRecord, iter_records
+from transforms.parsers import CsvDialect, FileFormatError, RawRecord, RecordFormat, iter_records
 
 HASH_BLOCK = 1 << 20
 DEFAULT_MARKER = "{name}.done"
@@ -159,7 +159,7 @@ class FileParsing:
 
     route: str
     system: str
-    format: str
+    format: RecordFormat
     records: str | None
     chunk_size: int
     csv: CsvDialect = field(default_factory=CsvDialect)
@@ -200,7 +200,7 @@ class FileProgress:
 class _Prefix(io.RawIOBase):
     """The first ``limit`` bytes of a binary file."""
 
-    def __init__(self, raw: BinaryIO, limit: int) -> None:
+    def __init__(self, raw: io.BufferedReader, limit: int) -> None:
         self._raw = raw
         self._left = limit
 
@@ -224,7 +224,7 @@ class _Prefix(io.RawIOBase):
 def open_prefix(path: Path, size: int | None = None) -> Iterator[BinaryIO]:
     """Open ``path`` for reading, never through a symbolic link; only its first ``size`` bytes if given."""
     raw = os.fdopen(os.open(path, READ_FLAGS), "rb")
-    stream: BinaryIO = raw if size is None else io.BufferedReader(_Prefix(raw, size))  # type: ignore[arg-type]
+    stream: BinaryIO = raw if size is None else io.BufferedReader(_Prefix(raw, size))
     with stream:
         yield stream
 
@@ -287,7 +287,7 @@ def _check(path: Path, parsing: FileParsing, name: str, size: int | None, checke
     dialect = parsing.options()
     count = 0
     with open_prefix(path, size) as stream:
-        records = iter_records(stream, parsing.format, parsing.records, name, **dialect)  # type: ignore[arg-type]
+        records = iter_records(stream, parsing.format, parsing.records, name, **dialect)
         for batch in batched(records, parsing.chunk_size):
             count += len(batch)
             if count > checked:
@@ -336,7 +336,7 @@ def _publish_file(
     # the confirmed ones, so a file released half-way resumes after them.
     window = sink if isinstance(sink, PipelinedSink) else None
     with open_prefix(path, size) as stream:
-        records = iter_records(stream, parsing.format, parsing.records, name, **dialect)  # type: ignore[arg-type]
+        records = iter_records(stream, parsing.format, parsing.records, name, **dialect)
         for number, batch in enumerate(
             batched(islice(records, progress.published, None), parsing.chunk_size), progress.chunks + 1
         ):

@@ -1,7 +1,8 @@
 """File drop source: POS exports and other files dropped into a local folder.
 
 The claim → publish → settle sequence is :mod:`connectors.drop_source`'s; this module supplies the
-local folder's operations: listing, claiming with a rename and a lock, watching a growing file, moving.
+local folder's operations: listing, claiming with a rename and a lock, watching a growing file, moving
+(what a claimed file is and how it may grow is :mod:`connectors.file_claim`).
 
 A file is taken once it is complete by the route's ``ready`` signal: ``stable`` (size and mtime
 unchanged for ``stable_for``), ``marker`` (its marker file, ``{name}.done``, exists) or ``rename``
@@ -33,7 +34,6 @@ import contextlib
 import errno
 import fcntl
 import fnmatch
-import json
 import logging
 import os
 import shutil
@@ -44,24 +44,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
 from connectors.chunks import ChunkSink
-from connectors.drop_source import DropSource, IngestOutcome, IngestResult, RefusedUnread
+from connectors.drop_source import (
+    DropSource,
+    IngestOutcome,
+    IngestResult,
+    Listed,
+    RefusedUnread,
+    sort_listing,
+)
+from connectors.file_claim import FileClaim, Signature, kept_identity
 from connectors.file_ingest import (
     READ_FLAGS,
     FileParsing,
-    FileProgress,
     FileRefused,
     Readiness,
     ReadySignal,
-    changed_refused,
-    file_sha256,
-    is_utf8,
     link_refused,
-    name_refused,
     printable,
-    publish_file,
 )
 from transforms.parsers import FileFormatError
 
@@ -70,8 +71,6 @@ log = logging.getLogger(__name__)
 PROCESSING_DIR = ".processing"
 LONGEST_WATCH = 600.0
 """Seconds a claimed file that keeps growing is watched at most after it last grew."""
-_LINE_FORMATS = frozenset({"csv", "jsonl"})
-_TAIL_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -94,43 +93,6 @@ class FileDropSettings:
         return self.stable_for if self.ready.waits else 0.0
 
 
-@dataclass(frozen=True)
-class _Signature:
-    """What says a file changed: which file it is (device, inode), its size and its mtime."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, status: os.stat_result) -> _Signature:
-        return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-
-    def appended_to(self, earlier: _Signature) -> bool:
-        """Whether this is the same file as ``earlier``, at least as long (so only appended to)."""
-        return (self.device, self.inode) == (earlier.device, earlier.inode) and self.size >= earlier.size
-
-
-@dataclass
-class _Claim:
-    """A file this process claimed and holds locked until it is archived, rejected or released."""
-
-    path: Path
-    handle: IO[bytes]
-    seen: _Signature
-    progress: FileProgress
-    watch: float
-    quiet_since: float
-    published_to: int = 0
-    published_sha256: str = ""
-    """Hash of the bytes published so far: a change to them is a rewrite, not an append."""
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
 def _free_name(folder: Path, name: str) -> Path:
     """A path in ``folder`` for ``name`` that overwrites nothing (a re-dropped file keeps both)."""
     candidate = folder / name
@@ -149,25 +111,7 @@ def _move(path: Path, folder: Path) -> Path:
     return destination
 
 
-def _sidecar(claimed: Path) -> Path:
-    """Where a claim's identity is kept: hidden beside it, so no pattern takes it for a data file."""
-    return claimed.with_name(f".{claimed.name}.ingest")
-
-
-def _complete_lines(handle: IO[bytes], size: int) -> int:
-    """The length of the file's first ``size`` bytes up to and including its last newline."""
-    end = size
-    while end > 0:
-        start = max(0, end - _TAIL_BLOCK)
-        block = os.pread(handle.fileno(), end - start, start)
-        newline = block.rfind(b"\n")
-        if newline >= 0:
-            return start + newline + 1
-        end = start
-    return 0
-
-
-class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
+class FileDropSource(DropSource[FileDropSettings, Path, FileClaim, Path]):
     """Polls one route's inbox and publishes every complete file exactly as chunks of raw records."""
 
     def __init__(
@@ -181,7 +125,7 @@ class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
         super().__init__(settings, sink, on_rejected=on_rejected, clock=clock)
         self._processing = settings.inbox / PROCESSING_DIR
         self._parsing = settings.parsing
-        self._claims: dict[Path, _Claim] = {}
+        self._claims: dict[Path, FileClaim] = {}
 
     def _origin(self) -> str:
         return str(self.settings.inbox)
@@ -203,39 +147,19 @@ class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
         """Files of the inbox complete by the route's ``ready`` signal, oldest first; and the links and
         names that are not UTF-8, to refuse unread."""
         settings = self.settings
-        ready = settings.ready
         entries = self._matching(settings.inbox)
-        names = set(os.listdir(settings.inbox)) if ready.signal is ReadySignal.marker else set()
-        markers = {ready.marker_for(name) for name in names} if names else set()
+        names = set(os.listdir(settings.inbox)) if settings.ready.signal is ReadySignal.marker else set()
         now = self._clock()
-        refused: list[tuple[Path, FileRefused]] = []
-        found: list[tuple[int, str, Path]] = []
+        listing: list[Listed[Path]] = []
         for entry in entries:
-            path = Path(entry.path)
             try:
                 status = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # claimed by another process between listing and stat
-            if stat.S_ISLNK(status.st_mode):
-                refused.append((path, link_refused(entry.name)))
-            elif not is_utf8(entry.name):
-                refused.append((path, name_refused(entry.name)))
-            elif (
-                stat.S_ISREG(status.st_mode)
-                and entry.name not in markers
-                and self._complete(entry, status, names, now)
-            ):
-                found.append((status.st_mtime_ns, entry.name, path))
-        return [path for _, _, path in sorted(found)], refused
-
-    def _complete(self, entry: os.DirEntry[str], status: os.stat_result, names: set[str], now: float) -> bool:
-        """Whether a plain file of the inbox is complete by the route's ``ready`` signal."""
-        ready = self.settings.ready
-        if ready.signal is ReadySignal.marker:
-            return ready.marker_for(entry.name) in names
-        if ready.signal is ReadySignal.stable:
-            return now - status.st_mtime >= self.settings.stable_for
-        return True
+            listing.append(Listed(Path(entry.path), entry.name, status.st_mode, status.st_mtime_ns))
+        return sort_listing(
+            listing, names, settings.ready, lambda entry: now - entry.mtime / 1e9 >= settings.stable_for
+        )
 
     def _poll(self, stop: threading.Event | None) -> list[IngestResult[Path]]:
         """Claims being watched, then orphaned claims (left by a stopped process), then the inbox."""
@@ -261,7 +185,7 @@ class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
             return None  # another router process claimed it first
         return claimed
 
-    def _claim(self, candidate: Path) -> _Claim | None:
+    def _claim(self, candidate: Path) -> FileClaim | None:
         """Rename an inbox file into .processing (an orphan is there already) and lock it; None when
         another process holds it."""
         orphan = candidate.parent == self._processing
@@ -280,81 +204,32 @@ class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             status = os.fstat(handle.fileno())
-            seen = _Signature.of(status)
-            if not stat.S_ISREG(status.st_mode) or seen != _Signature.of(os.lstat(claimed)):
+            seen = Signature.of(status)
+            if not stat.S_ISREG(status.st_mode) or seen != Signature.of(os.lstat(claimed)):
                 handle.close()
                 return None  # not a plain file, or another process finished it and a new one took its name
         except (BlockingIOError, FileNotFoundError):
             handle.close()
             return None  # another live process holds it
-        return _Claim(claimed, handle, seen, self._identity(claimed), self.settings.watch, self._clock())
+        return FileClaim(claimed, handle, seen, kept_identity(claimed), self.settings.watch, self._clock())
 
-    def _identity(self, claimed: Path) -> FileProgress:
-        """The identity a claim was first published under (kept beside it), or a fresh one."""
-        try:
-            kept = json.loads(_sidecar(claimed).read_text(encoding="utf-8"))
-            size, sha256 = int(kept["size"]), str(kept["sha256"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return FileProgress()
-        if os.lstat(claimed).st_size < size or file_sha256(claimed, size) != sha256:
-            return FileProgress()  # another file of the same name: its own identity
-        return FileProgress(sha256=sha256, size=size)
-
-    def _publish(self, claim: _Claim) -> bool:
+    def _publish(self, claim: FileClaim) -> bool:
         """Publish the claim; with ``stable`` it stays claimed and watched (False) until it stood still."""
-        self._advance(claim, final=claim.watch == 0)
+        claim.advance(self._parsing, self._sink, final=claim.watch == 0)
         if claim.watch:
             self._claims[claim.path] = claim
             return False
-        while (current := _Signature.of(os.lstat(claim.path))) != claim.seen:
-            self._grew(claim, current)
-            self._advance(claim, final=True)
+        while (current := Signature.of(os.lstat(claim.path))) != claim.seen:
+            claim.grew(current, self.settings.route)
+            claim.advance(self._parsing, self._sink, final=True)
         return True
-
-    def _advance(self, claim: _Claim, *, final: bool) -> None:
-        """Publish what the file holds beyond what was published; while it may grow, complete lines only."""
-        size = claim.seen.size
-        whole = final or self._parsing.format not in _LINE_FORMATS
-        end = size if whole else _complete_lines(claim.handle, size)
-        if end <= claim.published_to and not (final and size == 0):
-            return
-        progress = claim.progress
-        if not progress.sha256:
-            progress.sha256, progress.size = file_sha256(claim.path, end), end
-            self._keep_identity(claim)
-        publish_file(claim.path, self._parsing, self._sink, progress, size=end)
-        claim.published_to = end
-        claim.published_sha256 = progress.sha256 if end == progress.size else file_sha256(claim.path, end)
-
-    def _keep_identity(self, claim: _Claim) -> None:
-        sidecar = _sidecar(claim.path)
-        staged = sidecar.with_name(sidecar.name + ".tmp")
-        staged.write_text(json.dumps({"size": claim.progress.size, "sha256": claim.progress.sha256}), "utf-8")
-        os.replace(staged, sidecar)
-
-    def _grew(self, claim: _Claim, current: _Signature) -> None:
-        """Note that a claimed file changed; raises FileRefused for a change other than an append."""
-        rewritten = claim.published_to > 0 and (
-            file_sha256(claim.path, claim.published_to) != claim.published_sha256
-        )
-        if not current.appended_to(claim.seen) or rewritten:
-            what = f"it was replaced, truncated or rewritten ({claim.seen.size} -> {current.size} bytes)"
-            raise changed_refused(printable(claim.name), claim.progress.published, what)
-        log.warning(
-            "file %s grew after it was taken (%d -> %d bytes); publishing what was appended",
-            printable(claim.name),
-            claim.seen.size,
-            current.size,
-            extra={"route": self.settings.route, "file": printable(claim.name)},
-        )
-        claim.seen = current
 
     def _watch_claims(self) -> list[IngestResult[Path]]:
         """Archive the published claims that stood still long enough; publish what was appended to others."""
         results: list[IngestResult[Path]] = []
         for claim in list(self._claims.values()):
             try:
-                current = _Signature.of(os.lstat(claim.path))
+                current = Signature.of(os.lstat(claim.path))
             except FileNotFoundError:
                 log.error(
                     "file %s vanished from %s while it was watched; %d records of it were published",
@@ -368,12 +243,12 @@ class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
             now = self._clock()
             try:
                 if current != claim.seen:
-                    self._grew(claim, current)
+                    claim.grew(current, self.settings.route)
                     claim.quiet_since = now
                     # A writer that paused longer than the window once may do so again: give it longer.
                     claim.watch = min(claim.watch * 2, LONGEST_WATCH)
                 settled = now - claim.quiet_since >= claim.watch
-                self._advance(claim, final=settled)
+                claim.advance(self._parsing, self._sink, final=settled)
             except FileFormatError as error:
                 results.append(self._reject(claim, error))
                 continue
@@ -389,11 +264,11 @@ class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
                 results.append(self._settle(claim))
         return results
 
-    def _forget(self, claim: _Claim, *, identity: bool = True) -> None:
+    def _forget(self, claim: FileClaim, *, identity: bool = True) -> None:
         self._claims.pop(claim.path, None)
         claim.handle.close()
         if identity:
-            _sidecar(claim.path).unlink(missing_ok=True)
+            claim.drop_identity()
 
     def _move_marker(self, name: str, folder: Path) -> None:
         """Move a data file's marker along with it (archive or errors), when the route uses markers."""
@@ -402,19 +277,19 @@ class FileDropSource(DropSource[FileDropSettings, Path, _Claim, Path]):
             with contextlib.suppress(FileNotFoundError):
                 _move(marker, folder)
 
-    def _finish(self, claim: _Claim) -> tuple[IngestOutcome, Path]:
+    def _finish(self, claim: FileClaim) -> tuple[IngestOutcome, Path]:
         archived = _move(claim.path, self.settings.archive)
         self._forget(claim)
         self._move_marker(claim.name, self.settings.archive)
         return IngestOutcome.archived, archived
 
-    def _return(self, claim: _Claim) -> Path:
+    def _return(self, claim: FileClaim) -> Path:
         """Back to the inbox; the claim's identity stays beside where it was claimed."""
         released = _move(claim.path, self.settings.inbox)
         self._forget(claim, identity=False)
         return released
 
-    def _let_go(self, claim: _Claim) -> Path:
+    def _let_go(self, claim: FileClaim) -> Path:
         self._forget(claim)
         return claim.path
 

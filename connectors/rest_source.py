@@ -11,9 +11,9 @@ page are picked up and an unchanged page publishes nothing. A restart resumes fr
 a change of the route's URL starts again from the first page.
 
 Failures (HTTP, a malformed page, an unconfirmed publish) end the poll and leave the state as it was
-last confirmed; the next poll starts from there. 408, 429, 5xx, timeouts and connection failures are
-retried within the poll with capped backoff that honours Retry-After; other statuses wait for the
-next poll. Records published twice carry the same event ids, so nothing doubles downstream.
+last confirmed; the next poll starts from there (how a page is read and retried within a poll is
+:mod:`connectors.rest_pages`). Records published twice carry the same event ids, so nothing doubles
+downstream.
 
 Record identity: ``record_id`` (JMESPath) picks a record's own id; without it the id is a hash of the
 record's canonical JSON, so the same content always has the same id. ``origin`` holds only the URL
@@ -24,29 +24,26 @@ a chunk published again after a failure keeps its id, records appended later get
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import logging
-import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import jmespath
 from jmespath.parser import ParsedResult
 
 from connectors.chunks import ChunkSink, SourceChunk, batched
-from connectors.http_target import USER_AGENT, interruptible_sleep
-from connectors.retry import RetryPolicy, parse_http_date, parse_retry_after
+from connectors.rest_pages import PageReader, PollFailed, PollInterrupted
+from connectors.rest_settings import RestPollSettings
 from ops import metrics, tracing
-from ops.secrets import redact, register_http_credentials
+from ops.secrets import redact
 from state import HeldLease, Store, lease_holder
-from transforms.interop_json import JsonRefused, loads_interoperable
 from transforms.parsers import RawRecord
 
 if TYPE_CHECKING:
@@ -56,52 +53,9 @@ log = logging.getLogger(__name__)
 
 SYSTEM = "rest"
 POLL_LEASE_SCOPE = "poll"
-POLL_LEASE_TTL = 30.0
-"""Seconds a route's poll lease lasts unless renewed (every third of it while the poller runs): a
-router that crashed holds its routes this long at most."""
-EXCERPT_CHARS = 300
-# Only this much of an error response is read: enough for the excerpt, the rest is dropped.
-MAX_ERROR_BODY_BYTES = 64 * 1024
-_WHITESPACE = re.compile(r"\s+")
-_RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-
-
-def _default_retry() -> RetryPolicy:
-    """In-poll retries of one page: a few, capped; the next poll is the retry after that."""
-    return RetryPolicy(attempts=5, initial=1.0, max_delay=30.0, max_age=120.0)
-
-
 def _compile(expression: str | None) -> ParsedResult | None:
     """The compiled JMESPath of a setting (checked by `router validate`), or None when it is not set."""
     return jmespath.compile(expression) if expression is not None else None
-
-
-@dataclass(frozen=True)
-class RestPollSettings:
-    """One REST route's source: where to poll, how to authenticate, page and identify records.
-
-    ``records`` finds the record list in a page (default: the page itself); ``cursor_param`` and
-    ``cursor_next`` (both or neither) name the query parameter that selects a page and the JMESPath
-    to the next page's cursor; ``record_id`` is the JMESPath to a record's own id. Durations are seconds.
-    Built from the route's configuration, which `router validate` checked (router.config).
-    """
-
-    route: str
-    url: str
-    records: str | None
-    chunk_size: int
-    poll: float = 30.0
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    bearer: str | None = field(default=None, repr=False)
-    basic: tuple[str, str] | None = field(default=None, repr=False)
-    cursor_param: str | None = None
-    cursor_next: str | None = None
-    record_id: str | None = None
-    timeout: float = 30.0
-    max_pages_per_poll: int = 1000
-    max_page_bytes: int = 32 * 1024 * 1024
-    retry: RetryPolicy = field(default_factory=_default_retry)
-    lease_ttl: float = POLL_LEASE_TTL
 
 
 @dataclass(frozen=True)
@@ -129,23 +83,6 @@ class _PageState:
 
     def dumps(self) -> str:
         return json.dumps({"url": self.url, "cursor": self.cursor, "published": list(self.published)})
-
-
-class _Attempt(NamedTuple):
-    """One request's result: the page body on success, else what failed and whether to retry."""
-
-    body: bytes | None
-    detail: str
-    retryable: bool
-    retry_after: float | None
-
-
-class _PollFailed(Exception):
-    """The poll cannot go on; the message says what failed, where and what was expected."""
-
-
-class _Interrupted(Exception):
-    """A shutdown cut a retry wait short."""
 
 
 @dataclass
@@ -207,22 +144,12 @@ class RestPollSource:
         self.settings = settings
         self._sink = sink
         self._store = store
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=settings.timeout)
+        self._pages = PageReader(settings, client)
         self._records = _compile(settings.records)
         self._next = _compile(settings.cursor_next)
         self._record_id = _compile(settings.record_id)
-        url = httpx.URL(settings.url).copy_with(fragment=None)
-        self._url = url
-        self._origin_url = str(url.copy_with(query=None))
+        self._origin_url = str(self._pages.url.copy_with(query=None))
         self._cursor_name = f"rest:{settings.route}"
-        self._auth = httpx.BasicAuth(*settings.basic) if settings.basic else None
-        self._headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **settings.headers}
-        if settings.bearer:
-            self._headers["Authorization"] = f"Bearer {settings.bearer}"
-        # An API may echo the request (URL, headers) in its error body; secrets must not reach the logs.
-        register_http_credentials(settings.url, settings.headers, settings.bearer, settings.basic)
-        self._resume_at = 0.0
 
     def poll_once(self, stop: threading.Event | None = None) -> PollResult:
         """Read pages from the stored cursor until the last one, publishing records not published yet.
@@ -233,9 +160,9 @@ class RestPollSource:
         progress = _Progress()
         try:
             caught_up = self._follow_pages(progress, stop)
-        except _Interrupted:
+        except PollInterrupted:
             caught_up = False
-        except _PollFailed as failure:
+        except PollFailed as failure:
             detail = redact(str(failure))
             route = self.settings.route
             log.error("rest source of route %s: %s", route, detail, extra={"route": route})
@@ -283,12 +210,11 @@ class RestPollSource:
                 log.exception("rest source of route %s failed a poll", route)
             # A server's Retry-After holds even when the poll interval is shorter.
             wait = 0.0 if behind else self.settings.poll
-            lease.cancel.wait(max(wait, self._resume_at - time.monotonic()))
+            lease.cancel.wait(max(wait, self._pages.resume_at - time.monotonic()))
 
     def close(self) -> None:
         """Close the connection pool, unless the client was handed in by the caller."""
-        if self._owns_client:
-            self._client.close()
+        self._pages.close()
 
     def _follow_pages(self, progress: _Progress, stop: threading.Event | None) -> bool:
         state = self._load_state()
@@ -298,7 +224,7 @@ class RestPollSource:
             label = self._page_label(state.cursor)
             # A span per page: the root of the trace its records' events follow to the targets.
             with tracing.source_span("poll", self.settings.route, {"url.full": redact(label)}):
-                document = self._decode(self._fetch(state.cursor, label, stop), label)
+                document = self._pages.document(state.cursor, label, stop)
                 records = self._records_of(document, label)
                 following = self._next_cursor(document, label)
                 progress.pages += 1
@@ -352,7 +278,7 @@ class RestPollSource:
         try:
             self._sink(chunk)
         except Exception as error:
-            raise _PollFailed(
+            raise PollFailed(
                 f"broker did not confirm chunk {chunk.message_id} ({len(batch)} records): {error}; "
                 "the cursor stays, the next poll publishes the page again"
             ) from error
@@ -369,7 +295,7 @@ class RestPollSource:
             if not all(isinstance(identity, str) for identity in state.published):
                 raise TypeError("published holds a non-string id")
         except (ValueError, KeyError, TypeError) as error:
-            raise _PollFailed(
+            raise PollFailed(
                 f"stored cursor {self._cursor_name!r} is not a REST source state ({error}): {stored[:80]!r}; "
                 'expected JSON {"url": ..., "cursor": ..., "published": [...]}'
             ) from None
@@ -395,117 +321,13 @@ class RestPollSource:
             return self._origin_url
         return f"{self._origin_url}?{self.settings.cursor_param}={cursor}"
 
-    def _fetch(self, cursor: str | None, label: str, stop: threading.Event | None) -> bytes:
-        """The page's body, retrying 408/429/5xx and transport failures with backoff within the poll."""
-        policy = self.settings.retry
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            outcome = self._attempt(cursor, label)
-            if outcome.body is not None:
-                return outcome.body
-            if not outcome.retryable:
-                raise _PollFailed(f"{outcome.detail}; trying again at the next poll")
-            remaining = policy.max_age - (time.monotonic() - started)
-            retry_after = outcome.retry_after or 0.0
-            if attempt >= policy.attempts or remaining <= 0 or retry_after > remaining:
-                # The server's Retry-After outlives this poll: the next one must not come before it.
-                self._resume_at = time.monotonic() + retry_after
-                raise _PollFailed(
-                    f"{outcome.detail}; gave up after {attempt} attempt(s), trying again at the next poll"
-                    + (f" (not before {retry_after:g}s, as Retry-After asks)" if retry_after else "")
-                )
-            wait = policy.delay(attempt, outcome.retry_after, remaining=remaining)
-            log.warning(
-                "rest source of route %s: %s; retrying in %.2fs (attempt %d of %d)",
-                self.settings.route,
-                redact(outcome.detail),
-                wait,
-                attempt,
-                policy.attempts,
-                extra={"route": self.settings.route},
-            )
-            if interruptible_sleep(wait, stop):
-                raise _Interrupted
-
-    def _attempt(self, cursor: str | None, label: str) -> _Attempt:
-        url = self._url
-        if cursor is not None and self.settings.cursor_param is not None:
-            url = url.copy_set_param(self.settings.cursor_param, cursor)
-        timeout = self.settings.timeout
-        try:
-            request = self._client.build_request("GET", url, headers=self._headers, timeout=timeout)
-            response = self._client.send(request, auth=self._auth, stream=True)
-            try:
-                if response.is_success:
-                    return _Attempt(self._read_page(response, label), "", False, None)
-                excerpt = self._read_excerpt(response)
-            finally:
-                response.close()
-        except httpx.TimeoutException:
-            return _Attempt(None, f"GET {label} timed out after {timeout:g}s", True, None)
-        except _RETRYABLE_TRANSPORT as error:
-            return _Attempt(None, f"GET {label} failed: {type(error).__name__}: {error}", True, None)
-        except httpx.HTTPError as error:
-            return _Attempt(None, f"GET {label} failed: {type(error).__name__}: {error}", False, None)
-        status = response.status_code
-        detail = f"GET {label} answered HTTP {status}{self._hint(response)}"
-        if excerpt:
-            detail += f": {excerpt}"
-        if status in (408, 429) or 500 <= status < 600:
-            server_now = parse_http_date(response.headers.get("Date"))
-            retry_after = parse_retry_after(response.headers.get("Retry-After"), server_now)
-            return _Attempt(None, detail, True, retry_after)
-        return _Attempt(None, detail, False, None)
-
-    def _hint(self, response: httpx.Response) -> str:
-        if response.status_code in (401, 403):
-            return " (check the route's auth)"
-        if response.is_redirect:
-            return f" (redirect to {response.headers.get('Location', '?')}; set the url to the new address)"
-        return ""
-
-    def _read_page(self, response: httpx.Response, label: str) -> bytes:
-        limit = self.settings.max_page_bytes
-        declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise _PollFailed(f"page {label} is {declared} bytes, more than max_page_bytes ({limit})")
-        body = bytearray()
-        for part in response.iter_bytes():
-            body += part
-            if len(body) > limit:
-                raise _PollFailed(f"page {label} is larger than max_page_bytes ({limit})")
-        return bytes(body)
-
-    def _read_excerpt(self, response: httpx.Response) -> str:
-        body = bytearray()
-        for part in response.iter_bytes():
-            body += part
-            if len(body) >= MAX_ERROR_BODY_BYTES:
-                break
-        text = _WHITESPACE.sub(" ", body.decode(response.encoding or "utf-8", errors="replace")).strip()
-        return text if len(text) <= EXCERPT_CHARS else f"{text[:EXCERPT_CHARS]}..."
-
-    def _decode(self, body: bytes, label: str) -> Any:
-        """The page as interoperable JSON with exact numbers: non-integers become Decimal, never float.
-
-        A page other systems would read differently (a lone surrogate, a duplicate key, a number beyond
-        a double, nesting too deep to walk) fails the poll with every problem named, instead of
-        failing later when its records are published.
-        """
-        try:
-            return loads_interoperable(body.removeprefix(codecs.BOM_UTF8))
-        except JsonRefused as refused:
-            raise _PollFailed(f"page {label} is not valid JSON: {refused}") from None
-
     def _records_of(self, document: Any, label: str) -> list[Any]:
         found = document if self._records is None else self._records.search(document)
         if isinstance(found, list):
             return found
         where = "the page" if self.settings.records is None else f"records {self.settings.records!r}"
         shape = "nothing" if found is None else _short(found)
-        raise _PollFailed(f"page {label}: {where} gave {shape}; expected a list of records")
+        raise PollFailed(f"page {label}: {where} gave {shape}; expected a list of records")
 
     def _next_cursor(self, document: Any, label: str) -> str | None:
         if self._next is None:
@@ -513,4 +335,4 @@ class RestPollSource:
         try:
             return _cursor_text(self._next.search(document))
         except ValueError as error:
-            raise _PollFailed(f"page {label}: cursor next {self.settings.cursor_next!r} {error}") from None
+            raise PollFailed(f"page {label}: cursor next {self.settings.cursor_next!r} {error}") from None

@@ -146,6 +146,9 @@ class SftpSession:
         if key_file is None:
             return None
         try:
-            return paramiko.PKey.from_path(key_file, passphrase.encode() if passphrase else None)
+            # paramiko annotates the password as str, but hands it to cryptography, which needs bytes.
+            return paramiko.PKey.from_path(
+                key_file, passphrase.encode() if passphrase else None  # type: ignore[arg-type]
+            )
         except (OSError, paramiko.SSHException) as error:
             raise ClientKeyUnusable(f"client key {key_file} cannot be used: {error}") from error

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from ops.metrics import render_latest
 
@@ -17,7 +17,7 @@ ReadinessCheck = Callable[[], None]
 """Returns when a dependency answers; raises with a short explanation when it does not."""
 
 
-def ops_routes(checks: Mapping[str, ReadinessCheck]) -> list[Route]:
+def ops_routes(checks: Mapping[str, ReadinessCheck]) -> list[BaseRoute]:
     """``GET /healthz`` (the process serves), ``GET /readyz`` (every check passes), ``GET /metrics``."""
 
     async def healthz(_: Request) -> Response:

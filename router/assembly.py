@@ -10,7 +10,7 @@ from connectors.file_ingest import FileParsing
 from connectors.file_source import FileDropSettings
 from connectors.file_target import FileTarget, FileTargetSettings
 from connectors.http_target import HttpTarget, HttpTargetSettings
-from connectors.rest_source import RestPollSettings
+from connectors.rest_settings import RestPollSettings
 from connectors.retry import RetryPolicy
 from connectors.sftp_session import SftpEndpoint
 from connectors.sftp_source import SftpSettings

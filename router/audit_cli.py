@@ -10,10 +10,9 @@ import sys
 
 import click
 
-from ops.secrets import redact
-from router.cli_common import EXIT_RUNTIME, config_option, load_or_exit
-from state import Store, StoreUnavailable
-from state.audit_chain import ChainReport
+from router.cli_common import EXIT_RUNTIME, config_option, load_or_exit, store_or_exit
+from state import Store
+from state.audit_verify import ChainReport
 
 
 @click.group()
@@ -26,13 +25,8 @@ def audit() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(config_path: str | None, as_json: bool) -> None:
     """Check that no audit record was changed, deleted, inserted or reordered (exit 1 if one was)."""
-    config = load_or_exit(config_path)
-    try:
-        with Store(config.store.resolved_url(config.base_dir)) as store:
-            report = store.verify_audit()
-    except StoreUnavailable as error:
-        click.echo(redact(f"router audit verify: {error}"), err=True)
-        sys.exit(EXIT_RUNTIME)
+    with store_or_exit(load_or_exit(config_path), "audit verify", Store) as store:
+        report = store.verify_audit()
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else _describe(report))
     if not report.intact:
         sys.exit(EXIT_RUNTIME)

@@ -176,7 +176,9 @@ class FailoverConnection(Connection):
     ) -> Any:
         if max_retries is not None:
             max_retries = max(max_retries, len(self.alt) - 1)
-        return super()._ensure_connection(
+        # kombu's method named through its class, so the type checker knows it is kombu's (untyped) one.
+        return Connection._ensure_connection(
+            self,
             errback,
             max_retries,
             interval_start,

@@ -19,7 +19,8 @@ from ops.secrets import redact
 from router.audit_cli import audit
 from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
 from router.config import find_config_path
-from router.deadletter_cli import deadletter, replay_history
+from router.deadletter_cli import deadletter
+from router.history_cli import replay_history
 from router.store_cli import store_group
 from router.terminal import printable
 

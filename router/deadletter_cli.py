@@ -1,4 +1,4 @@
-"""`router deadletter list|show|replay|edit|discard` and `router replay`: the operator's side of the store.
+"""`router deadletter list|show|replay|edit|discard`: the operator's side of the dead letters.
 
 Commands stay thin: filters and output here, the work in router.replay and state. Every
 action is audited with who (``--actor``, default ``$USER``), when and why. Exit codes: 0 ok, 1 runtime
@@ -12,54 +12,24 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import datetime
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError
-from ops.secrets import redact
-from router.broker import BrokerUnavailable
-from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option, load_or_exit
-from router.config import RouterConfig
+from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError, DeadLetterStatus
+from router.cli_common import EXIT_CONFIG, EXIT_RUNTIME, config_option
+from router.operator_cli import ISO_TIME, actor_option, fail, json_option, opened, progress_bar
 from router.replay import LetterNotDead, Replayer, ReplayError, ReplayReport
 from router.terminal import data_text, printable
-from state import Store, StoreUnavailable, default_actor
+from state import Store
 
-PROGRESS_FROM = 20
 WIDE_TERMINAL = 120
 """Below this many columns `list` leaves the detail out rather than squeezing every column."""
 DETAIL_CHARS = 80
-
-
-class IsoTime(click.ParamType):
-    """An ISO 8601 time with its offset (``2026-11-24T09:00:00Z``); a time without one is refused."""
-
-    name = "TIME"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
-        if isinstance(value, datetime):
-            return value
-        try:
-            moment = datetime.fromisoformat(str(value))
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 time; expected e.g. 2026-11-24T09:00:00Z", param, ctx)
-        if moment.tzinfo is None:
-            self.fail(f"{value!r} has no timezone; add one, e.g. {value}Z or {value}-05:00", param, ctx)
-        return moment
-
-
-ISO_TIME = IsoTime()
-actor_option = click.option(
-    "--actor", default=default_actor, show_default="$USER", help="Who is acting (audit)."
-)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print data as JSON.")
 
 
 def _filters(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,33 +47,12 @@ def _filters(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    # Messages quote store URLs and exception text, which may hold a secret.
-    click.echo(printable(redact(message), multiline=True), err=True)
-    sys.exit(code)
-
-
-@contextmanager
-def _opened(config_path: str | None) -> Iterator[tuple[RouterConfig, Store]]:
-    config = load_or_exit(config_path)
-    try:
-        store = Store(config.store.resolved_url(config.base_dir))
-    except StoreUnavailable as error:
-        _fail(f"router: {error}", EXIT_RUNTIME)
-    try:
-        yield config, store
-    except (StoreUnavailable, BrokerUnavailable, DeadLetterStateError) as error:
-        _fail(f"router: {error}", EXIT_RUNTIME)
-    finally:
-        store.close()
-
-
 def _letters(store: Store, ids: Sequence[int]) -> list[DeadLetter]:
     letters = []
     for letter_id in ids:
         letter = store.get_dead_letter(letter_id)
         if letter is None:
-            _fail(f"router deadletter: dead letter {letter_id} does not exist", EXIT_CONFIG)
+            fail(f"router deadletter: dead letter {letter_id} does not exist", EXIT_CONFIG)
         letters.append(letter)
     return sorted(letters, key=lambda letter: letter.id)
 
@@ -158,11 +107,11 @@ def deadletter() -> None:
 @click.option("--limit", default=1000, show_default=True, help="At most this many, oldest first.")
 @json_option
 def list_letters(
-    config_path: str | None, status: str | None, limit: int, as_json: bool, **filters: Any
+    config_path: str | None, status: DeadLetterStatus | None, limit: int, as_json: bool, **filters: Any
 ) -> None:
     """Dead letters, oldest first, filtered by route, target, stage, status, key and time."""
-    with _opened(config_path) as (_, store):
-        letters = store.list_dead_letters(status=status, limit=limit, **filters)  # type: ignore[arg-type]
+    with opened(config_path) as (_, store):
+        letters = store.list_dead_letters(status=status, limit=limit, **filters)
     if as_json:
         click.echo(json.dumps([letter.to_dict() for letter in letters], indent=2, default=str))
     elif letters:
@@ -180,7 +129,7 @@ def list_letters(
 @json_option
 def show(config_path: str | None, letter_id: int, as_json: bool) -> None:
     """One dead letter: where and why it failed, its payload and its history."""
-    with _opened(config_path) as (_, store):
+    with opened(config_path) as (_, store):
         [letter] = _letters(store, [letter_id])
         history = store.list_audit(f"deadletter:{letter_id}")
     document = {**letter.to_dict(), "history": [entry.to_dict() for entry in history]}
@@ -248,11 +197,11 @@ def replay_letters(
     """
     given = {name: value for name, value in filters.items() if value is not None}
     if not ids and not given:
-        _fail(
+        fail(
             "router deadletter replay: give dead letter IDs or at least one filter (--route, --target, ...)",
             2,
         )
-    with _opened(config_path) as (config, store):
+    with opened(config_path) as (config, store):
         if ids:
             letters = [letter for letter in _letters(store, ids) if _matches(letter, given)]
         else:
@@ -265,10 +214,10 @@ def replay_letters(
             return
         replayer = Replayer(config, store, actor)
         try:
-            with _progress(len(letters), as_json) as advance:
+            with progress_bar(len(letters), as_json) as advance:
                 report = replayer.replay_letters(letters, reason=reason, progress=advance)
         except ReplayError as error:
-            _fail(f"router deadletter replay: {error}; nothing replayed", EXIT_CONFIG)
+            fail(f"router deadletter replay: {error}; nothing replayed", EXIT_CONFIG)
     _report(report, "replayed", as_json)
 
 
@@ -292,17 +241,6 @@ def _preview(letters: Sequence[DeadLetter], as_json: bool) -> None:
         console.print(_table(letters, console.width))
 
 
-@contextmanager
-def _progress(total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr for replays of many letters or events; silent for a few."""
-    if quiet or total < PROGRESS_FROM:
-        yield lambda _: None
-        return
-    with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("replaying", total=total)
-        yield lambda done: progress.advance(task, done)
-
-
 @deadletter.command()
 @config_option
 @click.argument("letter_id", metavar="ID", type=int)
@@ -310,15 +248,15 @@ def _progress(total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
 @actor_option
 def edit(config_path: str | None, letter_id: int, reason: str, actor: str) -> None:
     """Open the payload in $EDITOR; when saved and valid, store it (audited) and replay the letter."""
-    with _opened(config_path) as (config, store):
+    with opened(config_path) as (config, store):
         [letter] = _letters(store, [letter_id])
         replayer = Replayer(config, store, actor)
         try:
             replayer.check_editable(letter)
         except LetterNotDead as error:
-            _fail(f"router deadletter edit: {error}", EXIT_RUNTIME)
+            fail(f"router deadletter edit: {error}", EXIT_RUNTIME)
         except ReplayError as error:
-            _fail(f"router deadletter edit: {error}", EXIT_CONFIG)
+            fail(f"router deadletter edit: {error}", EXIT_CONFIG)
         original = json.dumps(letter.payload, indent=2, ensure_ascii=False, default=str) + "\n"
         edited = click.edit(original, extension=".json")
         if edited is None or edited == original:
@@ -327,10 +265,10 @@ def edit(config_path: str | None, letter_id: int, reason: str, actor: str) -> No
         try:
             report = replayer.edit_text(letter, edited, reason=reason)
         except ReplayError as error:
-            _fail(f"router deadletter edit: {error}; nothing changed", EXIT_CONFIG)
+            fail(f"router deadletter edit: {error}; nothing changed", EXIT_CONFIG)
         except DeadLetterStateError as error:
             changed = f"dead letter {letter_id} was {error.change} meanwhile"
-            _fail(f"router deadletter edit: {changed}; nothing changed", EXIT_RUNTIME)
+            fail(f"router deadletter edit: {changed}; nothing changed", EXIT_RUNTIME)
     _report(report, "replayed", as_json=False)
 
 
@@ -342,50 +280,8 @@ def edit(config_path: str | None, letter_id: int, reason: str, actor: str) -> No
 @json_option
 def discard(config_path: str | None, ids: tuple[int, ...], reason: str, actor: str, as_json: bool) -> None:
     """Drop dead letters for good; events parked behind a discarded delivery letter then go on."""
-    with _opened(config_path) as (config, store):
+    with opened(config_path) as (config, store):
         report = Replayer(config, store, actor).discard(_letters(store, ids), reason=reason)
     _report(report, "discarded", as_json)
 
 
-@click.command("replay")
-@config_option
-@click.option("--target", required=True, metavar="NAME", help="The restored target to send history to.")
-@click.option(
-    "--since", required=True, type=ISO_TIME, help="Events delivered at or after TIME (with offset)."
-)
-@click.option("--until", type=ISO_TIME, help="Events delivered before TIME.")
-@click.option("--key", "sequence_key", metavar="KEY", help="Only this sequence key.")
-@click.option("--dry-run", is_flag=True, help="Count what would be re-sent, send nothing.")
-@actor_option
-@json_option
-def replay_history(
-    config_path: str | None,
-    target: str,
-    since: datetime,
-    until: datetime | None,
-    sequence_key: str | None,
-    dry_run: bool,
-    actor: str,
-    as_json: bool,
-) -> None:
-    """Re-send delivered history to a target restored from a backup: in order, same event ids."""
-    with _opened(config_path) as (config, store):
-        replayer = Replayer(config, store, actor)
-        try:
-            if dry_run:
-                count = len(replayer.history(target, since=since, until=until, sequence_key=sequence_key))
-            else:
-                count = replayer.replay_history(
-                    target,
-                    since=since,
-                    until=until,
-                    sequence_key=sequence_key,
-                    progress_for=lambda total: _progress(total, as_json),
-                )
-        except ReplayError as error:
-            _fail(f"router replay: {error}", EXIT_CONFIG)
-    verb = "would re-send" if dry_run else "re-sent"
-    if as_json:
-        click.echo(json.dumps({"target": target, "dry_run": dry_run, "events": count}))
-    else:
-        click.echo(f"{verb} {count} event(s) to {target}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import tempfile
 import time
 from importlib import resources
@@ -117,7 +116,7 @@ def _run(
         console.print(f"  simulated {name.upper()} listening on {simulator.url}{note}")
 
     drop = inbox / DEMO_FILE
-    shutil.copyfile(resources.files("router") / "demo_data" / DEMO_FILE, drop)
+    drop.write_bytes((resources.files("router") / "demo_data" / DEMO_FILE).read_bytes())
     past = time.time() - 3600  # an old mtime: the file is complete, no need to wait out stable_for
     os.utime(drop, (past, past))
     with drop.open(newline="", encoding="utf-8") as handle:

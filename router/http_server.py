@@ -60,6 +60,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     limits: ClassVar[HttpConfig] = HttpConfig()
 
+    # uvicorn's own signature, which takes a narrower transport than asyncio's BaseProtocol.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._client_deadline: asyncio.TimerHandle | None = None
         self._head_pending = False

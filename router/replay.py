@@ -1,4 +1,4 @@
-"""Replay and repair: what `router deadletter replay|edit|discard`, `router replay` and the console do.
+"""Replay and repair of dead letters: what `router deadletter replay|edit|discard` and the console do.
 
 Replaying a letter depends on where it failed:
 - delivery: it becomes ``parked`` again; being the oldest letter of its key, the running router's
@@ -7,10 +7,8 @@ Replaying a letter depends on where it failed:
   message that keeps the record's original event id, so the target sees the same event;
 - ingress: the rejected file moves from the errors folder back to the inbox.
 
-`router replay` re-sends journalled events to a target's partition queues in journal order with a
-header that lets them past the delivered-events ledger. Replayed stock snapshots still pass the stale
-guard like live ones, and each key's replay ends on its newest snapshot (:func:`newest_last`), so a
-replay during live traffic never leaves a target on an older level.
+Re-sending delivered history (`router replay`) is :mod:`router.history_replay`; both publish through
+:class:`Republisher`.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +25,15 @@ from msgspec import UNSET
 from pydantic import ValidationError
 
 from canonical.events import parse_event
-from canonical.ids import partition_for
 from connectors.file_ingest import Refusal
 from deadletter import DeadLetter, DeadLetterStateError, StatusChange
 from router import assembly
 from router.broker import Publisher, Topology, open_publisher
 from router.config import RouterConfig
-from router.messages import MALFORMED_MESSAGE, REPLAY_HEADER, ChunkRecord, IngressChunk, PartitionBatch
+from router.messages import MALFORMED_MESSAGE, ChunkRecord, IngressChunk
 from router.pipeline import validation_detail
-from router.sequencing import SNAPSHOT_TYPE
-from state import JournalEntry, Store
+from state import Store
 
-REPLAY_MESSAGE_EVENTS = 200
 BULK_LIMIT = 1_000_000
 """At most this many letters are replayed by one filtered (bulk) replay."""
 
@@ -67,13 +61,14 @@ class ReplayReport:
     events: int = 0
 
 
-def _ignore_progress(_: int) -> None:
+def no_progress(_: int) -> None:
+    """The progress callback of a caller that shows none."""
     return None
 
 
 @dataclass
-class Replayer:
-    """Replays dead letters and journal history for one configuration, as ``actor``."""
+class Republisher:
+    """What a replay publishes with: one configuration's broker, its store, and who acts (audited)."""
 
     config: RouterConfig
     store: Store
@@ -92,13 +87,17 @@ class Replayer:
                 "RabbitMQ the router uses (amqp://...), or run the command where it can reach that broker"
             )
 
+
+class Replayer(Republisher):
+    """Replays, edits and discards dead letters for one configuration, as ``actor``."""
+
     def replayable(self, **filters: Any) -> list[DeadLetter]:
         """The ``dead`` letters matching ``filters`` (those of Store.list_dead_letters), oldest first:
         what a filtered replay replays."""
         return self.store.list_dead_letters(status="dead", limit=BULK_LIMIT, **filters)
 
     def replay_letters(
-        self, letters: Sequence[DeadLetter], *, reason: str, progress: Progress = _ignore_progress
+        self, letters: Sequence[DeadLetter], *, reason: str, progress: Progress = no_progress
     ) -> ReplayReport:
         """Replay ``letters`` (oldest first); letters that are not ``dead`` are reported, not touched.
 
@@ -281,121 +280,10 @@ class Replayer:
             raise ReplayError(f"dead letter {letter.id}: the edited record still fails: {problems}")
         return payload
 
-    def history(
-        self, target: str, *, since: datetime, until: datetime | None = None, sequence_key: str | None = None
-    ) -> list[JournalEntry]:
-        """What to re-send to ``target``: its journal (delivered_at in [since, until)) in delivery order,
-        with each key's stock snapshots ending on the newest one applied (see :func:`newest_last`)."""
-        if target not in self.config.targets:
-            raise ReplayError(
-                f"no target named {target!r}; the configuration has: {', '.join(self.config.targets)}"
-            )
-        entries = self.store.journal(target, since=since, until=until, sequence_key=sequence_key)
-        keys = {entry.sequence_key for entry in entries if _is_snapshot(entry) and entry.sequence_key}
-        return newest_last(entries, self.store.newest_snapshots(target, keys))
-
-    def replay_history(
-        self,
-        target: str,
-        *,
-        since: datetime,
-        until: datetime | None = None,
-        sequence_key: str | None = None,
-        progress_for: Callable[[int], AbstractContextManager[Progress]] | None = None,
-    ) -> int:
-        """Re-send ``target``'s journal in [since, until) (one key or all) in order; returns the count.
-
-        ``progress_for(total)`` may give a progress callback for the re-send. Raises ReplayError for an
-        unknown target and BrokerNotShared before sending anything to a memory:// broker.
-        """
-        entries = self.history(target, since=since, until=until, sequence_key=sequence_key)
-        self.require_shared_broker(f"re-sending {target}'s history")
-        if entries:
-            why = {
-                "since": since.isoformat(),
-                "until": until.isoformat() if until else None,
-                "key": sequence_key,
-            }
-            if progress_for is None:
-                self.resend(target, entries, why=why)
-            else:
-                with progress_for(len(entries)) as advance:
-                    self.resend(target, entries, why=why, progress=advance)
-        return len(entries)
-
-    def resend(
-        self,
-        target: str,
-        entries: Sequence[JournalEntry],
-        *,
-        why: Mapping[str, Any],
-        progress: Progress = _ignore_progress,
-    ) -> None:
-        """Re-send journal ``entries`` to ``target``'s partition queues in journal order, same event ids.
-
-        Events of one key share a partition and are published in journal order, so order per key holds;
-        ``why`` (the filter used) goes to the audit trail with the count.
-        """
-        partitions = self.config.targets[target].partitions
-        buffers: dict[int, list[dict[str, Any]]] = {}
-        with open_publisher(self.broker, self.topology) as sink:
-
-            def flush(partition: int) -> None:
-                events = buffers.pop(partition)
-                sink.publish(
-                    self.topology.delivery_queue(target, partition),
-                    PartitionBatch(target=target, partition=partition, events=events),
-                    headers={REPLAY_HEADER: True},
-                )
-                progress(len(events))
-
-            for entry in entries:
-                partition = partition_for(entry.sequence_key or "", partitions)
-                buffers.setdefault(partition, []).append(entry.event)
-                if len(buffers[partition]) >= REPLAY_MESSAGE_EVENTS:
-                    flush(partition)
-            for partition in list(buffers):
-                flush(partition)
-        self.store.audit("replay", f"target:{target}", {**why, "events": len(entries)}, actor=self.actor)
-
-
 def _meanwhile(change: StatusChange) -> str:
     """Why an action on a letter lost to another one: what was done to it since it was read, by whom."""
     done = "replayed (handed back to the router)" if change.status == "parked" else change.status
     return " ".join(part for part in ("it was", done, change.by, "meanwhile") if part)
-
-
-def _is_snapshot(entry: JournalEntry) -> bool:
-    return entry.event.get("type") == SNAPSHOT_TYPE
-
-
-def newest_last(entries: Sequence[JournalEntry], newest: Mapping[str, JournalEntry]) -> list[JournalEntry]:
-    """The replay rule for stock snapshots: a key's snapshots older than its newest applied one
-    (``newest``, the snapshot mark) are left out, since that level supersedes them, and when the
-    window does not end on the newest one it is re-sent after the key's other events, so the last
-    level the restored target applies is the newest known."""
-    kept: list[JournalEntry] = []
-    last_snapshot: dict[str, str] = {}
-    for entry in entries:
-        key = entry.sequence_key
-        mark = newest.get(key) if key is not None and _is_snapshot(entry) else None
-        if key is None or mark is None:
-            kept.append(entry)
-            continue
-        if _older(entry, mark):
-            continue
-        kept.append(entry)
-        last_snapshot[key] = entry.event_id
-    for key, mark in newest.items():
-        if last_snapshot.get(key) != mark.event_id:
-            kept.append(mark)
-    return kept
-
-
-def _older(entry: JournalEntry, mark: JournalEntry) -> bool:
-    if entry.occurred_at is None or mark.occurred_at is None:
-        return False
-    return entry.occurred_at < mark.occurred_at
 
 
 _FILES_NOT_RETURNED: dict[str, str] = {

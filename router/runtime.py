@@ -8,6 +8,7 @@ to the queue unacknowledged. Nothing is lost or half-applied.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -152,7 +153,7 @@ class RouterRuntime:
             if route.source.type == "webhook":
                 continue  # partners push: served by the HTTP listener
             factory = self._source_factory(route)
-            self._spawn(f"source-{route.name}", lambda f=factory: self._run_source(f))
+            self._spawn(f"source-{route.name}", functools.partial(self._run_source, factory))
 
     def _source_factory(self, route: RouteConfig) -> Callable[[ChunkSink], PollingSource]:
         """How to build a route's source around the confirmed-publish sink of its own thread."""

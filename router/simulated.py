@@ -95,7 +95,8 @@ class SimulatedTarget:
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
+        # The bound socket's address (server_address is typed to allow a bytes host, never used here).
+        host, port = self._server.socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
     def start(self) -> SimulatedTarget:

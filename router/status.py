@@ -91,7 +91,8 @@ def collect_status(config: RouterConfig) -> dict[str, Any]:
             }
         )
     # Errors quote URLs and exception text; whatever holds a secret is masked before anyone sees it.
-    return redact_data(report)
+    redacted: dict[str, Any] = redact_data(report)
+    return redacted
 
 
 def _by_holder(holders: dict[int, str]) -> dict[str, list[int]]:

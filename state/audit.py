@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import select
 
 from ops.secrets import redact_data
-from state.audit_chain import AuditChain, ChainReport
+from state.audit_chain import AuditChain
+from state.audit_verify import ChainReport, verify_trail
 from state.engine import StoreEngine, default_actor, dump_document
 from state.tables import AuditRow
 
@@ -80,4 +81,4 @@ class AuditTrail(StoreEngine):
     def verify_audit(self) -> ChainReport:
         """Check the audit trail's hash chain (``router audit verify``); names the first broken record."""
         with self._transaction() as session:
-            return self._audit_chain.verify(session)
+            return verify_trail(session)

@@ -12,17 +12,16 @@ are chained as the session flushes them, so they must be added as ``AuditRow`` o
 
 Rows written before the chain existed are chained once, in id order, when a chain-aware router first
 opens the store (the "anchor", itself recorded as an ``audit.anchored`` record): from then on they are
-protected, but what happened to them before that moment cannot be known.
+protected, but what happened to them before that moment cannot be known. Reading the chain back and
+naming its first break is :mod:`state.audit_verify`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
-from enum import Enum
 from typing import Any
 
 from sqlalchemy import Connection, event, inspect, select, text, update
@@ -37,78 +36,10 @@ GENESIS = hashlib.sha256(b"router audit trail genesis").hexdigest()
 HEAD_ID = 1
 ANCHOR_ACTION = "audit.anchored"
 CHAIN_COLUMNS = ("prev_hash", "hash")
-VERIFY_BATCH = 500
 
 
 class AuditChainError(RuntimeError):
     """The audit trail cannot be appended to without breaking its chain (e.g. its head row is gone)."""
-
-
-class BreakKind(Enum):
-    """How the chain is broken at the first bad record."""
-
-    CONTENT_CHANGED = "content_changed"
-    DELETED = "deleted"
-    INSERTED = "inserted"
-    REORDERED = "reordered"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ChainLink:
-    """One audit record as verify sees it: where it sits, its links, and whether its fields still hash
-    to its stored hash."""
-
-    id: int
-    at: datetime
-    actor: str
-    action: str
-    prev_hash: str | None
-    hash: str | None
-    content_ok: bool
-
-
-@dataclass(frozen=True, kw_only=True)
-class ChainBreak:
-    """The first broken record: which one (None when the damage is after the last record) and why."""
-
-    kind: BreakKind
-    message: str
-    record: ChainLink | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form for ``router audit verify --json``."""
-        record = self.record
-        return {
-            "kind": self.kind.value,
-            "message": self.message,
-            "id": record.id if record else None,
-            "at": record.at.isoformat() if record else None,
-            "actor": record.actor if record else None,
-            "action": record.action if record else None,
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class ChainReport:
-    """What ``router audit verify`` found: how many records, the head hash, and the first break if any."""
-
-    records: int
-    head_hash: str | None
-    broken: ChainBreak | None
-
-    @property
-    def intact(self) -> bool:
-        """True when every record is unchanged and in place and the head names the last one."""
-        return self.broken is None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form for ``router audit verify --json``."""
-        return {
-            "intact": self.intact,
-            "records": self.records,
-            "head_hash": self.head_hash,
-            "broken": self.broken.to_dict() if self.broken else None,
-        }
 
 
 def record_hash(*, at: datetime, actor: str, action: str, subject: str, detail: Any, prev_hash: str) -> str:
@@ -131,7 +62,8 @@ def record_hash(*, at: datetime, actor: str, action: str, subject: str, detail: 
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _hash_of(row: AuditRow, prev_hash: str) -> str:
+def hash_of(row: AuditRow, prev_hash: str) -> str:
+    """The hash a stored record should carry when chained from ``prev_hash``."""
     return record_hash(
         at=row.at,
         actor=row.actor,
@@ -165,85 +97,6 @@ def add_chain_columns(connection: Connection) -> None:
                 raise
 
 
-def find_break(links: Sequence[ChainLink], head_hash: str | None) -> ChainBreak | None:
-    """The first place the chain ``links`` (in id order) is broken, or None when it is intact.
-
-    ``head_hash`` is the head as read before the records, so records appended after it was read are
-    accepted when they chain on.
-    """
-    by_hash = {link.hash: index for index, link in enumerate(links) if link.hash is not None}
-    expected = GENESIS
-    for index, link in enumerate(links):
-        if link.hash is None:
-            return ChainBreak(
-                kind=BreakKind.INSERTED,
-                record=link,
-                message="it has no hash: it was written outside the chain (by SQL, or by a router "
-                "older than the chain after this store was upgraded)",
-            )
-        if not link.content_ok:
-            return ChainBreak(
-                kind=BreakKind.CONTENT_CHANGED,
-                record=link,
-                message="its fields no longer match its hash: it was changed after it was written",
-            )
-        if link.prev_hash != expected:
-            return _broken_link(links, index, expected, by_hash)
-        expected = link.hash
-    if head_hash is None:
-        return ChainBreak(
-            kind=BreakKind.DELETED,
-            record=None,
-            message=f"the chain head (table {AuditChainRow.__tablename__}) is missing",
-        )
-    if head_hash != expected and head_hash not in by_hash:
-        last = links[-1] if links else None
-        after = f"after #{last.id}" if last else "(all of them)"
-        return ChainBreak(
-            kind=BreakKind.DELETED,
-            record=last,
-            message=f"the newest record(s) {after} were deleted: the chain head names a record that "
-            "no longer exists",
-        )
-    return None
-
-
-def _broken_link(
-    links: Sequence[ChainLink], index: int, expected: str, by_hash: dict[str, int]
-) -> ChainBreak:
-    """Say why ``links[index]`` does not chain from the record before it."""
-    link = links[index]
-    before = f"#{links[index - 1].id}" if index else "the start of the trail"
-    source = by_hash.get(link.prev_hash) if link.prev_hash is not None else None
-    if source is None:
-        following = links[index + 1] if index + 1 < len(links) else None
-        if following is not None and following.prev_hash == expected:
-            return ChainBreak(
-                kind=BreakKind.INSERTED,
-                record=link,
-                message=f"it chains from no existing record and #{following.id} chains past it from "
-                f"{before}: it was inserted",
-            )
-        return ChainBreak(
-            kind=BreakKind.DELETED,
-            record=link,
-            message=f"the record it chains from is missing: deleted between {before} and #{link.id}",
-        )
-    if source < index - 1:
-        inserted = links[source + 1]
-        return ChainBreak(
-            kind=BreakKind.INSERTED,
-            record=inserted,
-            message=f"#{link.id} chains from #{links[source].id}, so #{inserted.id} to "
-            f"#{links[index - 1].id} sit between them outside the chain: inserted",
-        )
-    return ChainBreak(
-        kind=BreakKind.REORDERED,
-        record=link,
-        message=f"it chains from #{links[source].id}, which comes after it: records were reordered",
-    )
-
-
 class AuditChain:
     """Keeps the hash chain of one store: chains new audit rows as they are flushed, anchors rows from
     before the chain, and verifies the trail."""
@@ -261,12 +114,13 @@ class AuditChain:
         if not rows:
             return
         # Flush inserts them in the order they were added, so they get ids in that order too.
-        rows.sort(key=lambda row: inspect(row).insert_order)
+        # Every pending row has an insert order; the type allows None for persistent ones.
+        rows.sort(key=lambda row: inspect(row).insert_order or 0)
         head = self._lock_head(session)
         for row in rows:
             row.detail = json.loads(self._dumps(row.detail)) if row.detail is not None else None
             row.prev_hash = head
-            row.hash = head = _hash_of(row, head)
+            row.hash = head = hash_of(row, head)
         session.execute(update(AuditChainRow).where(AuditChainRow.id == HEAD_ID).values(last_hash=head))
 
     @staticmethod
@@ -301,7 +155,7 @@ class AuditChain:
         head = GENESIS
         for row in legacy:
             row.prev_hash = head
-            row.hash = head = _hash_of(row, head)
+            row.hash = head = hash_of(row, head)
         if not legacy:
             return 0
         session.execute(update(AuditChainRow).where(AuditChainRow.id == HEAD_ID).values(last_hash=head))
@@ -320,24 +174,3 @@ class AuditChain:
             )
         )
         return len(legacy)
-
-    def verify(self, session: Session) -> ChainReport:
-        """Walk the whole trail in id order and report the first broken record."""
-        head = session.scalar(select(AuditChainRow.last_hash).where(AuditChainRow.id == HEAD_ID))
-        links = [
-            ChainLink(
-                id=row.id,
-                at=row.at,
-                actor=row.actor,
-                action=row.action,
-                prev_hash=row.prev_hash,
-                hash=row.hash,
-                content_ok=row.hash is not None
-                and row.prev_hash is not None
-                and _hash_of(row, row.prev_hash) == row.hash,
-            )
-            for row in session.scalars(
-                select(AuditRow).order_by(AuditRow.id).execution_options(yield_per=VERIFY_BATCH)
-            )
-        ]
-        return ChainReport(records=len(links), head_hash=head, broken=find_break(links, head))

@@ -19,14 +19,14 @@ from datetime import time as time_of_day
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 from uuid import UUID
 
 import orjson
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, CursorResult, Result, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -125,6 +125,14 @@ def aware(name: str, moment: datetime) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"{name} {moment.isoformat()} has no timezone; give an offset, e.g. +00:00")
     return moment
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE run through ``Session.execute`` changed.
+
+    The session returns a ``CursorResult`` for DML but types it as ``Result``, so it is narrowed here.
+    """
+    return int(cast(CursorResult[Any], result).rowcount or 0)
 
 
 def _enable_sqlite_concurrency(dbapi_connection: Any, _: Any) -> None:

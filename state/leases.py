@@ -23,7 +23,7 @@ from uuid import uuid4
 
 from sqlalchemy import delete, select, update
 
-from state.engine import StoreEngine
+from state.engine import StoreEngine, rows_changed
 from state.tables import LeaseRow
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class LeaseStore(StoreEngine):
             .values(expires_at=now + timedelta(seconds=ttl))
         )
         with self._transaction() as session:
-            return int(session.execute(statement).rowcount or 0) == 1
+            return rows_changed(session.execute(statement)) == 1
 
     def live_leases(self, scope: str) -> dict[str, str]:
         """The unexpired leases of ``scope``: name -> holder."""

@@ -10,13 +10,24 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import CompoundSelect, Dialect, and_, bindparam, delete, literal, null, select, union_all
+from sqlalchemy import (
+    BindParameter,
+    CompoundSelect,
+    Dialect,
+    and_,
+    bindparam,
+    delete,
+    literal,
+    null,
+    select,
+    union_all,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from deadletter.models import OPEN_STATUSES
-from state.engine import QUERY_CHUNK, StoreEngine, aware, chunks, dump_document_text
+from state.engine import QUERY_CHUNK, StoreEngine, aware, chunks, dump_document_text, rows_changed
 from state.tables import DeadLetterRow, DeliveredEventRow, SnapshotMarkRow
 
 SNAPSHOT_TYPE = "stock.snapshot"
@@ -146,7 +157,7 @@ class _Known(StrEnum):
     blocked = "b"
 
 
-def _delivery_state_query() -> CompoundSelect:
+def _delivery_state_query() -> CompoundSelect[str, str, datetime | None]:
     """Everything ``delivery_state`` reads, as one UNION ALL of (kind, id or key, snapshot time).
 
     Plain Core on the tables with expanding IN lists, so SQLAlchemy compiles it once and caches it;
@@ -154,8 +165,9 @@ def _delivery_state_query() -> CompoundSelect:
     """
     delivered, letters = DeliveredEventRow.__table__, DeadLetterRow.__table__
     marks = SnapshotMarkRow.__table__
-    target = bindparam("target")
-    ids, keys = bindparam("ids", expanding=True), bindparam("keys", expanding=True)
+    target: BindParameter[str] = bindparam("target")
+    ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
+    keys: BindParameter[list[str]] = bindparam("keys", expanding=True)
     no_time = null().label("occurred_at")
     open_letters = letters.c.status.in_(OPEN_STATUSES)
     return union_all(
@@ -186,7 +198,7 @@ class LedgerStore(StoreEngine):
         ids = list(dict.fromkeys(e["event_id"] for e in events))
         keys = list(dict.fromkeys(e["sequence_key"] for e in events if e.get("sequence_key") is not None))
         state = DeliveryState()
-        found = {
+        found: dict[str, set[str]] = {
             _Known.delivered: state.delivered,
             _Known.lettered: state.lettered,
             _Known.blocked: state.blocked,
@@ -201,6 +213,7 @@ class LedgerStore(StoreEngine):
                 }
                 for kind, value, occurred in connection.execute(_DELIVERY_STATE, parameters):
                     if kind == _Known.mark:
+                        assert occurred is not None  # snapshot_marks.occurred_at is NOT NULL
                         state.snapshot_marks[value] = occurred
                     else:
                         found[kind].add(value)
@@ -263,7 +276,7 @@ class LedgerStore(StoreEngine):
         cutoff = aware("before", before)
         with self._transaction() as session:
             result = session.execute(delete(DeliveredEventRow).where(DeliveredEventRow.delivered_at < cutoff))
-            return int(result.rowcount or 0)
+            return rows_changed(result)
 
 
 def _journal_entry(row: DeliveredEventRow) -> JournalEntry:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import delete, select, tuple_
 
-from state.engine import StoreEngine, aware, chunks
+from state.engine import StoreEngine, aware, chunks, rows_changed
 from state.tables import WebhookIdRow
 
 
@@ -70,4 +70,4 @@ class WebhookIdStore(StoreEngine):
         """Forget webhook ids accepted before ``before`` (journal retention); rows removed."""
         cutoff = aware("before", before)
         with self._transaction() as session:
-            return int(session.execute(delete(WebhookIdRow).where(WebhookIdRow.at < cutoff)).rowcount or 0)
+            return rows_changed(session.execute(delete(WebhookIdRow).where(WebhookIdRow.at < cutoff)))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, BinaryIO
 
-from pydifact.control import Characters
+from pydifact.control.characters import Characters
 from pydifact.exceptions import EDISyntaxError
 from pydifact.parser import Parser, TokenIterator
 from pydifact.tokenizer import Tokenizer
@@ -59,7 +59,7 @@ def read_service_string(head: str) -> tuple[Characters, bool]:
     una = Segment("UNA", (), 1)
     if len(head) < 9:
         raise EdiError(una, "UNA must give six service characters (e.g. UNA:+.? ')")
-    component, element, _decimal, release, _reserved, terminator = head[3:9]
+    component, element, _decimal, release, _reserved, terminator = tuple(head[3:9])
     declared = {"component separator": component, "element separator": element, "terminator": terminator}
     if release != " ":
         declared["release character"] = release
@@ -109,6 +109,7 @@ class _Reader(edi.TransactionReader):
             self.position = 1
             head = head[9:].lstrip(edi_segments.LEADING_SPACE)
         text = _guarded(chain(head, chain.from_iterable(blocks)), characters.segment_terminator, self)
+        # pydifact types the message as str but only iterates it, so the text streams in.
         tokens = TokenIterator(Tokenizer().get_tokens(text, characters))  # type: ignore[arg-type]
         raw_segments = Parser().convert_tokens_to_raw_segments(tokens)
         try:

@@ -137,7 +137,7 @@ def compile_layout(spec: Mapping[str, Any]) -> FixedLayout:
     fields, record_types, type_at = spec.get("fields"), spec.get("record_types"), spec.get("type")
     if (fields is None) == (record_types is None):
         raise LayoutError((), "give either fields (every line is a record) or record_types with type")
-    if fields is not None:
+    if record_types is None:
         if type_at is not None:
             raise LayoutError(("type",), "type applies only with record_types")
         detail = RecordType("", RecordRole.DETAIL, _fields(fields, ("fields",)))

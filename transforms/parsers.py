@@ -116,8 +116,10 @@ def _compile_splitter(fmt: str, records: str | None) -> Splitter:
         if records is not None:
             raise ValueError("records does not apply to fixed (detail lines are the records); omit it")
         return _fixed_records
-    if fmt in ("x12", "edifact"):
-        return (x12 if fmt == "x12" else edifact).splitter(records)
+    if fmt == "x12":
+        return x12.splitter(records)
+    if fmt == "edifact":
+        return edifact.splitter(records)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 

@@ -189,14 +189,22 @@ class _Reader(edi.TransactionReader):
     def _between_groups(self, segment: Segment) -> _Interchange:
         """The open interchange, for a segment that stands outside its groups (IEA, GS); else EdiError."""
         if self.interchange is None or self.group is not None:
-            open_part = "no ISA is open" if self.interchange is None else f"{self.group.gs.label} has no GE"
+            open_part = (
+                "no ISA is open"
+                if self.interchange is None or self.group is None
+                else f"{self.group.gs.label} has no GE"
+            )
             raise EdiError(segment, f"{segment.tag} out of place: {open_part}")
         return self.interchange
 
     def _between_transactions(self, segment: Segment) -> _Group:
         """The open group, for a segment that stands outside its transactions (GE, ST); else EdiError."""
         if self.group is None or self.transaction is not None:
-            open_part = "no GS is open" if self.group is None else f"{self.transaction.start.label} has no SE"
+            open_part = (
+                "no GS is open"
+                if self.group is None or self.transaction is None
+                else f"{self.transaction.start.label} has no SE"
+            )
             raise EdiError(segment, f"{segment.tag} out of place: {open_part}")
         return self.group
 

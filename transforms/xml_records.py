@@ -39,6 +39,7 @@ def _compile_xml_path(records: str) -> XmlPathMatcher:
         f"records {records!r} is outside the streaming XPath subset: element names joined by '/' or '//', "
         "optionally starting with '/' or '//' (e.g. /ASN/Line, //Line, Lines/Line); '*' matches any element"
     )
+    steps: list[tuple[bool, str]]
     if text.startswith("//"):
         body, descendant, steps = text[2:], True, []
     elif text.startswith("/"):
@@ -117,7 +118,8 @@ def _xml_records(stream: BinaryIO, name: str, records: str, matches: XmlPathMatc
     try:
         for event, element in events:
             if event == "start":
-                path.append(_local_name(element.tag))
+                # A parsed element's tag is a str; lxml types it wider for tags set by hand.
+                path.append(_local_name(str(element.tag)))
                 serial += 1
                 stack.append(_OpenElement(serial, matches(tuple(path))))
                 open_records += stack[-1].record

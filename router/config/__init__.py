@@ -11,7 +11,7 @@ column (:mod:`.problems`); secrets are never echoed.
 
 from router.broker import redact_urls
 from router.config.checks import read_json_schema
-from router.config.common import AuthConfig, BasicAuth, SftpLogin
+from router.config.common import AuthConfig, BasicAuth, SftpLogin, redact_url
 from router.config.loading import load_config
 from router.config.model import (
     CsvConfig,
@@ -20,7 +20,6 @@ from router.config.model import (
     RouteConfig,
     RouterConfig,
     find_config_path,
-    redact_url,
 )
 from router.config.sections import ConsoleConfig, HttpConfig
 from router.config.sources import (

@@ -274,7 +274,7 @@ def read_json_schema(path: Path) -> dict[str, Any]:
     from jsonschema.exceptions import SchemaError
 
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
+        schema: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"JSON Schema file {path} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

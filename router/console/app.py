@@ -1,54 +1,41 @@
 """The console's pages and actions under ``/console/``, served by the router's HTTP listener.
 
 Pages read the store (and the broker, for the overview); actions go through the same code as the CLI
-(router.replay.Replayer and state), audited with the signed-in operator's name. Every page
-is rendered with autoescaping (dead letters hold hostile partner data) and sent with security headers;
-every POST is refused with 403 unless it carries the session's CSRF token and the console's origin.
+(router.replay.Replayer, router.history_replay.HistoryReplayer and state), audited with the signed-in
+operator's name. Rendering, sign-in and the guards every page and action passes are
+:mod:`router.console.shell`'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlencode
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
 from deadletter import STAGES, STATUSES, DeadLetter, DeadLetterStateError
-from ops.secrets import redact
-from router.broker import BrokerUnavailable
-from router.config import RouterConfig
-from router.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, Operator, csrf_ok, same_origin
+from router.console.auth import Operator
 from router.console.filters import BadFilter, LetterFilter, parse_time
-from router.console.guards import PREFIX, SecurityHeaders, bounded, refused
-from router.console.views import HERE, circuit, lag_p95, payload_diff, pretty, templates
+from router.console.guards import PREFIX, SecurityHeaders
+from router.console.shell import ConsoleShell
+from router.console.views import HERE, circuit, lag_p95, payload_diff, pretty
+from router.history_replay import HistoryReplayer
 from router.replay import Replayer, ReplayError, ReplayReport
 from router.status import collect_status
-from state import Store, StoreUnavailable
 
 PAGE_SIZE = 50
 PREVIEW_ROWS = 20
-MAX_FORM_BYTES = 4 * 1024 * 1024
-"""A console form's largest body: an edited payload fits, a body meant to exhaust memory does not."""
-MAX_LOGIN_BYTES = 16 * 1024
 PARKED = "parked"
 """The reason of a letter held behind an earlier dead letter of its key: a consequence, not a failure."""
 LAST_ERROR_PAGES = 10
 
 
-class Console:
+class Console(ConsoleShell):
     """The console for one configuration and store; :meth:`routes` mounts it under ``/console``."""
-
-    def __init__(self, config: RouterConfig, store: Store) -> None:
-        self.config = config
-        self.store = store
-        self.auth = ConsoleAuth(config.console)
-        self.templates = templates()
 
     def routes(self) -> list[BaseRoute]:
         pages: list[BaseRoute] = [
@@ -64,119 +51,6 @@ class Console:
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
         return [Mount(PREFIX, app=SecurityHeaders(Router(routes=pages)))]
-
-    # Rendering and guards
-
-    def render(self, request: Request, name: str, status: int = 200, **context: Any) -> Response:
-        operator = context.pop("operator", None)
-        html = self.templates.get_template(name).render(
-            prefix=PREFIX, operator=operator, path=request.url.path, **context
-        )
-        return Response(html, status_code=status, media_type="text/html; charset=utf-8")
-
-    def problem(self, request: Request, operator: Operator, status: int, message: str) -> Response:
-        """The problem page: what was refused or not found, with its HTTP status."""
-        return self.render(request, "problem.html", status, operator=operator, message=message)
-
-    def _page(
-        self, handler: Callable[[Request, Operator], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def page(request: Request) -> Response:
-            # Off the event loop: checking a Basic password runs scrypt.
-            operator = await run_in_threadpool(self.auth.operator, request)
-            if operator is None:
-                if request.headers.get("authorization"):
-                    return refused("the credentials given are not valid for the console", 403)
-                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                return RedirectResponse(f"{PREFIX}/login?{urlencode({'next': target})}", status_code=303)
-            return await self._safely(request, operator, handler)
-
-        return page
-
-    def _action(
-        self, handler: Callable[[Request, Operator], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def action(request: Request) -> Response:
-            operator = await run_in_threadpool(self.auth.operator, request)
-            if operator is None:
-                return refused("sign in to the console first; nothing was changed", 403)
-            if not same_origin(request):
-                return refused(
-                    "this form was not sent from the console's own pages; nothing was changed", 403
-                )
-            if not bounded(request, MAX_FORM_BYTES):
-                return refused(f"a console form is at most {MAX_FORM_BYTES} bytes, with Content-Length", 413)
-            form = await request.form()
-            if not csrf_ok(operator, str(form.get("csrf") or "")):
-                return refused("the form's CSRF token is missing or not this session's; reload the page", 403)
-            return await self._safely(request, operator, handler)
-
-        return action
-
-    async def _safely(
-        self,
-        request: Request,
-        operator: Operator,
-        handler: Callable[[Request, Operator], Awaitable[Response]],
-    ) -> Response:
-        try:
-            return await handler(request, operator)
-        except (StoreUnavailable, BrokerUnavailable) as error:
-            return self.problem(request, operator, 503, redact(str(error)))
-
-    # Sign-in
-
-    async def login(self, request: Request) -> Response:
-        nonce, token = self.auth.login_csrf(request)
-        next_page = request.query_params.get("next") or f"{PREFIX}/"
-        if not next_page.startswith(f"{PREFIX}/") or next_page.startswith("//"):
-            next_page = f"{PREFIX}/"
-        problem = None
-        status = 200
-        if request.method == "POST":
-            if not bounded(request, MAX_LOGIN_BYTES):
-                return refused(f"a sign-in form is at most {MAX_LOGIN_BYTES} bytes, with Content-Length", 413)
-            form = await request.form()
-            name, password = str(form.get("user") or ""), str(form.get("password") or "")
-            if not same_origin(request) or not self.auth.login_csrf_ok(request, str(form.get("csrf") or "")):
-                return refused("this sign-in form was not sent from the console's own page; reload it", 403)
-            if await run_in_threadpool(self.auth.check_password, name, password):
-                response = RedirectResponse(next_page, status_code=303)
-                response.set_cookie(
-                    COOKIE,
-                    self.auth.session_cookie(name),
-                    max_age=int(self.config.console.session_ttl),
-                    path=PREFIX,
-                    httponly=True,
-                    samesite="strict",
-                    secure=self.config.console.secure_cookie,
-                )
-                response.delete_cookie(LOGIN_COOKIE, path=PREFIX)
-                return response
-            problem, status = "unknown user or wrong password", 401
-        response = self.render(
-            request,
-            "login.html",
-            status,
-            csrf=token,
-            next_page=next_page,
-            problem=problem,
-            passwords=bool(self.config.console.users),
-        )
-        response.set_cookie(
-            LOGIN_COOKIE,
-            nonce,
-            path=PREFIX,
-            httponly=True,
-            samesite="strict",
-            secure=self.config.console.secure_cookie,
-        )
-        return response
-
-    async def logout(self, request: Request, operator: Operator) -> Response:
-        response = RedirectResponse(f"{PREFIX}/login", status_code=303)
-        response.delete_cookie(COOKIE, path=PREFIX)
-        return response
 
     # Pages
 
@@ -364,7 +238,7 @@ class Console:
                 "choose at least one filter (route, target, key...) before replaying in bulk",
             )
         letters = await run_in_threadpool(lambda: replayer.replayable(**filters))
-        context = {
+        context: dict[str, Any] = {
             "operator": operator,
             "filters": chosen,
             "count": len(letters),
@@ -397,8 +271,8 @@ class Console:
         """History replay to a restored target: preview (count and first events), then a confirmed re-send."""
         form = await request.form()
         values = {name: str(form.get(name) or "").strip() for name in ("target", "since", "until", "key")}
-        replayer = Replayer(self.config, self.store, operator.name)
-        page = {"operator": operator, "values": values, "targets": list(self.config.targets)}
+        replayer = HistoryReplayer(self.config, self.store, operator.name)
+        page: dict[str, Any] = {"operator": operator, "values": values, "targets": list(self.config.targets)}
         try:
             if not values["since"]:
                 raise BadFilter("since is required: the time the target's backup was taken")

@@ -32,7 +32,7 @@ class LetterFilter:
 
     def store_filters(self) -> dict[str, Any]:
         """Keyword arguments for Store.list_dead_letters; BadFilter for a value it cannot take."""
-        given = dict(self.values)
+        given: dict[str, Any] = dict(self.values)
         if "stage" in given and given["stage"] not in STAGES:
             raise BadFilter(f"stage {given['stage']!r} is not one of {', '.join(STAGES)}")
         if "status" in given and given["status"] not in STATUSES:

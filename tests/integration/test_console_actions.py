@@ -14,7 +14,7 @@ import pytest
 from deadletter import NewDeadLetter
 from router.broker import Topology, connect, queue_depth
 from router.console.passwords import hash_password
-from router.replay import Replayer
+from router.history_replay import HistoryReplayer
 from state import Store
 from tests.integration.console_harness import (
     PASSWORD,
@@ -143,7 +143,7 @@ def test_history_replay_previews_then_resends_to_the_restored_target(
         assert sum(depth or 0 for depth in queued) >= 1
         with Store(f"sqlite:///{tmp_path / 'state.db'}") as store:
             [entry] = store.list_audit("target:erp")
-            assert Replayer(config, store, "x").history("erp", since=start) != []
+            assert HistoryReplayer(config, store, "x").history("erp", since=start) != []
         assert entry.actor == "alice" and entry.detail and entry.detail["events"] == 5
     finally:
         router.stop()

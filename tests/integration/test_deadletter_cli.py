@@ -20,7 +20,8 @@ from deadletter import NewDeadLetter
 from router.assembly import build_pipelines
 from router.broker import BrokerSettings, Topology
 from router.config import load_config
-from router.deadletter_cli import deadletter, replay_history
+from router.deadletter_cli import deadletter
+from router.history_cli import replay_history
 from router.messages import REPLAY_HEADER, decode_chunk
 from router.pipeline import RoutePipeline
 from state import Store

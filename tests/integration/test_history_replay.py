@@ -18,9 +18,9 @@ from canonical.ids import partition_for
 from connectors.http_target import HttpTarget, HttpTargetSettings
 from connectors.retry import RetryPolicy
 from router.broker import BrokerSettings, Topology, open_publisher
-from router.deadletter_cli import replay_history
 from router.delivery_worker import DeliverySettings, DeliveryWorker
-from router.replay import newest_last
+from router.history_cli import replay_history
+from router.history_replay import newest_last
 from router.simulated import SimulatedTarget
 from state import JournalEntry, Store
 from tests.integration.harness import wait_until, write_config

@@ -19,7 +19,8 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from connectors.chunks import SourceChunk
-from connectors.rest_source import RestPollSettings, RestPollSource, content_id
+from connectors.rest_settings import RestPollSettings
+from connectors.rest_source import RestPollSource, content_id
 from connectors.retry import RetryPolicy
 from ops import tracing
 from state import Store

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from connectors import sftp_source
+from connectors import sftp_claim
 from connectors.chunks import SourceChunk
 from connectors.drop_source import IngestOutcome
 from connectors.file_ingest import FileParsing, Readiness, Refusal, refusal_of
@@ -390,7 +390,7 @@ def test_a_claim_left_by_a_crashed_router_is_taken_again_once_its_lease_expires(
 def test_a_file_larger_than_the_download_window_arrives_byte_exact(
     sftp_server: SftpServer, supplier_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sftp_source, "DOWNLOAD_WINDOW", 64 << 10)
+    monkeypatch.setattr(sftp_claim, "DOWNLOAD_WINDOW", 64 << 10)
     rows = "".join(f"SKU-{n:06d},DC{n % 7},{n % 50}\n" for n in range(12_000))
     drop(sftp_server, supplier_dir, "asn-large.csv", "SKU,STORE,QTY\n" + rows)
     sink = RecordingSink()
@@ -525,7 +525,7 @@ def test_rows_appended_to_a_claim_while_it_is_published_are_published_before_it_
 
 
 def test_a_remote_name_that_is_not_utf8_goes_to_errors_and_the_other_files_flow(
-    sftp_server: SftpServer, supplier_dir: Path
+    sftp_server: SftpServer, supplier_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with open(os.fsencode(supplier_dir) + b"/asn-\xff.csv", "wb") as handle:
         handle.write(ASN.encode())
@@ -551,3 +551,5 @@ def test_a_remote_name_that_is_not_utf8_goes_to_errors_and_the_other_files_flow(
     assert os.path.exists(errors + b"/asn-\xff.csv")
     reason = (Path(os.fsdecode(errors + b"/asn-\xff.csv.reason.txt"))).read_text(encoding="utf-8")
     assert "not valid UTF-8" in reason
+    # The logs show the name escaped: a raw one could not be written to a UTF-8 log at all.
+    assert caplog.records and not any("\udcff" in record.getMessage() for record in caplog.records)

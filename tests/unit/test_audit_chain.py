@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from state.audit_chain import GENESIS, BreakKind, ChainLink, find_break, record_hash
+from state.audit_chain import GENESIS, record_hash
+from state.audit_verify import BreakKind, ChainLink, find_break
 
 AT = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
 
