@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from transforms.parsers import RawRecord
 
@@ -38,6 +38,21 @@ class SourceChunk:
 
 ChunkSink = Callable[[SourceChunk], None]
 """Publishes a chunk durably; returns only once the broker confirmed, raises otherwise."""
+
+
+@runtime_checkable
+class PipelinedSink(Protocol):
+    """A sink that can also keep a few chunks unconfirmed while its caller reads on."""
+
+    def __call__(self, chunk: SourceChunk) -> None: ...
+
+    def send(self, chunk: SourceChunk, confirmed: Callable[[SourceChunk], None]) -> None:
+        """Publish ``chunk``; ``confirmed(chunk)`` is called in order once the broker confirmed it."""
+        ...
+
+    def flush(self) -> None:
+        """Return once every chunk sent was confirmed (and reported); raise otherwise."""
+        ...
 
 
 def batched(records: Iterable[Batched], size: int) -> Iterator[list[Batched]]:

@@ -22,7 +22,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from connectors.chunks import ChunkSink, SourceChunk, batched
+from connectors.chunks import ChunkSink, PipelinedSink, SourceChunk, batched
 from ops import tracing
 from transforms.edi import EDI_FORMATS, record_identity
 from transforms.fixed_width import FixedLayout
@@ -327,26 +327,38 @@ def _publish_file(
     progress.records = _check(path, parsing, name, size, progress.published)
     dialect = parsing.options()
     edi = parsing.format in EDI_FORMATS
+
+    def confirmed(chunk: SourceChunk) -> None:
+        progress.chunks = chunk.chunk
+        progress.published += len(chunk.records)
+
+    # A pipelined sink keeps a few chunks unconfirmed while the file is read on; progress counts only
+    # the confirmed ones, so a file released half-way resumes after them.
+    window = sink if isinstance(sink, PipelinedSink) else None
     with open_prefix(path, size) as stream:
         records = iter_records(stream, parsing.format, parsing.records, name, **dialect)
-        for batch in batched(islice(records, progress.published, None), parsing.chunk_size):
-            number = progress.chunks + 1
-            sink(
-                SourceChunk(
-                    route=parsing.route,
-                    system=parsing.system,
-                    message_id=f"{name}@{progress.sha256[:16]}#{number}",
-                    origin={"file": name, "sha256": progress.sha256},
-                    records=batch,
-                    chunk=number,
-                    record_ids=_edi_identities(batch, progress.sha256) if edi else None,
-                    # An EDI record is identified by its interchange control number, transaction and
-                    # line: the same interchange sent again under another file name is the same events.
-                    id_origin={} if edi else None,
-                )
+        for number, batch in enumerate(
+            batched(islice(records, progress.published, None), parsing.chunk_size), progress.chunks + 1
+        ):
+            chunk = SourceChunk(
+                route=parsing.route,
+                system=parsing.system,
+                message_id=f"{name}@{progress.sha256[:16]}#{number}",
+                origin={"file": name, "sha256": progress.sha256},
+                records=batch,
+                chunk=number,
+                record_ids=_edi_identities(batch, progress.sha256) if edi else None,
+                # An EDI record is identified by its interchange control number, transaction and
+                # line: the same interchange sent again under another file name is the same events.
+                id_origin={} if edi else None,
             )
-            progress.chunks = number
-            progress.published += len(batch)
+            if window is not None:
+                window.send(chunk, confirmed)
+            else:
+                sink(chunk)
+                confirmed(chunk)
+    if window is not None:
+        window.flush()
     return progress
 
 

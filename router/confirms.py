@@ -19,7 +19,14 @@ from amqp.method_framing import frame_writer
 from amqp.serialization import dumps
 from kombu import Connection, Producer, Queue
 
-from router.broker import CONTENT_TYPE, BrokerSettings, BrokerUnavailable, Topology, connect
+from router.broker import (
+    CONTENT_TYPE,
+    BrokerSettings,
+    BrokerUnavailable,
+    FailoverConnection,
+    Topology,
+    connect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +41,28 @@ class Outgoing:
 
 
 class _Confirms:
-    """Counts the broker's acks and nacks of one channel's delivery tags."""
+    """Follows the broker's acks and nacks of one channel's delivery tags.
+
+    ``acked`` is the tag up to which every message was acked. RabbitMQ may ack a message on its own
+    before an earlier one (they went to different queues), so a single ack counts only once every
+    tag below it was acked too.
+    """
 
     def __init__(self) -> None:
         self.acked = 0
         self.nacked = 0
+        self._acked_ahead: set[int] = set()
 
     def ack(self, delivery_tag: int, multiple: bool) -> None:
-        self.acked = delivery_tag if multiple else max(self.acked, delivery_tag)
+        if multiple:
+            self.acked = max(self.acked, delivery_tag)
+        elif delivery_tag > self.acked:
+            self._acked_ahead.add(delivery_tag)
+        while self.acked + 1 in self._acked_ahead:
+            self.acked += 1
+            self._acked_ahead.remove(self.acked)
+        if multiple and self._acked_ahead:
+            self._acked_ahead = {tag for tag in self._acked_ahead if tag > self.acked}
 
     def nack(self, delivery_tag: int, multiple: bool) -> None:
         self.nacked = max(self.nacked, delivery_tag)
@@ -84,6 +105,7 @@ class ConfirmWindow:
         self._memory: Producer | None = None
         self._frames = _Frames()
         self._write_frame: Callable[..., None] | None = None
+        self._failures = 0
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """Publish every message of ``messages``; returns once RabbitMQ confirmed all of them.
@@ -91,11 +113,17 @@ class ConfirmWindow:
         Raises :class:`BrokerUnavailable` when any was not confirmed (then none may be reported as
         accepted; some may still have reached the queue, which the callers' idempotency covers).
         """
-        if not messages:
-            return
+        if messages:
+            self.wait_for(self.send(messages))
+
+    def send(self, messages: Sequence[Outgoing]) -> int:
+        """Publish ``messages`` without waiting for their confirms; returns the sequence number of the
+        last, for :meth:`wait_for` (numbers count up from 1 per connection, one per message)."""
         if self._settings.is_memory:
             self._publish_memory(messages)
-            return
+            self._published += len(messages)
+            self._confirms.acked = self._published  # the embedded transport has no confirms
+            return self._published
         try:
             channel = self._ensure_channel()
             write_frame = self._write_frame
@@ -118,15 +146,31 @@ class ConfirmWindow:
                 )
                 self._published += 1
             channel.connection.transport.write(self._frames.take())
-            self._await_confirms(self._published)
-        except BrokerUnavailable:
-            self._reset()
-            raise
+            return self._published
         except Exception as error:  # kombu and py-amqp surface transport errors as many unrelated types
             self._reset()
             raise BrokerUnavailable(
                 f"a group of {len(messages)} messages was not confirmed: {error}"
             ) from error
+
+    @property
+    def confirmed(self) -> int:
+        """The sequence number up to which every message was confirmed."""
+        return self._confirms.acked
+
+    def wait_for(self, last: int) -> None:
+        """Return once every message up to sequence number ``last`` was confirmed; raise
+        :class:`BrokerUnavailable` on a nack, a timeout or a lost connection."""
+        if self._confirms.acked >= last and not self._confirms.nacked:
+            return
+        try:
+            self._await_confirms(last)
+        except BrokerUnavailable:
+            self._reset()
+            raise
+        except Exception as error:  # kombu and py-amqp surface transport errors as many unrelated types
+            self._reset()
+            raise BrokerUnavailable(f"messages up to {last} were not confirmed: {error}") from error
 
     def _publish_memory(self, messages: Sequence[Outgoing]) -> None:
         if self._memory is None:
@@ -146,7 +190,13 @@ class ConfirmWindow:
     def _ensure_channel(self) -> Any:
         if self._channel is None:
             # No kombu confirm_publish here: that mode waits for each message's confirm on its own.
-            self._connection = Connection(self._settings.url, connect_timeout=5)
+            # Every node is tried, starting after the one the last failed group went through: a node
+            # that is up but does not confirm (a minority partition) is not taken again first.
+            urls = self._settings.urls
+            start = self._failures % len(urls)
+            self._connection = FailoverConnection(
+                urls[start:] + urls[:start], failover_strategy="round-robin", connect_timeout=5
+            )
             self._connection.ensure_connection(max_retries=1)
             channel = self._connection.channel()
             self._confirms = _Confirms()
@@ -184,6 +234,7 @@ class ConfirmWindow:
             raise BrokerUnavailable("RabbitMQ refused (nacked) a message of the group")
 
     def _reset(self) -> None:
+        self._failures += 1
         self._channel = None
         self._memory = None
         if self._connection is not None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -11,9 +12,13 @@ from msgspec import UNSET
 
 from connectors.chunks import SourceChunk
 from ops import tracing
-from router.broker import BrokerSettings, Publisher, Topology
+from router.broker import BrokerSettings, Topology
 from router.confirms import ConfirmWindow, Outgoing
 from router.messages import ChunkRecord, IngressChunk, encode_body
+
+INGRESS_WINDOW = 8
+"""Chunks a file source keeps unconfirmed while it reads on: enough to hide the confirm round trip,
+few enough that a file's memory stays a few chunks whatever its size."""
 
 
 def chunk_message(chunk: SourceChunk) -> IngressChunk:
@@ -46,19 +51,76 @@ def chunk_message(chunk: SourceChunk) -> IngressChunk:
     )
 
 
-class IngressPublisher:
-    """A chunk sink that publishes to the route's ingress queue and returns once confirmed."""
+class _IngressQueues:
+    """Each route's ingress queue, built once."""
 
-    def __init__(self, publisher: Publisher, topology: Topology) -> None:
-        self._publisher = publisher
+    def __init__(self, topology: Topology) -> None:
         self._topology = topology
+        self._queues: dict[str, Queue] = {}
+
+    def __call__(self, route: str) -> Queue:
+        if route not in self._queues:
+            self._queues[route] = self._topology.ingress_queue(route)
+        return self._queues[route]
+
+
+class IngressPublisher:
+    """A chunk sink for one source thread, publishing to the routes' ingress queues.
+
+    Called as a plain sink, it returns once the chunk is confirmed. Through :meth:`send` it keeps up to
+    ``window`` chunks unconfirmed while the source reads on, reporting each chunk once RabbitMQ
+    confirmed it; :meth:`flush` returns once all are (a file is archived only after that).
+    """
+
+    def __init__(self, settings: BrokerSettings, topology: Topology, *, window: int = INGRESS_WINDOW) -> None:
+        self._queue = _IngressQueues(topology)
+        self._confirms = ConfirmWindow(settings, topology)
+        self._window = window
+        self._in_flight: deque[tuple[int, SourceChunk, Callable[[SourceChunk], None]]] = deque()
 
     def __call__(self, chunk: SourceChunk) -> None:
-        self._publisher.publish(
-            self._topology.ingress_queue(chunk.route),
-            chunk_message(chunk),
-            headers={"message_id": chunk.message_id},
-        )
+        self.send(chunk, _ignore)
+        self.flush()
+
+    def send(self, chunk: SourceChunk, confirmed: Callable[[SourceChunk], None]) -> None:
+        """Publish ``chunk``; ``confirmed(chunk)`` is called, in this thread and in publishing order,
+        once RabbitMQ confirmed it (during a later ``send`` or the ``flush``). Raises
+        :class:`router.broker.BrokerUnavailable` when a chunk in flight was not confirmed; those
+        chunks are then never reported."""
+        queue = self._queue(chunk.route)
+        try:
+            with tracing.publish_span(queue.name, {"message_id": chunk.message_id}) as headers:
+                number = self._confirms.send([Outgoing(queue, encode_body(chunk_message(chunk)), headers)])
+            self._in_flight.append((number, chunk, confirmed))
+            if len(self._in_flight) > self._window:
+                self._confirms.wait_for(self._in_flight[0][0])
+            self._report()
+        except BaseException:
+            self._in_flight.clear()
+            raise
+
+    def flush(self) -> None:
+        """Return once every chunk sent was confirmed and reported; raise like :meth:`send`."""
+        try:
+            if self._in_flight:
+                self._confirms.wait_for(self._in_flight[-1][0])
+            self._report()
+        finally:
+            self._in_flight.clear()
+
+    def _report(self) -> None:
+        confirmed = self._confirms.confirmed
+        while self._in_flight and self._in_flight[0][0] <= confirmed:
+            _, chunk, report = self._in_flight.popleft()
+            report(chunk)
+
+    def close(self) -> None:
+        """Release the broker connection."""
+        self._confirms.close()
+
+
+def _ignore(_: SourceChunk) -> None:
+    """What a plain sink call does with the confirm report: it returns once confirmed."""
 
 
 class IngressGroupPublisher:
@@ -70,7 +132,7 @@ class IngressGroupPublisher:
     def __init__(self, settings: BrokerSettings) -> None:
         self._topology = Topology(settings)
         self._window = ConfirmWindow(settings, self._topology)
-        self._queues: dict[str, Queue] = {}
+        self._queue = _IngressQueues(self._topology)
 
     def __call__(self, chunks: Sequence[SourceChunk]) -> None:
         # Taken before any span opens: a chunk without a context of its own must not become the child
@@ -85,11 +147,6 @@ class IngressGroupPublisher:
                 )
                 outgoing.append(Outgoing(queue, encode_body(chunk_message(chunk)), headers))
             self._window.publish(outgoing)
-
-    def _queue(self, route: str) -> Queue:
-        if route not in self._queues:
-            self._queues[route] = self._topology.ingress_queue(route)
-        return self._queues[route]
 
     def close(self) -> None:
         """Release the broker connection."""

@@ -174,7 +174,8 @@ class RoutePipeline:
 
     def transform(self, message: IngressChunk, *, now: datetime | None = None) -> TransformResult:
         """Turn one ingress chunk of raw records into routed events and failures."""
-        recorded_at = (now or datetime.now(UTC)).isoformat()
+        # One datetime for the chunk: pydantic takes it as it is, where ISO text was parsed per event.
+        recorded_at = now or datetime.now(UTC)
         result = TransformResult()
         for raw in message.records:
             record = _raw_record(message, raw)
@@ -228,7 +229,7 @@ class RoutePipeline:
         record: RawRecord,
         source_ref: dict[str, Any],
         event_id: str,
-        recorded_at: str,
+        recorded_at: datetime,
         result: TransformResult,
     ) -> dict[str, Any] | None:
         def fail(reason: str, detail: str) -> None:

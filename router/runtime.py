@@ -31,7 +31,7 @@ from deadletter import NewDeadLetter
 from ops import metrics
 from ops.health import ops_routes
 from router import assembly
-from router.broker import Publisher, Topology, connect, queue_depth
+from router.broker import Topology, connect, queue_depth
 from router.config import RouteConfig, RouterConfig
 from router.console.app import ELSEWHERE, NOT_CONFIGURED, Console, closed_console_routes
 from router.delivery_worker import DeliveryWorker
@@ -175,13 +175,13 @@ class RouterRuntime:
         return lambda sink: FileDropSource(drop, sink, on_rejected=drop_rejected)
 
     def _run_source(self, factory: Callable[[ChunkSink], PollingSource]) -> None:
-        connection = connect(self.broker)
-        source = factory(IngressPublisher(Publisher(connection, self.topology), self.topology))
+        sink = IngressPublisher(self.broker, self.topology)
+        source = factory(sink)
         try:
             source.run(self.stop_event)
         finally:
             source.close()
-            connection.release()
+            sink.close()
 
     def _file_rejected(self, route: str, location: str, error: FileFormatError) -> None:
         """A whole file was refused: it sits in the errors folder; the dead letter says where and why."""

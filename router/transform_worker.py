@@ -12,14 +12,23 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 
 from kombu.message import Message
 
 from deadletter import NewDeadLetter
 from ops import metrics, tracing
-from router.broker import BrokerSettings, Publisher, Topology, connect
+from router.broker import BrokerSettings, Topology, connect
+from router.confirms import ConfirmWindow, Outgoing
 from router.consumer import FETCH_TIMEOUT, BufferedConsumer, run_reconnecting
-from router.messages import MALFORMED_MESSAGE, MalformedMessage, PartitionBatch, decode_chunk, readable_body
+from router.messages import (
+    MALFORMED_MESSAGE,
+    MalformedMessage,
+    PartitionBatch,
+    decode_chunk,
+    encode_body,
+    readable_body,
+)
 from router.pipeline import RoutePipeline, TransformResult, chunk_failures
 from state import Store
 from transforms.edi import EDI_FORMATS
@@ -57,17 +66,18 @@ class TransformWorker:
 
     def _session(self) -> None:
         with connect(self._broker) as connection:
-            publisher = Publisher(connection, self._topology)
+            window = ConfirmWindow(self._broker, self._topology)
             queues = [self._topology.ingress_queue(route) for route in self._pipelines]
             consumer = BufferedConsumer(connection, queues, self._prefetch)
             try:
                 while not self._stop.is_set():
                     for message in consumer.fetch(FETCH_TIMEOUT):
                         with tracing.process_span(message):
-                            self.handle(message, publisher)
+                            self.handle(message, window)
                     self.refresh_lookups()
             finally:
                 consumer.close()
+                window.close()
 
     def refresh_lookups(self) -> None:
         """When due, reload the lookup tables whose file changed; a file that no longer loads is reported
@@ -82,11 +92,13 @@ class TransformWorker:
             except LookupTableError as error:
                 log.error("lookup %s not reloaded; the table in use stays: %s", lookup.name, error)
 
-    def handle(self, message: Message, publisher: Publisher) -> None:
+    def handle(self, message: Message, window: ConfirmWindow) -> None:
         """Transform one chunk, publish its events, store its failures, then acknowledge it.
 
-        When the store cannot take the failures the message stays unacknowledged and comes back (the
-        events it published again are recognised as delivered by the targets' ledger).
+        The chunk's partition batches are published together and their confirms awaited together: one
+        broker round trip per chunk, not one per partition. When a batch is not confirmed, or the store
+        cannot take the failures, the message stays unacknowledged and comes back (the events it
+        published again are recognised as delivered by the targets' ledger).
         """
         try:
             body = decode_chunk(message.body)
@@ -108,12 +120,7 @@ class TransformWorker:
             log.exception("transform of %s failed as a whole", body.message_id, extra={"route": route})
             edi = pipeline.mapping.format in EDI_FORMATS
             result = TransformResult(failures=chunk_failures(route, body, error, edi=edi))
-        for (target, partition), events in result.batches.items():
-            publisher.publish(
-                self._topology.delivery_queue(target, partition),
-                PartitionBatch(target=target, partition=partition, events=events, route=route),
-            )
-            metrics.EVENTS_ROUTED.labels(route=route, target=target).inc(len(events))
+        self._publish(window, route, result)
         if result.failures:
             self._store.add_dead_letters(
                 [
@@ -142,6 +149,20 @@ class TransformWorker:
             )
         metrics.EVENTS_TRANSFORMED.labels(route=route).inc(result.events)
         message.ack()
+
+    def _publish(self, window: ConfirmWindow, route: str, result: TransformResult) -> None:
+        """Every partition batch of a chunk under one confirm window; returns once all were confirmed."""
+        outside = tracing.current_context()
+        with ExitStack() as spans:
+            outgoing = []
+            for (target, partition), events in result.batches.items():
+                queue = self._topology.delivery_queue(target, partition)
+                headers = spans.enter_context(tracing.publish_span(queue.name, None, outside))
+                batch = PartitionBatch(target=target, partition=partition, events=events, route=route)
+                outgoing.append(Outgoing(queue, encode_body(batch), headers))
+            window.publish(outgoing)
+        for (target, _), events in result.batches.items():
+            metrics.EVENTS_ROUTED.labels(route=route, target=target).inc(len(events))
 
     def _reject(self, message: Message, route: str, reason: str, detail: str) -> None:
         """Keep a whole ingress message that cannot be handled as a dead letter, then acknowledge it."""

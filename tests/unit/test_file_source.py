@@ -16,7 +16,7 @@ from connectors.chunks import SourceChunk
 from connectors.drop_source import IngestOutcome
 from connectors.file_ingest import FileParsing, Readiness, ReadySignal, Refusal, refusal_of
 from connectors.file_source import FileDropSettings, FileDropSource
-from router.broker import BrokerSettings, Publisher, Topology, connect
+from router.broker import BrokerSettings, Topology
 from router.ingress import IngressPublisher, chunk_message
 from router.messages import encode_body
 from transforms.parsers import CsvDialect, FileFormatError
@@ -113,6 +113,40 @@ def test_a_file_whose_publish_fails_returns_to_the_inbox_and_is_taken_again(tmp_
     [second] = source.poll_once()
     assert second.outcome is IngestOutcome.archived
     assert next(c.message_id for c in retried).startswith("pos-3.csv@")
+
+
+class _ConfirmsOnlyTheFirst:
+    """A pipelined sink whose broker confirms the first chunk, then goes away before the others."""
+
+    def __init__(self) -> None:
+        self.sent: list[SourceChunk] = []
+        self._waiting: list[tuple[SourceChunk, Callable[[SourceChunk], None]]] = []
+
+    def __call__(self, chunk: SourceChunk) -> None:
+        raise AssertionError("a file is published through send and flush")
+
+    def send(self, chunk: SourceChunk, confirmed: Callable[[SourceChunk], None]) -> None:
+        self.sent.append(chunk)
+        self._waiting.append((chunk, confirmed))
+        if len(self.sent) == 2:
+            first, report = self._waiting.pop(0)
+            report(first)
+
+    def flush(self) -> None:
+        raise ConnectionError("broker unreachable")
+
+
+def test_a_file_released_with_chunks_in_flight_counts_only_the_confirmed_ones(tmp_path: Path) -> None:
+    _drop(tmp_path, "pos-4.csv", SALES)
+    pipelined = _ConfirmsOnlyTheFirst()
+    [first] = FileDropSource(_settings(tmp_path, chunk_size=1), pipelined).poll_once()
+    assert first.outcome is IngestOutcome.released and first.chunks == 1 and len(pipelined.sent) == 3
+    assert (tmp_path / "inbox" / "pos-4.csv").exists()
+
+    retried: list[SourceChunk] = []
+    [second] = FileDropSource(_settings(tmp_path, chunk_size=1), retried.append).poll_once()
+    assert second.outcome is IngestOutcome.archived
+    assert [c.records[0].data["SKU"] for c in retried] == ["A", "B", "C"]
 
 
 def test_an_orphaned_claim_from_a_dead_process_is_ingested(tmp_path: Path) -> None:
@@ -398,12 +432,11 @@ def test_a_file_name_that_is_not_utf8_goes_to_errors_once(
 def through_the_broker(tmp_path: Path) -> Iterator[Callable[[SourceChunk], None]]:
     """A sink publishing through the real broker layer (the embedded transport), as `router run` does."""
     settings = BrokerSettings(url="memory://", prefix="t" + tmp_path.name[-12:].replace("_", ""))
-    topology = Topology(settings)
-    connection = connect(settings)
+    sink = IngressPublisher(settings, Topology(settings))
     try:
-        yield IngressPublisher(Publisher(connection, topology), topology)
+        yield sink
     finally:
-        connection.release()
+        sink.close()
 
 
 @pytest.mark.parametrize(
