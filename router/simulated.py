@@ -89,15 +89,16 @@ class SimulatedTarget:
         self._lock = threading.Lock()
         self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
+        host, port = self._server.socket.getsockname()[:2]
+        # Kept from the bind: the address stays readable once the server is closed.
+        self._url = f"http://{host}:{port}"
         self._thread = threading.Thread(
             target=self._server.serve_forever, name=f"sim-{self.name}", daemon=True
         )
 
     @property
     def url(self) -> str:
-        # The bound socket's address (server_address is typed to allow a bytes host, never used here).
-        host, port = self._server.socket.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return self._url
 
     def start(self) -> SimulatedTarget:
         self._thread.start()
