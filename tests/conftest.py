@@ -109,8 +109,8 @@ def restartable_rabbitmq(rabbitmq_url: str, rabbitmq_lock: BrokerLock) -> Iterat
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that stop the shared RabbitMQ run first: under xdist the other worker starts with the
-    cluster tests (first as the largest group), which do not use that broker, so neither waits."""
+    """Tests that stop the shared RabbitMQ run first: under xdist (``--dist loadfile``) the other worker
+    starts with the cluster tests' file, which does not use that broker, so neither waits."""
     items.sort(key=lambda item: "restartable_rabbitmq" not in getattr(item, "fixturenames", ()))
 
 

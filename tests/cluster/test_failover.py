@@ -31,7 +31,7 @@ from tests.integration.harness import (
 from tests.rabbit_cluster import RabbitCluster
 
 # One xdist worker runs every test here: the cluster listens on fixed ports and is started once.
-pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("rabbit-cluster")]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture
