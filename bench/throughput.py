@@ -5,12 +5,13 @@ Prints, from one run on this machine:
   pipelined publisher confirms (a window of 1,000) and consuming them back (messages/s), for
   single-event messages and for chunk-sized messages;
 - the router: a ROWS-row POS file dropped into the inbox until every event reached a loopback
-  HTTP target taking micro-batches (events/s end to end), and the ratio to the floor;
+  HTTP target taking micro-batches of BATCH events (``--batch 1``: one event per request), the file
+  read in chunks of CHUNK records (events/s end to end), and the ratio to the floor;
 - the router process's peak RSS (VmHWM), so a large file can be checked to stream in flat memory;
 - the router process's CPU time per event while the file went through: on a shared machine it moves
   far less than the rates do.
 
-Usage: .venv/bin/python bench/throughput.py [--rows 100000] [--batch 500] [--amqp URL]
+Usage: .venv/bin/python bench/throughput.py [--rows 100000] [--batch 500] [--chunk 500] [--amqp URL]
        [--profile FILE (py-spy while the file goes through, collapsed stacks per thread)]
 Absolute figures on shared machines are noise; compare the ratios.
 """
@@ -71,7 +72,7 @@ def _profile(pid: int, output: str | None) -> subprocess.Popen[bytes] | None:
 
 
 def router_run(
-    amqp_url: str, rows: int, batch: int, profile: str | None = None
+    amqp_url: str, rows: int, batch: int, chunk: int, profile: str | None = None
 ) -> tuple[float, int, float, float]:
     """(events/s end to end, peak RSS KiB, file size MiB, router CPU ms/event) for one file through
     `router run`."""
@@ -84,7 +85,7 @@ def router_run(
             prefix=prefix,
             targets={"erp": erp.url},
             batch={"erp": batch},
-            chunk_size=batch,
+            chunk_size=chunk,
         )
         staged = write_pos_file(root / f"pos-{rows}.csv", rows)
         size_mib = staged.stat().st_size / 2**20
@@ -118,7 +119,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=500, help="events per request to the target")
+    parser.add_argument("--chunk", type=int, default=500, help="records per ingress message")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument("--profile", metavar="FILE", help="py-spy the router meanwhile (collapsed stacks)")
     args = parser.parse_args()
@@ -126,7 +128,9 @@ def main() -> None:
     event = json.dumps({"pad": "x" * 300}).encode()
     floor_small = pika_pipelined_floor(args.amqp, 20_000, event, consume=True)
     floor_chunk = pika_pipelined_floor(args.amqp, 400, event * args.batch, consume=True)
-    events_per_s, hwm_kib, size_mib, cpu_ms = router_run(args.amqp, args.rows, args.batch, args.profile)
+    events_per_s, hwm_kib, size_mib, cpu_ms = router_run(
+        args.amqp, args.rows, args.batch, args.chunk, args.profile
+    )
     print(f"raw floor, pika, {FLOOR_WINDOW} confirms in flight, published and consumed:")
     print(f"  1 event/message                 : {floor_small:10.0f} messages/s")
     print(

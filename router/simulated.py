@@ -139,6 +139,9 @@ class SimulatedTarget:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out as two writes; with Nagle's algorithm the body waits for the
+            # client's delayed ACK (~40 ms) on every kept-alive request, as no real ERP would.
+            disable_nagle_algorithm = True
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
