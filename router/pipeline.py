@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from canonical.events import parse_event
 from canonical.ids import derive_event_id, partition_for, sequence_key_for
+from deadletter import NewDeadLetter
 from router.messages import ChunkRecord, IngressChunk
 from transforms.edi import EDI_FORMATS, record_segment
 from transforms.filters import EventPredicate, FilterError
@@ -76,6 +77,18 @@ class RecordFailure:
             source_ref = {**source_ref, "document": record.document}
         detail = shorten(f"{describe_position(source_ref)}: {detail}")
         return cls(reason, detail, record.data, source_ref, event_id)
+
+    def letter(self, route: str) -> NewDeadLetter:
+        """The transform-stage dead letter that keeps this failure for an operator to fix and replay."""
+        return NewDeadLetter(
+            route=route,
+            stage="transform",
+            reason=self.reason,
+            detail=self.detail,
+            payload=self.payload,
+            source_ref=self.source_ref,
+            event_id=self.event_id,
+        )
 
 
 @dataclass

@@ -122,20 +122,7 @@ class TransformWorker:
             result = TransformResult(failures=chunk_failures(route, body, error, edi=edi))
         self._publish(window, route, result)
         if result.failures:
-            self._store.add_dead_letters(
-                [
-                    NewDeadLetter(
-                        route=route,
-                        stage="transform",
-                        reason=failure.reason,
-                        detail=failure.detail,
-                        payload=failure.payload,
-                        source_ref=failure.source_ref,
-                        event_id=failure.event_id,
-                    )
-                    for failure in result.failures
-                ]
-            )
+            self._store.add_dead_letters([failure.letter(route) for failure in result.failures])
             for failure in result.failures:
                 metrics.DEADLETTERS.labels(route=route, stage="transform", reason=failure.reason).inc()
             reasons = Counter(failure.reason for failure in result.failures)

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from connectors.chunks import SourceChunk
 from connectors.file_ingest import FileParsing, FileProgress, publish_file
-from deadletter import NewDeadLetter
 from router.ingress import chunk_message
 from router.messages import PartitionBatch, decode_batch, decode_chunk, encode_body
 from router.pipeline import DeliveryRule, RecordFailure, RoutePipeline
@@ -117,18 +116,7 @@ def ingest(content: bytes, route: Route, store: Store, name: str | None = None) 
             decode_batch(encode_body(PartitionBatch(target=target, partition=partition, events=events)))
         outcome.events.extend(result.accepted)
         outcome.failures.extend(result.failures)
-        letters = [
-            NewDeadLetter(
-                route=route.parsing.route,
-                stage="transform",
-                reason=failure.reason,
-                detail=failure.detail,
-                payload=failure.payload,
-                source_ref=failure.source_ref,
-                event_id=failure.event_id,
-            )
-            for failure in result.failures
-        ]
+        letters = [failure.letter(route.parsing.route) for failure in result.failures]
         assert len(store.add_dead_letters(letters)) == len(letters)
     return outcome
 
